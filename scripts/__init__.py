@@ -1,0 +1,1 @@
+"""Maintenance scripts (conversion from jina-embeddings-v4, tiny test checkpoints); importable by the tests."""
