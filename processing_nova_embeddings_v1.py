@@ -1,0 +1,469 @@
+"""Processor of nova-embeddings-v1: turns embedding items into model inputs.
+
+An *item* is a string (text) or a dict with ``text``, ``image`` or ``image_embeds`` (text and image may be
+fused), plus optional ``task``, ``instructions`` and ``adapter``. Each item is rendered on its own through
+the chat template (``chat_template.json``), tokenised, and its image tokens expanded; the processor also
+returns, per token, which tokens are pooled into the single vector (the item's own content, marked by the
+template's ``{% generation %}`` blocks) and which are kept as multi vectors (everything but the
+instruction's system turn). Rendering items one by one and padding only at collation time is what makes
+an item's vectors independent of its batch neighbours.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import io
+import math
+import os
+import threading
+import urllib.request
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+from transformers import BatchFeature, Qwen2_5_VLProcessor
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+from transformers.utils.chat_template_utils import render_jinja_template
+
+from .configuration_nova_embeddings_v1 import NovaEmbeddingsV1Config
+
+ITEM_KEYS = frozenset({"text", "image", "image_embeds", "image_grid_thw", "task", "instructions", "adapter"})
+_UNSET: Any = object()  # "the item did not say": distinct from an explicit None (e.g. adapter=None = bare backbone)
+URL_TIMEOUT_S = 20.0
+MAX_IMAGE_BYTES = 64 * 1024 * 1024
+
+
+class ItemError(ValueError):
+    """A bad embedding item; the message names the item's index and what is wrong with it."""
+
+    def __init__(self, index: int, problem: str):
+        self.index = index
+        self.problem = problem
+        super().__init__(f"item {index}: {problem}")
+
+
+@dataclass
+class EmbeddingItem:
+    """One validated item: content, task and the settings that apply to it."""
+
+    index: int
+    task: str
+    text: str | None = None
+    image: Image.Image | None = None
+    image_embeds: torch.Tensor | None = None  # (image_tokens, hidden): the vision tower's merged output
+    image_grid_thw: tuple[int, int, int] | None = None
+    instructions: str | None = None
+    adapter: Any = _UNSET  # name, None (bare backbone), or _UNSET (the task's adapter)
+
+    @property
+    def has_image(self) -> bool:
+        return self.image is not None or self.image_embeds is not None
+
+
+@dataclass
+class TokenizedItem:
+    """An item as token ids with its masks; images keep their source until a batch needs pixels."""
+
+    item: EmbeddingItem
+    input_ids: list[int]
+    pooling_mask: list[bool]  # tokens averaged into the single vector
+    output_mask: list[bool]  # tokens returned as multi vectors
+    image_grid_thw: tuple[int, int, int] | None = None
+    truncated: bool = False
+    extras: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+class NovaEmbeddingsV1Processor(Qwen2_5_VLProcessor):
+    """Qwen2.5-VL processor that renders embedding items through the chat template.
+
+    The embedding settings (task prompts, image prompt, pixel and length limits) come from a
+    ``NovaEmbeddingsV1Config`` passed as ``config``; without one, the defaults (jina-embeddings-v4's) apply.
+    Per-call overrides never mutate the processor, so one processor can serve several threads.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        # No video processor: embeddings take text and images (and transformers' video processor needs torchvision).
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    # ------------------------------------------------------------------ items -> validated items
+    def normalize_items(
+        self,
+        items: Sequence[str | dict] | str | dict,
+        *,
+        task: str | None = None,
+        instructions: str | None = None,
+        config: NovaEmbeddingsV1Config | None = None,
+        max_image_pixels: int | None = None,
+    ) -> list[EmbeddingItem]:
+        """Validate items and resolve each one's task and instructions (item keys override the call's)."""
+        config = config or _default_config()
+        if isinstance(items, (str, dict)):
+            items = [items]
+        if not isinstance(items, (list, tuple)):
+            raise TypeError(f"items must be a list of str or dict, got {type(items).__name__}")
+        if not items:
+            raise ValueError("items is empty: nothing to encode")
+        call_task = config.default_task if task is None else task
+        if call_task not in config.task_prompts:
+            raise ValueError(f"unknown task {call_task!r}; valid tasks: {sorted(config.task_prompts)}")
+        _check_instructions(instructions, where="instructions")
+        max_image_pixels = config.max_image_pixels if max_image_pixels is None else max_image_pixels
+        return [
+            self._normalize_item(index, raw, call_task, instructions, config, max_image_pixels)
+            for index, raw in enumerate(items)
+        ]
+
+    def _normalize_item(
+        self, index: int, raw: Any, task: str, instructions: str | None, config, max_image_pixels: int
+    ) -> EmbeddingItem:
+        if isinstance(raw, str):
+            raw = {"text": raw}
+        if not isinstance(raw, dict):
+            raise ItemError(index, f"expected a str or a dict, got {type(raw).__name__}")
+        unknown = set(raw) - ITEM_KEYS
+        if unknown:
+            raise ItemError(index, f"unknown key(s) {sorted(unknown)}; valid keys: {sorted(ITEM_KEYS)}")
+        item_task = raw.get("task", task)
+        if item_task not in config.task_prompts:
+            raise ItemError(index, f"unknown task {item_task!r}; valid tasks: {sorted(config.task_prompts)}")
+        item_instructions = raw.get("instructions", instructions)
+        try:
+            _check_instructions(item_instructions, where="instructions")
+        except ValueError as error:
+            raise ItemError(index, str(error)) from None
+        text = raw.get("text")
+        if text is not None and not isinstance(text, str):
+            raise ItemError(index, f"'text' must be a str, got {type(text).__name__}")
+        if text is not None and not text.strip():
+            raise ItemError(index, "'text' is empty")
+        if "image" in raw and "image_embeds" in raw:
+            raise ItemError(index, "give 'image' or 'image_embeds', not both")
+        adapter = raw.get("adapter", _UNSET)
+        if adapter is not _UNSET and adapter is not None and not isinstance(adapter, str):
+            raise ItemError(index, f"'adapter' must be a name or None, got {type(adapter).__name__}")
+        item = EmbeddingItem(index=index, task=item_task, text=text, instructions=item_instructions, adapter=adapter)
+        if raw.get("image") is not None:
+            item.image = load_image(raw["image"], index, max_image_pixels)
+        elif raw.get("image_embeds") is not None:
+            item.image_embeds, item.image_grid_thw = self._check_image_embeds(index, raw, config)
+        elif "image_grid_thw" in raw:
+            raise ItemError(index, "'image_grid_thw' only goes with 'image_embeds'")
+        if text is None and not item.has_image:
+            raise ItemError(index, "empty item: give 'text', 'image' or 'image_embeds'")
+        return item
+
+    def _check_image_embeds(self, index: int, raw: dict, config) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """Precomputed vision-tower output must come with its grid, and their sizes must agree."""
+        embeds = raw["image_embeds"]
+        grid = raw.get("image_grid_thw")
+        if isinstance(embeds, dict):  # what NovaEmbeddingsV1Model.get_image_embeddings returns per image
+            embeds, grid = embeds.get("image_embeds"), embeds.get("image_grid_thw", grid)
+        if grid is None:
+            raise ItemError(index, "'image_embeds' needs its 'image_grid_thw' (as returned by get_image_embeddings)")
+        embeds = torch.as_tensor(embeds)
+        grid = tuple(int(v) for v in torch.as_tensor(grid).flatten().tolist())
+        merge = self.image_processor.merge_size
+        if len(grid) != 3 or min(grid) <= 0 or grid[1] % merge or grid[2] % merge:
+            raise ItemError(index, f"'image_grid_thw' must be 3 positive ints (t, h, w), h and w multiples of {merge}; got {grid}")
+        expected = (grid[0] * grid[1] * grid[2] // merge**2, config.text_config.hidden_size)
+        if tuple(embeds.shape) != expected:
+            raise ItemError(index, f"'image_embeds' has shape {tuple(embeds.shape)}, expected {expected} for grid {grid}")
+        return embeds, grid
+
+    # ------------------------------------------------------------------ validated items -> tokens
+    def tokenize_items(
+        self,
+        items: Sequence[EmbeddingItem],
+        *,
+        config: NovaEmbeddingsV1Config | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        truncate: bool = False,
+        max_length: int | None = None,
+    ) -> list[TokenizedItem]:
+        """Render, tokenise and expand each item; errors (too long, bad image size) name the item."""
+        config = config or _default_config()
+        limits = self.pixel_limits(config, min_pixels, max_pixels)
+        max_length = config.max_length if max_length is None else max_length
+        return [self._tokenize_item(item, config, limits, truncate, max_length) for item in items]
+
+    def pixel_limits(self, config, min_pixels: int | None = None, max_pixels: int | None = None) -> tuple[int, int]:
+        """Per-call (min, max) pixels, falling back to the config's defaults; validated."""
+        low = config.min_pixels if min_pixels is None else int(min_pixels)
+        high = config.max_pixels if max_pixels is None else int(max_pixels)
+        if low <= 0 or high < low:
+            raise ValueError(f"need 0 < min_pixels <= max_pixels, got min_pixels={low}, max_pixels={high}")
+        return low, high
+
+    def _tokenize_item(self, item: EmbeddingItem, config, limits, truncate: bool, max_length: int) -> TokenizedItem:
+        rendered, spans, system_chars = self.render_item(item, config)
+        encoding = self.tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = encoding["offset_mapping"]
+        pooled = [_in_spans(start, end, spans) for start, end in offsets]
+        in_system = [end <= system_chars for _, end in offsets]
+        keep_system = config.pool_instruction_tokens
+        pooling_mask = [p or (keep_system and s) for p, s in zip(pooled, in_system)]
+        output_mask = [keep_system or not s for s in in_system]
+        tokenized = TokenizedItem(item, list(encoding["input_ids"]), pooling_mask, output_mask)
+        if item.has_image:
+            tokenized.image_grid_thw = item.image_grid_thw or self.image_grid(item, limits)
+            self._expand_image_tokens(tokenized)
+        if len(tokenized) > max_length:
+            self._truncate_or_fail(tokenized, max_length, truncate)
+        return tokenized
+
+    def render_item(self, item: EmbeddingItem, config) -> tuple[str, list[tuple[int, int]], int]:
+        """Render one item through the chat template.
+
+        Returns the text, the character spans to pool, and the length of the system turn (0 without
+        instructions), found by rendering the system turn alone: the template stays the only format.
+        """
+        content = []
+        if item.has_image:
+            content.append({"type": "image"})
+        if item.text is not None:
+            content.append({"type": "text", "text": item.text})
+        messages = [{"role": "user", "prefix": config.task_prompts[item.task], "content": content}]
+        if item.instructions is not None:
+            messages.insert(0, {"role": "system", "content": item.instructions})
+        rendered, spans = _render(self._template(), messages, config.image_prompt)
+        system_chars = _system_turn_length(self._template(), item.instructions, config.image_prompt) if item.instructions else 0
+        if not rendered.startswith(rendered[:system_chars]) or any(start < system_chars for start, _ in spans):
+            raise ValueError("the chat template must render the system turn before the item")
+        return rendered, spans, system_chars
+
+    def _template(self) -> str:
+        if self.chat_template is None:
+            raise ValueError("this processor has no chat template: load it from a nova-embeddings-v1 repository")
+        return self.chat_template
+
+    def image_grid(self, item: EmbeddingItem, limits: tuple[int, int]) -> tuple[int, int, int]:
+        """(t, h, w) patch grid the image processor will produce, computed from the size alone."""
+        width, height = item.image.size
+        factor = self.image_processor.patch_size * self.image_processor.merge_size
+        try:
+            resized_h, resized_w = smart_resize(height, width, factor=factor, min_pixels=limits[0], max_pixels=limits[1])
+        except ValueError as error:
+            raise ItemError(item.index, f"image of {width}x{height} px cannot be resized: {error}") from None
+        patch = self.image_processor.patch_size
+        return 1, resized_h // patch, resized_w // patch
+
+    def _expand_image_tokens(self, tokenized: TokenizedItem) -> None:
+        """Repeat the single image placeholder once per merged patch (masks repeated with it)."""
+        t, h, w = tokenized.image_grid_thw
+        count = t * h * w // self.image_processor.merge_size**2
+        ids, pool, out = [], [], []
+        for token, p, o in zip(tokenized.input_ids, tokenized.pooling_mask, tokenized.output_mask):
+            repeat = count if token == self.image_token_id else 1
+            ids += [token] * repeat
+            pool += [p] * repeat
+            out += [o] * repeat
+        if ids.count(self.image_token_id) != count:
+            raise ItemError(tokenized.item.index, "the rendered item must hold exactly one image placeholder")
+        tokenized.input_ids, tokenized.pooling_mask, tokenized.output_mask = ids, pool, out
+
+    def _truncate_or_fail(self, tokenized: TokenizedItem, max_length: int, truncate: bool) -> None:
+        """Cut the end of the item's text, keeping the template's closing tokens; or refuse."""
+        item, excess = tokenized.item, len(tokenized) - max_length
+        if not truncate:
+            raise ItemError(item.index, f"{len(tokenized)} tokens, over the maximum of {max_length} (pass truncate=True to cut the text)")
+        text_end = max(i for i, pooled in enumerate(tokenized.pooling_mask) if pooled) + 1
+        text_start = text_end
+        while text_start > 0 and tokenized.pooling_mask[text_start - 1] and tokenized.input_ids[text_start - 1] != self.vision_end_id:
+            text_start -= 1
+        if item.text is None or text_end - text_start <= excess:
+            raise ItemError(item.index, f"{len(tokenized)} tokens, over the maximum of {max_length}, and its text is too short to cut")
+        cut = slice(text_end - excess, text_end)
+        for name in ("input_ids", "pooling_mask", "output_mask"):
+            values = getattr(tokenized, name)
+            del values[cut]
+        tokenized.truncated = True
+        warnings.warn(f"item {item.index}: truncated from {max_length + excess} to {max_length} tokens", stacklevel=4)
+
+    @property
+    def vision_end_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids("<|vision_end|>")
+
+    # ------------------------------------------------------------------ tokens -> batch tensors
+    def collate(
+        self, tokenized: Sequence[TokenizedItem], *, min_pixels: int, max_pixels: int, pad_to_multiple_of: int | None = None
+    ) -> BatchFeature:
+        """Right-pad a batch and process its images.
+
+        Returns input_ids, attention_mask, pooling_mask, output_mask, mm_token_type_ids, and for images
+        image_grid_thw (every image, in order), pixel_values (images given as pictures) and image_embeds
+        (images given precomputed) with image_is_precomputed telling which is which.
+        """
+        length = max(len(t) for t in tokenized)
+        if pad_to_multiple_of:
+            length = math.ceil(length / pad_to_multiple_of) * pad_to_multiple_of
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(tokenized), length), pad_id, dtype=torch.long)
+        masks = {name: torch.zeros((len(tokenized), length), dtype=torch.bool) for name in ("attention_mask", "pooling_mask", "output_mask")}
+        for row, item in enumerate(tokenized):
+            n = len(item)
+            ids[row, :n] = torch.tensor(item.input_ids)
+            masks["attention_mask"][row, :n] = True
+            masks["pooling_mask"][row, :n] = torch.tensor(item.pooling_mask)
+            masks["output_mask"][row, :n] = torch.tensor(item.output_mask)
+        batch = {"input_ids": ids, **{k: v.long() if k == "attention_mask" else v for k, v in masks.items()}}
+        batch["mm_token_type_ids"] = (ids == self.image_token_id).int()
+        batch.update(self.process_batch_images(tokenized, min_pixels=min_pixels, max_pixels=max_pixels))
+        return BatchFeature(batch)
+
+    def process_batch_images(self, tokenized: Sequence[TokenizedItem], *, min_pixels: int, max_pixels: int) -> dict:
+        """Pixel values for the batch's pictures, precomputed embeddings for the rest, grids for all."""
+        with_image = [t for t in tokenized if t.item.has_image]
+        if not with_image:
+            return {}
+        pictures = [t for t in with_image if t.item.image is not None]
+        out = {
+            "image_grid_thw": torch.tensor([t.image_grid_thw for t in with_image], dtype=torch.long),
+            "image_is_precomputed": torch.tensor([t.item.image is None for t in with_image]),
+        }
+        if pictures:
+            pixels = self.image_processor(
+                images=[t.item.image for t in pictures], size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
+                return_tensors="pt",
+            )
+            for t, grid in zip(pictures, pixels["image_grid_thw"].tolist()):
+                if tuple(grid) != tuple(t.image_grid_thw):
+                    raise ItemError(t.item.index, f"image processor gave grid {grid}, expected {t.image_grid_thw}")
+            out["pixel_values"] = pixels["pixel_values"]
+        precomputed = [t.item.image_embeds for t in with_image if t.item.image is None]
+        if precomputed:
+            out["image_embeds"] = torch.cat(precomputed)
+        return out
+
+    # ------------------------------------------------------------------ one call
+    def process_items(
+        self,
+        items: Sequence[str | dict] | str | dict,
+        *,
+        task: str | None = None,
+        instructions: str | None = None,
+        config: NovaEmbeddingsV1Config | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        truncate: bool = False,
+    ) -> BatchFeature:
+        """Items -> one padded batch of model inputs (the model's ``forward`` takes it as is)."""
+        config = config or _default_config()
+        low, high = self.pixel_limits(config, min_pixels, max_pixels)
+        normalized = self.normalize_items(items, task=task, instructions=instructions, config=config)
+        tokenized = self.tokenize_items(normalized, config=config, min_pixels=low, max_pixels=high, truncate=truncate)
+        return self.collate(tokenized, min_pixels=low, max_pixels=high)
+
+
+# ---------------------------------------------------------------------- helpers
+_DEFAULT_CONFIG: NovaEmbeddingsV1Config | None = None
+
+
+def _default_config() -> NovaEmbeddingsV1Config:
+    global _DEFAULT_CONFIG
+    if _DEFAULT_CONFIG is None:
+        _DEFAULT_CONFIG = NovaEmbeddingsV1Config()
+    return _DEFAULT_CONFIG
+
+
+_RENDER_LOCK = threading.Lock()  # transformers' {% generation %} tracker is shared and not re-entrant
+
+
+def _render(template: str, messages: list[dict], image_prompt: str) -> tuple[str, list[tuple[int, int]]]:
+    """Render one conversation; also return the character spans of its {% generation %} blocks."""
+    with _RENDER_LOCK:
+        texts, indices = render_jinja_template(
+            [messages], chat_template=template, return_assistant_tokens_mask=True, image_prompt=image_prompt
+        )
+    return texts[0], list(indices[0])
+
+
+@functools.lru_cache(maxsize=4096)
+def _system_turn_length(template: str, instructions: str, image_prompt: str) -> int:
+    """Characters taken by the instructions' system turn, found by rendering it alone."""
+    return len(_render(template, [{"role": "system", "content": instructions}], image_prompt)[0])
+
+
+def _check_instructions(instructions: Any, where: str) -> None:
+    if instructions is None:
+        return
+    if not isinstance(instructions, str):
+        raise ValueError(f"{where} must be a str or None, got {type(instructions).__name__}")
+    if not instructions.strip():
+        raise ValueError(f"{where} is empty (use None for no instructions)")
+
+
+def _in_spans(start: int, end: int, spans: list[tuple[int, int]]) -> bool:
+    """A token belongs to a span when its characters overlap it."""
+    return any(start < span_end and end > span_start for span_start, span_end in spans)
+
+
+def load_image(source: Any, index: int, max_image_pixels: int) -> Image.Image:
+    """Open an image from a PIL image, local path, http(s) URL, data URI, base64 string or raw bytes, as RGB."""
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        image = Image.open(io.BytesIO(_image_bytes(source, index)))
+    width, height = image.size
+    if width * height > max_image_pixels:
+        raise ItemError(index, f"image of {width}x{height} px is over the limit of {max_image_pixels} pixels")
+    try:
+        image.load()
+        return image.convert("RGB")
+    except (OSError, ValueError) as error:
+        raise ItemError(index, f"unreadable image: {error}") from None
+
+
+def _image_bytes(source: Any, index: int) -> bytes:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+    elif isinstance(source, os.PathLike) or (isinstance(source, str) and os.path.exists(source)):
+        with open(source, "rb") as handle:
+            data = handle.read(MAX_IMAGE_BYTES + 1)
+    elif isinstance(source, str) and source.startswith(("http://", "https://")):
+        data = _fetch_url(source, index)
+    elif isinstance(source, str) and source.startswith("data:"):
+        data = _decode_base64(source.partition(",")[2], index)
+    elif isinstance(source, str):
+        data = _decode_base64(source, index)
+    else:
+        raise ItemError(index, f"'image' must be a PIL image, path, URL, base64 string or bytes, got {type(source).__name__}")
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ItemError(index, f"image file is over {MAX_IMAGE_BYTES} bytes")
+    if not _looks_like_image(data):
+        raise ItemError(index, "unreadable image: not a known image format (or a path that does not exist)")
+    return data
+
+
+def _fetch_url(url: str, index: int) -> bytes:
+    try:
+        with urllib.request.urlopen(url, timeout=URL_TIMEOUT_S) as response:  # noqa: S310 (http/https checked above)
+            return response.read(MAX_IMAGE_BYTES + 1)
+    except OSError as error:
+        raise ItemError(index, f"could not fetch image URL {url!r}: {error}") from None
+
+
+def _decode_base64(text: str, index: int) -> bytes:
+    try:
+        return base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ItemError(index, "'image' string is neither an existing path, an http(s) URL, nor valid base64") from None
+
+
+def _looks_like_image(data: bytes) -> bool:
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            probe.verify()
+        return True
+    except Exception:  # PIL raises many types for bad data; all mean "not an image we can read"
+        return False
+
+
+__all__ = ["NovaEmbeddingsV1Processor", "EmbeddingItem", "TokenizedItem", "ItemError", "load_image"]

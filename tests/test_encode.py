@@ -1,0 +1,377 @@
+"""encode() on the tiny checkpoint: jina-equivalence, instructions, item kinds, outputs, batching, errors.
+
+The expected vectors are computed independently: jina's own recipe (prefix + text with no chat markup,
+or the fixed image prompt expanded by the image processor's grid), run through transformers' stock
+``Qwen2_5_VLForConditionalGeneration`` with ``output_hidden_states=True``, pooled as jina pools.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import http.server
+import io
+import threading
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import AutoConfig, AutoModel, AutoProcessor, AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+JINA_IMAGE_PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe the image.<|im_end|>\n"
+
+
+def make_image(seed: int, width: int = 90, height: int = 60) -> Image.Image:
+    pixels = (np.random.RandomState(seed).rand(height, width, 3) * 255).astype("uint8")
+    return Image.fromarray(pixels)
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def model(tiny_nova_dir):
+    return AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True).eval()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_nova_dir):
+    """Stock transformers Qwen2.5-VL on the same weights: jina's forward path."""
+    config = Qwen2_5_VLConfig.from_dict(AutoConfig.from_pretrained(tiny_nova_dir, trust_remote_code=True).to_dict())
+    ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_nova_dir, config=config).eval()
+    return ref
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_nova_dir):
+    return AutoTokenizer.from_pretrained(tiny_nova_dir)
+
+
+def jina_text_inputs(tokenizer, prefix: str, text: str) -> dict:
+    return {k: torch.tensor([v]) for k, v in tokenizer(prefix + text, add_special_tokens=False).items()}
+
+
+def jina_image_inputs(model, tokenizer, image: Image.Image) -> dict:
+    """Jina's image prompt with the placeholder expanded to the image processor's token count."""
+    image_processor = model.processor.image_processor
+    pixels = image_processor(images=[image], return_tensors="pt")
+    count = int(pixels["image_grid_thw"][0].prod()) // image_processor.merge_size**2
+    text = JINA_IMAGE_PROMPT.replace("<|image_pad|>", "<|image_pad|>" * count)
+    inputs = {k: torch.tensor([v]) for k, v in tokenizer(text, add_special_tokens=False).items()}
+    inputs["pixel_values"] = pixels["pixel_values"]
+    inputs["image_grid_thw"] = pixels["image_grid_thw"]
+    inputs["mm_token_type_ids"] = (inputs["input_ids"] == model.config.image_token_id).int()
+    return inputs
+
+
+@torch.no_grad()
+def jina_reference_vectors(reference, model, inputs: dict, image: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Jina's pooling: mean over all tokens (text) or vision_start..vision_end inclusive (image)."""
+    out = reference(**inputs, output_hidden_states=True, use_cache=False)
+    hidden = out.hidden_states[-1][0]  # (seq, hidden)
+    ids = inputs["input_ids"][0]
+    if image:
+        start = int((ids == model.config.vision_start_token_id).nonzero()[0])
+        end = int((ids == model.config.vision_end_token_id).nonzero()[0])
+        pooled = hidden[start : end + 1].mean(0)
+    else:
+        pooled = hidden.mean(0)
+    multi = F.normalize(model.multi_vector_projector(hidden), dim=-1)
+    return F.normalize(pooled, dim=-1), multi
+
+
+# ---------------------------------------------------------------------- token sequences
+@pytest.mark.parametrize(
+    "task,prefix",
+    [("retrieval", "Query: "), ("retrieval.query", "Query: "), ("retrieval.passage", "Passage: "),
+     ("text-matching", "Query: "), ("code", "Query: "), ("code.query", "Query: "), ("code.passage", "Passage: ")],
+)
+def test_text_tokens_are_jinas(model, tokenizer, task, prefix):
+    processor = model.processor
+    items = processor.normalize_items([{"text": "what is late interaction?", "task": task}], config=model.config)
+    (tokenized,) = processor.tokenize_items(items, config=model.config)
+    assert tokenized.input_ids == tokenizer(prefix + "what is late interaction?", add_special_tokens=False)["input_ids"]
+    assert all(tokenized.pooling_mask) and all(tokenized.output_mask)
+
+
+def test_image_tokens_are_jinas(model, tokenizer):
+    image = make_image(1)
+    processor = model.processor
+    items = processor.normalize_items([{"image": image}], config=model.config)
+    (tokenized,) = processor.tokenize_items(items, config=model.config)
+    expected = jina_image_inputs(model, tokenizer, image)["input_ids"][0].tolist()
+    assert tokenized.input_ids == expected
+    pooled = [t for t, p in zip(tokenized.input_ids, tokenized.pooling_mask) if p]
+    assert pooled[0] == model.config.vision_start_token_id and pooled[-1] == model.config.vision_end_token_id
+    assert all(t == model.config.image_token_id for t in pooled[1:-1])
+    assert all(tokenized.output_mask)
+
+
+def test_instruction_is_a_system_turn_that_is_not_pooled(model, tokenizer):
+    processor = model.processor
+    items = processor.normalize_items(["hello world"], instructions="Find physics papers", config=model.config)
+    (tokenized,) = processor.tokenize_items(items, config=model.config)
+    expected = "<|im_start|>system\nFind physics papers<|im_end|>\n<|im_start|>user\nQuery: hello world<|im_end|>\n"
+    assert tokenized.input_ids == tokenizer(expected, add_special_tokens=False)["input_ids"]
+    decode = lambda mask: tokenizer.decode([t for t, m in zip(tokenized.input_ids, mask) if m])
+    assert decode(tokenized.pooling_mask) == "Query: hello world"
+    assert decode(tokenized.output_mask) == "<|im_start|>user\nQuery: hello world<|im_end|>\n"
+
+
+def test_image_instruction_goes_before_jinas_prompt(model, tokenizer):
+    processor = model.processor
+    items = processor.normalize_items([{"image": make_image(2)}], instructions="Charts only", config=model.config)
+    (tokenized,) = processor.tokenize_items(items, config=model.config)
+    text = tokenizer.decode(tokenized.input_ids)
+    assert text.startswith("<|im_start|>system\nCharts only<|im_end|>\n<|im_start|>user\n<|vision_start|>")
+    assert text.endswith("<|vision_end|>Describe the image.<|im_end|>\n")
+    output = tokenizer.decode([t for t, m in zip(tokenized.input_ids, tokenized.output_mask) if m])
+    assert output.startswith("<|im_start|>user\n<|vision_start|>")
+
+
+# ---------------------------------------------------------------------- vectors equal jina's
+def test_text_vectors_equal_jina_reference(model, reference, tokenizer):
+    texts = ["what is late interaction?", "the cat sat on the mat", "hello"]
+    ours = model.encode([{"text": t, "task": "retrieval.passage"} for t in texts])
+    ours_multi = model.encode([{"text": t, "task": "retrieval.passage"} for t in texts], return_multivector=True)
+    for i, text in enumerate(texts):
+        single, multi = jina_reference_vectors(reference, model, jina_text_inputs(tokenizer, "Passage: ", text), image=False)
+        torch.testing.assert_close(ours[i], single, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(ours_multi[i], multi, atol=2e-5, rtol=1e-4)
+
+
+def test_image_vectors_equal_jina_reference(model, reference, tokenizer):
+    images = [make_image(3), make_image(4, width=200, height=50), make_image(5, width=30, height=30)]
+    ours = model.encode([{"image": im} for im in images])
+    ours_multi = model.encode([{"image": im} for im in images], return_multivector=True)
+    for i, image in enumerate(images):
+        inputs = jina_image_inputs(model, tokenizer, image)
+        single, multi = jina_reference_vectors(reference, model, inputs, image=True)
+        torch.testing.assert_close(ours[i], single, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(ours_multi[i], multi, atol=2e-5, rtol=1e-4)
+
+
+def test_fused_item_pools_image_and_text_spans(model, reference, tokenizer):
+    image = make_image(6)
+    processor = model.processor
+    items = processor.normalize_items([{"image": image, "text": "a red chart", "task": "retrieval.passage"}], config=model.config)
+    (tokenized,) = processor.tokenize_items(items, config=model.config)
+    ids = torch.tensor([tokenized.input_ids])
+    pixels = processor.image_processor(images=[image], return_tensors="pt")
+    with torch.no_grad():
+        out = reference(input_ids=ids, pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"],
+                        mm_token_type_ids=(ids == model.config.image_token_id).int(), output_hidden_states=True)
+    hidden = out.hidden_states[-1][0]
+    text = tokenizer.decode(tokenized.input_ids)
+    assert text.endswith("<|vision_end|>Passage: a red chart<|im_end|>\n")
+    start = tokenized.input_ids.index(model.config.vision_start_token_id)
+    end = tokenized.input_ids.index(model.config.vision_end_token_id)
+    n_text = len(tokenizer("Passage: a red chart", add_special_tokens=False)["input_ids"])
+    span = list(range(start, end + 1)) + list(range(end + 1, end + 1 + n_text))
+    expected = F.normalize(hidden[span].mean(0), dim=-1)
+    ours = model.encode([{"image": image, "text": "a red chart", "task": "retrieval.passage"}])[0]
+    torch.testing.assert_close(ours, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_instructions_change_vectors_but_keep_the_item_pooled(model):
+    plain = model.encode(["hello world", {"image": make_image(7)}])
+    instructed = model.encode(["hello world", {"image": make_image(7)}], instructions="Find physics papers")
+    assert (plain - instructed).abs().max() > 1e-3
+    per_item = model.encode([{"text": "hello world", "instructions": "Find physics papers"}, {"image": make_image(7)}])
+    torch.testing.assert_close(per_item[0], instructed[0])
+    torch.testing.assert_close(per_item[1], plain[1])
+    multi = model.encode(["hello world"], instructions="Find physics papers", return_multivector=True)
+    (user_turn,) = model.processor.tokenize_items(
+        model.processor.normalize_items(["hello world"], instructions="Find physics papers", config=model.config), config=model.config
+    )
+    assert multi[0].shape[0] == sum(user_turn.output_mask) < len(user_turn)
+
+
+def test_pool_instruction_tokens_switch(tiny_nova_dir):
+    model = AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True, pool_instruction_tokens=True).eval()
+    items = model.processor.normalize_items(["hello"], instructions="Be brief", config=model.config)
+    (tokenized,) = model.processor.tokenize_items(items, config=model.config)
+    assert all(tokenized.output_mask)
+    count = lambda text: len(model.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert sum(tokenized.pooling_mask) == count("<|im_start|>system\nBe brief<|im_end|>\n") + count("Query: hello")
+
+
+# ---------------------------------------------------------------------- item kinds and image sources
+def test_every_image_source_gives_the_same_vector(model, tmp_path):
+    image = make_image(8)
+    data = png_bytes(image)
+    path = tmp_path / "page.png"
+    path.write_bytes(data)
+    b64 = base64.b64encode(data).decode()
+    handler = type("Handler", (http.server.BaseHTTPRequestHandler,), {
+        "do_GET": lambda self: (self.send_response(200), self.send_header("Content-Type", "image/png"),
+                                self.end_headers(), self.wfile.write(data)),
+        "log_message": lambda self, *args: None,
+    })
+    server = http.server.HTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/page.png"
+        sources = [image, str(path), path, data, b64, f"data:image/png;base64,{b64}", url]
+        vectors = model.encode([{"image": s} for s in sources])
+    finally:
+        server.shutdown()
+    for row in vectors[1:]:
+        torch.testing.assert_close(row, vectors[0])
+
+
+def test_precomputed_image_embeds_equal_the_image(model):
+    images = [make_image(9), make_image(10, width=120, height=40)]
+    embeds = model.get_image_embeddings(images)
+    assert embeds[0]["image_embeds"].shape[1] == model.config.text_config.hidden_size
+    direct = model.encode([{"image": im, "task": "retrieval.passage", "text": "caption"} for im in images] + [{"image": images[1]}])
+    reused = model.encode(
+        [{"image_embeds": e, "task": "retrieval.passage", "text": "caption"} for e in embeds]
+        + [{"image_embeds": embeds[1]["image_embeds"], "image_grid_thw": embeds[1]["image_grid_thw"]}]
+    )
+    torch.testing.assert_close(reused, direct, atol=1e-6, rtol=1e-5)
+    mixed = model.encode([{"image": images[0]}, {"image_embeds": embeds[1]}, "text"])
+    torch.testing.assert_close(mixed[1], direct[2], atol=1e-6, rtol=1e-5)
+
+
+def test_pixel_limit_override_is_per_call(model):
+    image = make_image(11, width=300, height=300)
+    before = model.processor.image_processor.size
+    small = model.encode([{"image": image}], return_multivector=True, max_pixels=3136)
+    default = model.encode([{"image": image}], return_multivector=True)
+    assert small[0].shape[0] < default[0].shape[0]
+    assert model.processor.image_processor.size == before
+    assert model.config.max_pixels == AutoConfig.from_pretrained(model.config._name_or_path, trust_remote_code=True).max_pixels
+
+
+# ---------------------------------------------------------------------- outputs
+def test_matryoshka_truncates_then_renormalises(model):
+    full = model.encode(["hello world", "the cat"])
+    for dim in model.config.matryoshka_dims:
+        cut = model.encode(["hello world", "the cat"], dimensions=dim)
+        assert cut.shape == (2, dim)
+        torch.testing.assert_close(cut, F.normalize(full[:, :dim], dim=-1))
+    with pytest.raises(ValueError, match="dimensions=5 is not allowed"):
+        model.encode(["x"], dimensions=5)
+
+
+def test_output_formats_agree(model):
+    items = ["hello world", {"image": make_image(12)}]
+    tensor = model.encode(items)
+    assert tensor.dtype == torch.float32 and tensor.device.type == "cpu" and tensor.shape == (2, 64)
+    torch.testing.assert_close(norms := tensor.norm(dim=-1), torch.ones_like(norms))
+    np.testing.assert_allclose(model.encode(items, output="numpy"), tensor.numpy())
+    np.testing.assert_allclose(np.array(model.encode(items, output="list")), tensor.numpy())
+    decoded = [np.frombuffer(base64.b64decode(s), dtype="<f4") for s in model.encode(items, output="base64")]
+    np.testing.assert_array_equal(np.stack(decoded), tensor.numpy())
+    multi = model.encode(items, return_multivector=True, output="numpy")
+    assert all(m.shape[1] == model.config.multi_vector_projector_dim for m in multi)
+    np.testing.assert_allclose(np.linalg.norm(multi[1], axis=-1), 1.0, rtol=1e-5)
+    with pytest.raises(ValueError, match="output must be one of"):
+        model.encode(items, output="arrow")
+
+
+def test_maxsim_scores_match_a_plain_loop(model):
+    queries = model.encode(["late interaction", "cats"], return_multivector=True)
+    docs = model.encode(["the cat sat on the mat", {"image": make_image(13)}, "hello"], return_multivector=True)
+    scores = model.score_multi_vector(queries, docs, batch_size=2)
+    expected = torch.tensor([[float((q @ d.T).max(dim=1).values.sum()) for d in docs] for q in queries])
+    torch.testing.assert_close(scores, expected)
+
+
+# ---------------------------------------------------------------------- batching
+def test_results_do_not_depend_on_batch_neighbours_or_order(model):
+    items = ["short", "a much longer text about late interaction and retrieval of pages", {"image": make_image(14)},
+             {"image": make_image(15, width=150), "text": "fused"}, {"text": "with instruction", "instructions": "Be brief"}]
+    together = model.encode(items)
+    alone = torch.stack([model.encode([item])[0] for item in items])
+    torch.testing.assert_close(together, alone, atol=1e-6, rtol=1e-5)
+    tiny_batches = model.encode(items, batch_size=1)
+    torch.testing.assert_close(together, tiny_batches, atol=1e-6, rtol=1e-5)
+    budget = model.encode(items, max_batch_tokens=40)
+    torch.testing.assert_close(together, budget, atol=1e-6, rtol=1e-5)
+    order = [3, 0, 4, 2, 1]
+    shuffled = model.encode([items[i] for i in order])
+    torch.testing.assert_close(shuffled, together[order], atol=1e-6, rtol=1e-5)
+
+
+def test_plan_batches_respects_budget_and_covers_every_item(model):
+    processor = model.processor
+    items = processor.normalize_items(["a " * n for n in (1, 30, 5, 12, 2, 40)], config=model.config)
+    tokenized = processor.tokenize_items(items, config=model.config)
+    batches = model.plan_batches(tokenized, batch_size=3, max_batch_tokens=60)
+    assert sorted(i for b in batches for i in b) == list(range(6))
+    for batch in batches:
+        assert len(batch) <= 3
+        assert len(batch) == 1 or len(batch) * max(len(tokenized[i]) for i in batch) <= 60
+
+
+def test_attention_implementations_and_bf16_agree(tiny_nova_dir, model):
+    items = ["hello world", {"image": make_image(16)}, {"text": "x", "instructions": "Be brief"}]
+    fp32 = model.encode(items)
+    eager = AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True, attn_implementation="eager").eval()
+    torch.testing.assert_close(eager.encode(items), fp32, atol=1e-5, rtol=1e-4)
+    bf16 = AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True, dtype=torch.bfloat16).eval()
+    out = bf16.encode(items)
+    assert out.dtype == torch.float32
+    assert F.cosine_similarity(out, fp32).min() > 0.99
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu(tiny_nova_dir, model):
+    items = ["hello world", {"image": make_image(17)}, {"text": "x", "instructions": "Be brief"}]
+    gpu = AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True).to("cuda").eval()
+    out = gpu.encode(items)
+    assert out.device.type == "cpu"
+    torch.testing.assert_close(out, model.encode(items), atol=1e-4, rtol=1e-3)
+
+
+# ---------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    "items,kwargs,message",
+    [
+        (["ok", {"text": "x", "task": "search"}], {}, "item 1: unknown task 'search'"),
+        (["ok", {"txt": "x"}], {}, r"item 1: unknown key\(s\) \['txt'\]"),
+        (["ok", {}], {}, "item 1: empty item"),
+        (["ok", "   "], {}, "item 1: 'text' is empty"),
+        ([{"image": b"not an image"}], {}, "item 0: unreadable image"),
+        ([{"image": "no/such/file.png"}], {}, "item 0: 'image' string is neither"),
+        ([{"image": 3}], {}, "item 0: 'image' must be"),
+        ([{"text": 5}], {}, "item 0: 'text' must be a str"),
+        ([42], {}, "item 0: expected a str or a dict"),
+        (["ok", {"text": "x", "adapter": "nope"}], {}, "item 1: unknown adapter 'nope'"),
+        (["ok", {"text": "x", "instructions": ""}], {}, "item 1: instructions is empty"),
+        ([{"image_embeds": torch.zeros(4, 64)}], {}, "item 0: 'image_embeds' needs its 'image_grid_thw'"),
+        ([{"image_embeds": torch.zeros(3, 64), "image_grid_thw": [1, 4, 4]}], {}, r"item 0: 'image_embeds' has shape"),
+        ([], {}, "items is empty"),
+        (["ok"], {"task": "nope"}, "unknown task 'nope'"),
+        (["ok"], {"dimensions": 7}, "dimensions=7 is not allowed"),
+        (["ok"], {"dimensions": 16, "return_multivector": True}, "single vectors only"),
+    ],
+)
+def test_bad_input_is_named(model, items, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        model.encode(items, **kwargs)
+
+
+def test_oversized_image_and_long_text(tiny_nova_dir):
+    model = AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True, max_length=12, max_image_pixels=10_000).eval()
+    with pytest.raises(ValueError, match="item 1: image of 200x100 px is over the limit"):
+        model.encode(["ok", {"image": make_image(18, width=200, height=100)}])
+    long_text = "the cat sat on the mat " * 10
+    with pytest.raises(ValueError, match="item 0: .* over the maximum of 12"):
+        model.encode([long_text])
+    with pytest.warns(UserWarning, match="item 0: truncated"):
+        cut = model.encode([long_text], truncate=True, return_multivector=True)
+    assert cut[0].shape[0] == 12
+    with pytest.warns(UserWarning, match="truncated"):
+        instructed = model.processor.tokenize_items(
+            model.processor.normalize_items([long_text], instructions="Be", config=model.config),
+            config=model.config, truncate=True, max_length=40,
+        )
+    assert len(instructed[0]) == 40 and model.processor.tokenizer.decode(instructed[0].input_ids).endswith("<|im_end|>\n")
