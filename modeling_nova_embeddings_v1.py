@@ -10,7 +10,11 @@ states, one L2-normalised mean-pooled vector per item and L2-normalised per-toke
 from __future__ import annotations
 
 import base64
-import math
+import functools
+import os
+import threading
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -23,9 +27,11 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLPreTrainedModel
 
 from .configuration_nova_embeddings_v1 import NovaEmbeddingsV1Config
-from .processing_nova_embeddings_v1 import _UNSET, ItemError, NovaEmbeddingsV1Processor, TokenizedItem
+from .processing_nova_embeddings_v1 import _UNSET, EmbeddingItem, ItemError, NovaEmbeddingsV1Processor, TokenizedItem
 
 OUTPUT_FORMATS = ("torch", "numpy", "list", "base64")
+BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 @dataclass
@@ -53,7 +59,18 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         self.model = Qwen2_5_VLModel(config)
         self.multi_vector_projector = nn.Linear(config.text_config.hidden_size, config.multi_vector_projector_dim)
         self._processor: NovaEmbeddingsV1Processor | None = None
+        self._adapter_lock = threading.RLock()  # no batch ever runs while adapters are being loaded or removed
+        self._adapters: dict[str, str] = {}  # adapter name -> where it was loaded from
+        self.adapter_batching = "group"  # "group": one adapter per batch; "mixed": PEFT mixed-adapter batches
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, load_task_adapters: bool = True, **kwargs):
+        """Load the backbone, then the task adapters found under ``adapters/<task>/`` of the same repository."""
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        if load_task_adapters:
+            model.load_task_adapters(pretrained_model_name_or_path)
+        return model
 
     # ------------------------------------------------------------------ processor
     @property
@@ -83,14 +100,23 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         image_is_precomputed: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         return_multivector: bool = True,
+        adapter_names: list[str] | None = None,
         **kwargs: Any,
     ) -> NovaEmbeddingsV1Output:
         """Embed a padded batch as built by ``NovaEmbeddingsV1Processor.collate``.
 
         Without ``pooling_mask`` every attended token is pooled; without ``output_mask`` every attended
-        token is kept as a multi vector. Extra processor keys (``mm_token_type_ids``) are accepted.
+        token is kept as a multi vector. ``adapter_names`` (one per row, ``"__base__"`` for none) routes
+        rows to LoRA adapters through PEFT's mixed-batch forward; without it PEFT's active adapter applies.
+        Extra processor keys (``mm_token_type_ids``) are accepted.
         """
         kwargs.pop("mm_token_type_ids", None)
+        with self._route_rows(adapter_names):
+            return self._forward(input_ids, attention_mask, pooling_mask, output_mask, pixel_values, image_grid_thw,
+                                 image_embeds, image_is_precomputed, position_ids, return_multivector, **kwargs)
+
+    def _forward(self, input_ids, attention_mask, pooling_mask, output_mask, pixel_values, image_grid_thw,
+                 image_embeds, image_is_precomputed, position_ids, return_multivector, **kwargs) -> NovaEmbeddingsV1Output:
         inputs_embeds = self.get_input_embeddings()(input_ids)
         if image_grid_thw is not None:
             features = self.image_features(pixel_values, image_grid_thw, image_embeds, image_is_precomputed)
@@ -172,6 +198,122 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         projected = self.multi_vector_projector(hidden).to(torch.float32)
         return F.normalize(projected, dim=-1) * output_mask.unsqueeze(-1)
 
+    # ------------------------------------------------------------------ adapters (PEFT LoRA)
+    def load_task_adapters(self, repo: str | os.PathLike) -> None:
+        """Load ``adapters/<task>/`` for every task of the config; warn about the ones without weights."""
+        missing = []
+        for task in self.config.task_names:
+            folder = _resolve_adapter_folder(str(repo), f"{self.config.adapters_dir}/{task}")
+            if folder is None:
+                missing.append(task)
+                continue
+            self.load_adapter(folder, adapter_name=task)
+        if missing and len(missing) == len(self.config.task_names):
+            warnings.warn(f"no task adapter weights under {repo}/{self.config.adapters_dir}/: every task runs on the "
+                          "bare backbone (run scripts/convert_jina_v4.py to bring jina's adapters)", stacklevel=3)
+        elif missing:
+            warnings.warn(f"task adapters without weights: {missing}; items of these tasks will be refused "
+                          "unless they pass adapter=None", stacklevel=3)
+
+    def load_adapter(self, peft_model_id: str | os.PathLike, adapter_name: str | None = None, **kwargs: Any) -> None:
+        """Load a standard PEFT LoRA adapter (a local folder, a Hub repo id, or its adapter_model.safetensors).
+
+        All or nothing: a failed load (bad path, wrong targets, rank or shapes, name clash) raises and leaves the
+        loaded adapters exactly as they were.
+        """
+        from peft import LoraConfig, PeftConfig, inject_adapter_in_model, set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        name = adapter_name or "default"
+        folder = _adapter_folder(peft_model_id, **kwargs)
+        with self._adapter_lock:
+            if name in self._adapters:
+                raise ValueError(f"an adapter named {name!r} is already loaded (from {self._adapters[name]}); unload it first")
+            if not name or "." in name or name == BASE:
+                raise ValueError(f"invalid adapter name {name!r}")
+            config = PeftConfig.from_pretrained(folder)
+            if not isinstance(config, LoraConfig):
+                raise ValueError(f"{folder}: only LoRA adapters are supported, got {type(config).__name__}")
+            config.inference_mode = True
+            state = {_strip_peft_prefix(k): v for k, v in load_file(os.path.join(folder, ADAPTER_WEIGHTS)).items()}
+            try:
+                inject_adapter_in_model(config, self, adapter_name=name)
+                result = set_peft_model_state_dict(self, state, adapter_name=name)
+                self._check_adapter_fully_loaded(name, state, result)
+            except Exception as error:
+                self._remove_adapter_layers(name)
+                raise ValueError(f"could not load adapter {name!r} from {folder}: {error}") from error
+            self.peft_config[name] = config
+            self._adapters[name] = str(peft_model_id)
+            self.to(self.device)  # new LoRA weights follow the model (dtype is kept per PEFT: fp32 LoRA on bf16 is fine)
+
+    def _check_adapter_fully_loaded(self, name: str, state: dict, result) -> None:
+        unexpected = [k for k in result.unexpected_keys if "lora_" in k]
+        missing = [k for k in result.missing_keys if f".{name}." in k and "lora_" in k]
+        if unexpected or missing:
+            raise ValueError(f"{len(missing)} missing LoRA tensors (e.g. {missing[:3]}), "
+                             f"{len(unexpected)} unexpected ones (e.g. {unexpected[:3]})")
+        if not state:
+            raise ValueError("the adapter file holds no tensors")
+
+    def unload_adapter(self, adapter_name: str) -> None:
+        """Remove a custom adapter. Task adapters are refused: items of their task route to them."""
+        with self._adapter_lock:
+            if adapter_name not in self._adapters:
+                raise ValueError(f"no adapter named {adapter_name!r}; loaded adapters: {self.list_adapters()}")
+            if adapter_name in self.config.task_names:
+                raise ValueError(f"{adapter_name!r} is a task adapter: items of task {adapter_name!r} route to it, "
+                                 "so it cannot be unloaded")
+            self._remove_adapter_layers(adapter_name)
+            del self._adapters[adapter_name]
+
+    def list_adapters(self) -> list[str]:
+        """Names of the loaded adapters (task adapters first)."""
+        tasks = [t for t in self.config.task_names if t in self._adapters]
+        return tasks + sorted(n for n in self._adapters if n not in tasks)
+
+    def _remove_adapter_layers(self, name: str) -> None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for module in self.modules():
+            if isinstance(module, BaseTunerLayer) and name in module.lora_A:
+                module.delete_adapter(name)
+        getattr(self, "peft_config", {}).pop(name, None)
+
+    def resolve_adapter(self, item: EmbeddingItem, call_adapter: Any = _UNSET) -> str:
+        """The adapter an item runs with: its own ``adapter``, else the call's, else its task's."""
+        chosen = item.adapter if item.adapter is not _UNSET else call_adapter
+        if chosen is None:
+            return BASE
+        if chosen is not _UNSET:
+            if chosen not in self._adapters:
+                raise ItemError(item.index, f"unknown adapter {chosen!r}; loaded adapters: {self.list_adapters()}")
+            return chosen
+        task_adapter = self.config.adapter_task(item.task)
+        if task_adapter in self._adapters:
+            return task_adapter
+        if not self._adapters:
+            return BASE  # a model without any adapter weights (warned about at load time)
+        raise ItemError(item.index, f"task {item.task!r} routes to adapter {task_adapter!r}, which is not loaded; "
+                                    f"loaded adapters: {self.list_adapters()} (pass adapter=None for the bare backbone)")
+
+    @contextmanager
+    def _route_rows(self, adapter_names: list[str] | None):
+        """Route each row to its adapter with PEFT's own mixed-batch pre-forward hook on every LoRA layer."""
+        if adapter_names is None or not self._adapters:
+            yield
+            return
+        from peft.tuners.lora.layer import LoraLayer
+        from peft.tuners.lora.model import _adapter_names_pre_forward_hook
+
+        hook = functools.partial(_adapter_names_pre_forward_hook, adapter_names=list(adapter_names))
+        handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in self.modules() if isinstance(m, LoraLayer)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
     # ------------------------------------------------------------------ encode
     @torch.inference_mode()
     def encode(
@@ -189,6 +331,7 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         truncate: bool = False,
         min_pixels: int | None = None,
         max_pixels: int | None = None,
+        adapter: str | None = _UNSET,
     ):
         """Embed mixed items (text, image, text+image), each with its own task and instructions.
 
@@ -204,6 +347,8 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
             output: "torch" (float32 on CPU), "numpy", "list" or "base64" (little-endian float32).
             truncate: cut over-long texts (with a warning) instead of raising.
             min_pixels / max_pixels: image resize limits for this call (default: the config's).
+            adapter: adapter for items that do not name one: a loaded adapter's name, or None for the bare
+                backbone; by default each item uses its task's adapter.
 
         Returns single vectors as one (N, D) tensor/array (a list for "list"/"base64"), multi vectors as a
         list of (tokens_i, dim) tensors/arrays, in input order.
@@ -212,16 +357,23 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         processor, config = self.processor, self.config
         limits = processor.pixel_limits(config, min_pixels, max_pixels)
         normalized = processor.normalize_items(items, task=task, instructions=instructions, config=config)
-        self._check_adapters(normalized)
+        adapters = [self.resolve_adapter(item, adapter) for item in normalized]
         tokenized = processor.tokenize_items(
             normalized, config=config, min_pixels=limits[0], max_pixels=limits[1], truncate=truncate
         )
         results: list[torch.Tensor | None] = [None] * len(tokenized)
-        batches = self.plan_batches(tokenized, batch_size, max_batch_tokens)
-        for batch in _progress(batches, show_progress_bar, len(tokenized)):
-            vectors = self._embed_batch([tokenized[i] for i in batch], limits, return_multivector)
-            for index, vector in zip(batch, vectors):
-                results[index] = vector
+        groups = adapters if self.adapter_batching == "group" else None
+        batches = self.plan_batches(tokenized, batch_size, max_batch_tokens, groups=groups)
+        was_training = self.training
+        self.eval()
+        try:
+            for batch in _progress(batches, show_progress_bar, len(tokenized)):
+                batch_adapters = [adapters[i] for i in batch]
+                vectors = self._embed_batch([tokenized[i] for i in batch], batch_adapters, limits, return_multivector)
+                for index, vector in zip(batch, vectors):
+                    results[index] = vector
+        finally:
+            self.train(was_training)
         return _convert(self._finish(results, return_multivector, dimensions), return_multivector, output)
 
     def encode_query(self, items, **kwargs):
@@ -243,24 +395,23 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         if batch_size < 1 or max_batch_tokens < 1:
             raise ValueError(f"batch_size and max_batch_tokens must be positive, got {batch_size}, {max_batch_tokens}")
 
-    def _check_adapters(self, items) -> None:
-        """Until adapters are loaded, an item may only ask for the bare backbone (adapter=None)."""
-        for item in items:
-            if item.adapter is not _UNSET and item.adapter is not None:
-                raise ItemError(item.index, f"unknown adapter {item.adapter!r}; loaded adapters: []")
-
     @staticmethod
-    def plan_batches(tokenized: Sequence[TokenizedItem], batch_size: int, max_batch_tokens: int) -> list[list[int]]:
+    def plan_batches(
+        tokenized: Sequence[TokenizedItem], batch_size: int, max_batch_tokens: int, groups: Sequence[str] | None = None
+    ) -> list[list[int]]:
         """Longest first, cut when the padded size (items x longest) would pass the token budget.
 
+        With ``groups`` (one key per item, e.g. its adapter), a batch never mixes groups.
         An item longer than the budget runs alone.
         """
-        order = sorted(range(len(tokenized)), key=lambda i: len(tokenized[i]), reverse=True)
+        group_of = (lambda i: groups[i]) if groups is not None else (lambda i: "")
+        order = sorted(range(len(tokenized)), key=lambda i: (group_of(i), -len(tokenized[i])))
         batches: list[list[int]] = []
         current: list[int] = []
         for index in order:
             longest = len(tokenized[current[0]]) if current else len(tokenized[index])
-            if current and (len(current) >= batch_size or (len(current) + 1) * longest > max_batch_tokens):
+            new_group = current and group_of(current[0]) != group_of(index)
+            if current and (new_group or len(current) >= batch_size or (len(current) + 1) * longest > max_batch_tokens):
                 batches.append(current)
                 current = []
             current.append(index)
@@ -268,10 +419,16 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
             batches.append(current)
         return batches
 
-    def _embed_batch(self, batch: list[TokenizedItem], limits: tuple[int, int], return_multivector: bool) -> list[torch.Tensor]:
+    def _embed_batch(
+        self, batch: list[TokenizedItem], adapters: list[str], limits: tuple[int, int], return_multivector: bool
+    ) -> list[torch.Tensor]:
         inputs = self.processor.collate(batch, min_pixels=limits[0], max_pixels=limits[1])
         inputs = inputs.to(self.device)
-        out = self(**inputs, return_multivector=return_multivector)
+        with self._adapter_lock:
+            for item, name in zip(batch, adapters):
+                if name != BASE and name not in self._adapters:
+                    raise ItemError(item.item.index, f"adapter {name!r} was unloaded while the call ran")
+            out = self(**inputs, return_multivector=return_multivector, adapter_names=adapters)
         if not return_multivector:
             return list(out.single_vector.cpu())
         multi = out.multi_vector.cpu()
@@ -339,6 +496,39 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
 
 
 # ---------------------------------------------------------------------- helpers
+def _strip_peft_prefix(key: str) -> str:
+    return key.removeprefix("base_model.model.")
+
+
+def _adapter_folder(source: str | os.PathLike, **kwargs: Any) -> str:
+    """A local folder holding adapter_config.json and the weights, from a folder, a weights file or a Hub id."""
+    source = str(source)
+    if os.path.isfile(source) and os.path.basename(source) == ADAPTER_WEIGHTS:
+        source = os.path.dirname(source) or "."
+    if os.path.isdir(source):
+        for needed in ("adapter_config.json", ADAPTER_WEIGHTS):
+            if not os.path.isfile(os.path.join(source, needed)):
+                raise ValueError(f"{source}: not a PEFT adapter folder (missing {needed})")
+        return source
+    if os.path.exists(source) or source.startswith((".", "/")) or source.count("/") != 1:
+        raise ValueError(f"{source}: no such adapter folder or {ADAPTER_WEIGHTS} file")
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(source, allow_patterns=["adapter_config.json", ADAPTER_WEIGHTS], **kwargs)
+
+
+def _resolve_adapter_folder(repo: str, subfolder: str) -> str | None:
+    """``repo/subfolder`` if it holds adapter weights (local folder or Hub repo), else None."""
+    local = os.path.join(repo, subfolder)
+    if os.path.isdir(repo):
+        return local if os.path.isfile(os.path.join(local, ADAPTER_WEIGHTS)) else None
+    from huggingface_hub import snapshot_download
+
+    root = snapshot_download(repo, allow_patterns=[f"{subfolder}/*"])
+    folder = os.path.join(root, subfolder)
+    return folder if os.path.isfile(os.path.join(folder, ADAPTER_WEIGHTS)) else None
+
+
 def _progress(batches: list, show: bool | None, n_items: int) -> Iterable:
     """A tqdm bar over batches: shown when asked, or by default for long inputs (256+ items)."""
     if show is None:

@@ -36,7 +36,7 @@ def png_bytes(image: Image.Image) -> bytes:
 
 @pytest.fixture(scope="module")
 def model(tiny_nova_dir):
-    return AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True).eval()
+    return AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True, load_task_adapters=False).eval()
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +193,7 @@ def test_instructions_change_vectors_but_keep_the_item_pooled(model):
 
 
 def test_pool_instruction_tokens_switch(tiny_nova_dir):
-    model = AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True, pool_instruction_tokens=True).eval()
+    model = AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True, load_task_adapters=False, pool_instruction_tokens=True).eval()
     items = model.processor.normalize_items(["hello"], instructions="Be brief", config=model.config)
     (tokenized,) = model.processor.tokenize_items(items, config=model.config)
     assert all(tokenized.output_mask)
@@ -314,9 +314,9 @@ def test_plan_batches_respects_budget_and_covers_every_item(model):
 def test_attention_implementations_and_bf16_agree(tiny_nova_dir, model):
     items = ["hello world", {"image": make_image(16)}, {"text": "x", "instructions": "Be brief"}]
     fp32 = model.encode(items)
-    eager = AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True, attn_implementation="eager").eval()
+    eager = AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True, load_task_adapters=False, attn_implementation="eager").eval()
     torch.testing.assert_close(eager.encode(items), fp32, atol=1e-5, rtol=1e-4)
-    bf16 = AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True, dtype=torch.bfloat16).eval()
+    bf16 = AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True, load_task_adapters=False, dtype=torch.bfloat16).eval()
     out = bf16.encode(items)
     assert out.dtype == torch.float32
     assert F.cosine_similarity(out, fp32).min() > 0.99
@@ -325,7 +325,7 @@ def test_attention_implementations_and_bf16_agree(tiny_nova_dir, model):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu(tiny_nova_dir, model):
     items = ["hello world", {"image": make_image(17)}, {"text": "x", "instructions": "Be brief"}]
-    gpu = AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True).to("cuda").eval()
+    gpu = AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True, load_task_adapters=False).to("cuda").eval()
     out = gpu.encode(items)
     assert out.device.type == "cpu"
     torch.testing.assert_close(out, model.encode(items), atol=1e-4, rtol=1e-3)
@@ -360,7 +360,7 @@ def test_bad_input_is_named(model, items, kwargs, message):
 
 
 def test_oversized_image_and_long_text(tiny_nova_dir):
-    model = AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True, max_length=12, max_image_pixels=10_000).eval()
+    model = AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True, load_task_adapters=False, max_length=12, max_image_pixels=10_000).eval()
     with pytest.raises(ValueError, match="item 1: image of 200x100 px is over the limit"):
         model.encode(["ok", {"image": make_image(18, width=200, height=100)}])
     long_text = "the cat sat on the mat " * 10
