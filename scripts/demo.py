@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             {"text": "def maxsim(q, d): return (q @ d.T).max(1).sum()", "task": "code.passage"},
         ]
         vectors = model.encode(items, instructions="Find passages that explain retrieval methods")
-        print(f"\nsingle vectors: {tuple(vectors.shape)}, norms {[f"{v:.4f}" for v in vectors.norm(dim=-1).tolist()]}")
+        norms = [f"{v:.4f}" for v in vectors.norm(dim=-1).tolist()]
+        print(f"\nsingle vectors: {tuple(vectors.shape)}, norms {norms}")
         print("cosine of the query with each item:", [f"{v:.3f}" for v in (vectors[1:] @ vectors[0]).tolist()])
 
         small = model.encode(items[:2], dimensions=model.config.matryoshka_dims[0])
