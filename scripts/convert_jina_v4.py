@@ -1,0 +1,598 @@
+"""Convert a local copy of jina-embeddings-v4's repository into a nova-embeddings-v1 repository.
+
+Why a converter rather than loading jina's files directly: jina's repository runs a bundled copy of
+Qwen2.5-VL that newer transformers cannot import, names its weights with pre-4.52 keys, asks for
+flash-attention in config.json, and points auto_map at its own classes. The converted repository holds
+our config (same backbone fields + our embedding fields), weights under transformers 5.x names,
+our remote code, the tokenizer and our processor, so it loads with stock transformers.
+
+Stages (each a small function below): read jina's config + preprocessor config -> build our config;
+scan the weight files' headers -> rename keys -> check names and shapes against transformers'
+Qwen2_5_VLModel before writing anything; then write weights, config, code files, tokenizer, processor.
+jina's adapters/ are a later step (reported, not converted here).
+
+Usage:
+    python scripts/convert_jina_v4.py --jina-dir SRC --out DST [--dtype keep|float32|bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import shutil
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # run as a script: make the repo-root modules importable
+    sys.path.insert(0, str(REPO_ROOT))
+
+from configuration_nova_embeddings_v1 import NovaEmbeddingsV1Config  # noqa: E402
+
+MAX_SHARD_BYTES = 4 * 1024**3
+DTYPES: dict[str, torch.dtype | None] = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
+PROJECTOR_PREFIX = "multi_vector_projector."
+EMBED_KEY = "model.language_model.embed_tokens.weight"
+
+# jina's config fields that have no meaning for nova (its classes, its processor, its pooling switch).
+JINA_ONLY_FIELDS = ("architectures", "auto_map", "processor_class", "single_vector_pool_strategy", "truncate_dim")
+# Bookkeeping fields rewritten on save; _attn_implementation would force flash-attention on every user.
+INTERNAL_FIELDS = (
+    "_name_or_path", "_attn_implementation", "_attn_implementation_autoset", "_commit_hash",
+    "transformers_version", "model_type", "torch_dtype", "dtype",
+)
+# Token ids stay at the top level too (besides text_config): processors and users read them there.
+TOP_LEVEL_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+NOVA_AUTO_MAP = {
+    "AutoConfig": "configuration_nova_embeddings_v1.NovaEmbeddingsV1Config",
+    "AutoModel": "modeling_nova_embeddings_v1.NovaEmbeddingsV1Model",
+}
+NOVA_ARCHITECTURES = ["NovaEmbeddingsV1Model"]
+PROCESSOR_CLASS = "NovaEmbeddingsV1Processor"
+PROCESSOR_REFERENCE = "processing_nova_embeddings_v1.NovaEmbeddingsV1Processor"
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
+)
+CODE_GLOB = "*_nova_embeddings_v1*.py"
+CHAT_TEMPLATE_FILE = "chat_template.json"
+TOKENIZER_PROBE = "Query: hello world <|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|><|im_end|>"
+
+
+class ConversionError(ValueError):
+    """The jina repository cannot be converted as it is; the message says what is wrong and where."""
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """Where one tensor of the jina checkpoint lives, read from the safetensors header only."""
+
+    file: Path
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+# --------------------------------------------------------------------------------------------------
+# Config
+
+
+def load_json(path: Path) -> dict[str, Any]:
+    """Read a JSON file, naming the file when it is missing or broken."""
+    if not path.is_file():
+        raise ConversionError(f"{path} not found: is this a copy of jina-embeddings-v4's repository?")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ConversionError(f"{path} is not valid JSON: {error}") from None
+
+
+def pixel_limits(preprocessor: dict[str, Any]) -> tuple[int, int]:
+    """(min_pixels, max_pixels) of jina's image processor: explicit keys, else size.shortest/longest_edge."""
+    size = preprocessor.get("size") or {}
+    low = preprocessor.get("min_pixels", size.get("shortest_edge"))
+    high = preprocessor.get("max_pixels", size.get("longest_edge"))
+    if low is None or high is None:
+        raise ConversionError("preprocessor_config.json gives no min_pixels/max_pixels (nor size.shortest_edge/longest_edge)")
+    return int(low), int(high)
+
+
+def _text_field_names() -> set[str]:
+    """Fields of Qwen2.5-VL's text config (beyond the generic config fields), plus the legacy rope keys."""
+    from transformers import PreTrainedConfig
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTextConfig
+
+    generic = {f.name for f in dataclasses.fields(PreTrainedConfig)}  # configs are dataclasses in transformers 5
+    return {f.name for f in dataclasses.fields(Qwen2_5_VLTextConfig)} - generic | {"rope_scaling", "rope_theta"}
+
+
+def merge_flat_text_fields(config: dict[str, Any]) -> list[str]:
+    """Move jina's flat copies of the text fields into text_config (which wins); return notes on disagreements.
+
+    jina's config.json repeats the language-model fields at the top level (transformers 4.52 style).
+    transformers builds the model from text_config only, so flat copies are redundant; a flat field that
+    text_config lacks is moved into it so that nothing is lost.
+    """
+    text = config.get("text_config")
+    if not isinstance(text, dict):
+        return []  # only flat fields: Qwen2_5_VLConfig builds text_config from them
+    notes = []
+    for key in sorted(_text_field_names() & set(config)):
+        value = config[key] if key in TOP_LEVEL_TOKEN_IDS else config.pop(key)
+        if key not in text:
+            text[key] = value
+        elif text[key] != value:
+            notes.append(f"{key}: top level {value!r}, text_config {text[key]!r} (text_config kept)")
+    return notes
+
+
+def normalise_rope(config: dict[str, Any]) -> None:
+    """Drop the legacy rope ``type`` key where ``rope_type`` is given (4.x wrote ``type: mrope`` beside ``rope_type``).
+
+    transformers treats ``mrope`` as the ``default`` rope with an ``mrope_section``; keeping both keys
+    only leaves readers guessing which one counts.
+    """
+    for holder in (config, config.get("text_config") or {}):
+        for key in ("rope_scaling", "rope_parameters"):
+            rope = holder.get(key)
+            if isinstance(rope, dict) and "type" in rope and "rope_type" in rope:
+                if rope["type"] not in (rope["rope_type"], "mrope"):
+                    raise ConversionError(f"{key} says type {rope['type']!r} but rope_type {rope['rope_type']!r}")
+                del rope["type"]
+
+
+def _check_embedding_fields(config: dict[str, Any], hidden: int) -> None:
+    """The projector width and Matryoshka dims must fit the hidden size, task names must be a non-empty list."""
+    dim = config.get("multi_vector_projector_dim")
+    if not isinstance(dim, int) or dim <= 0:
+        raise ConversionError(f"multi_vector_projector_dim must be a positive int, got {dim!r}")
+    dims = config.get("matryoshka_dims")
+    if dims is not None and (not dims or any(not isinstance(d, int) or not 0 < d <= hidden for d in dims)):
+        raise ConversionError(f"matryoshka_dims must be ints in 1..{hidden} (hidden size), got {dims!r}")
+    tasks = config.get("task_names")
+    if tasks is not None and (not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks)):
+        raise ConversionError(f"task_names must be a non-empty list of str, got {tasks!r}")
+
+
+def build_config(
+    jina_config: dict[str, Any], preprocessor: dict[str, Any], dtype: torch.dtype | None = None
+) -> NovaEmbeddingsV1Config:
+    """Our config from jina's config.json and preprocessor_config.json.
+
+    Keeps every Qwen2.5-VL field; carries task_names, multi_vector_projector_dim, matryoshka_dims and
+    the pixel limits; drops jina's class, pooling and bookkeeping fields; sets our auto_map.
+    """
+    config = copy.deepcopy(jina_config)
+    strategy = config.get("single_vector_pool_strategy", "mean")
+    if strategy != "mean":
+        raise ConversionError(f"single_vector_pool_strategy is {strategy!r}; nova-embeddings-v1 implements only 'mean'")
+    dtype_name = config.get("torch_dtype", config.get("dtype"))
+    for key in JINA_ONLY_FIELDS + INTERNAL_FIELDS:
+        config.pop(key, None)
+    for sub in ("text_config", "vision_config"):
+        if isinstance(config.get(sub), dict):
+            for key in ("torch_dtype", "dtype", "_name_or_path", "transformers_version", "architectures"):
+                config[sub].pop(key, None)
+    normalise_rope(config)
+    for note in merge_flat_text_fields(config):
+        print(f"note: {note}")
+    hidden = (config.get("text_config") or config).get("hidden_size")
+    if not isinstance(hidden, int):
+        raise ConversionError("config.json gives no hidden_size (neither in text_config nor at the top level)")
+    _check_embedding_fields(config, hidden)
+    config["min_pixels"], config["max_pixels"] = pixel_limits(preprocessor)
+    if dtype is not None:
+        dtype_name = str(dtype).removeprefix("torch.")
+    if dtype_name is not None:
+        config["dtype"] = dtype_name
+        for sub in ("text_config", "vision_config"):
+            if isinstance(config.get(sub), dict):
+                config[sub]["dtype"] = dtype_name
+    try:
+        nova = NovaEmbeddingsV1Config(**config)
+    except (TypeError, ValueError) as error:
+        raise ConversionError(f"jina's config does not make a valid NovaEmbeddingsV1Config: {error}") from error
+    nova.auto_map = dict(NOVA_AUTO_MAP)
+    nova.architectures = list(NOVA_ARCHITECTURES)
+    return nova
+
+
+# --------------------------------------------------------------------------------------------------
+# Weights: find, rename, check
+
+
+def find_weight_files(jina_dir: Path) -> list[Path]:
+    """The checkpoint's safetensors files: those named by model.safetensors.index.json, else every top-level one."""
+    index_path = jina_dir / "model.safetensors.index.json"
+    if index_path.is_file():
+        weight_map = load_json(index_path).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ConversionError(f"{index_path} has no weight_map")
+        files = [jina_dir / name for name in sorted(set(weight_map.values()))]
+        missing = [str(f.name) for f in files if not f.is_file()]
+        if missing:
+            raise ConversionError(f"{index_path.name} names shard(s) that are not in {jina_dir}: {missing}")
+        return files
+    files = sorted(jina_dir.glob("*.safetensors"))
+    if not files:
+        raise ConversionError(f"no *.safetensors weight files in {jina_dir}")
+    return files
+
+
+def rename_key(key: str) -> str:
+    """jina's on-disk key -> our key: 4.x ``model.X`` -> ``model.language_model.X``, ``visual.X`` -> ``model.visual.X``.
+
+    5.x keys (``model.language_model.*``, ``model.visual.*``) and ``multi_vector_projector.*`` stay as they
+    are; anything else is returned unchanged and reported by the check as unexpected.
+    """
+    if key.startswith(("model.language_model.", "model.visual.")):
+        return key
+    if key.startswith("model."):
+        return "model.language_model." + key[len("model."):]
+    if key.startswith("visual."):
+        return "model." + key
+    return key
+
+
+def read_source_tensors(files: list[Path]) -> dict[str, SourceTensor]:
+    """Headers of every file, keyed by our names; a tensor found twice (or renamed onto another) is an error."""
+    found: dict[str, SourceTensor] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                piece = handle.get_slice(key)
+                dtype = _safetensors_dtype(piece.get_dtype(), key)
+                tensor = SourceTensor(path, key, tuple(piece.get_shape()), dtype)
+                name = rename_key(key)
+                if name in found:
+                    other = found[name]
+                    raise ConversionError(
+                        f"tensor {name!r} appears twice: {other.key!r} in {other.file.name} and {key!r} in {path.name}"
+                    )
+                found[name] = tensor
+    return found
+
+
+def _safetensors_dtype(name: str, key: str) -> torch.dtype:
+    """safetensors dtype string (e.g. 'BF16') -> torch dtype."""
+    table = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool}
+    if name not in table:
+        raise ConversionError(f"tensor {key!r} has unsupported dtype {name}")
+    return table[name]
+
+
+def expected_shapes(config: NovaEmbeddingsV1Config) -> dict[str, tuple[int, ...]]:
+    """Every tensor the converted checkpoint must hold: transformers' Qwen2_5_VLModel under ``model.`` + the projector.
+
+    The model is built on the meta device from a copy of the config: no memory, no side effects.
+    """
+    from transformers import Qwen2_5_VLModel
+
+    config = copy.deepcopy(config)
+    config._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        backbone = Qwen2_5_VLModel(config)
+    shapes = {f"model.{name}": tuple(t.shape) for name, t in backbone.state_dict().items()}
+    hidden = config.text_config.hidden_size
+    shapes[PROJECTOR_PREFIX + "weight"] = (config.multi_vector_projector_dim, hidden)
+    shapes[PROJECTOR_PREFIX + "bias"] = (config.multi_vector_projector_dim,)
+    return shapes
+
+
+def _listing(names: list[str], limit: int = 10) -> str:
+    """First ``limit`` names, then how many more."""
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_tensors(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]) -> None:
+    """Fail with one message listing missing, unexpected and wrong-shape tensors (first 10 of each, with counts)."""
+    missing = [k for k in expected if k not in found]
+    unexpected = sorted(k for k in found if k not in expected)
+    wrong = [f"{k} (found {list(found[k])}, expected {list(expected[k])})"
+             for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
+    if not (missing or unexpected or wrong):
+        return
+    lines = ["jina checkpoint does not match Qwen2.5-VL + multi_vector_projector for its config.json:"]
+    if missing:
+        lines.append(f"  missing ({len(missing)}): {_listing(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected ({len(unexpected)}): {_listing(unexpected)}")
+    if wrong:
+        lines.append(f"  wrong shape ({len(wrong)}): {_listing(wrong)}")
+    raise ConversionError("\n".join(lines))
+
+
+def _read_tensor(source: SourceTensor) -> torch.Tensor:
+    """Load one tensor from its file."""
+    with safe_open(str(source.file), framework="pt") as handle:
+        return handle.get_tensor(source.key)
+
+
+def drop_tied_lm_head(sources: dict[str, SourceTensor]) -> bool:
+    """Remove ``lm_head.weight`` if it equals the (tied) input embedding; a different one is an error."""
+    head = sources.get("lm_head.weight")
+    if head is None:
+        return False
+    embed = sources.get(EMBED_KEY)
+    if embed is None or not torch.equal(_read_tensor(head), _read_tensor(embed)):
+        raise ConversionError(
+            "lm_head.weight differs from the input embedding: nova ties them (tie_word_embeddings), "
+            "so this checkpoint's output head would be lost"
+        )
+    del sources["lm_head.weight"]
+    return True
+
+
+# --------------------------------------------------------------------------------------------------
+# Weights: write
+
+
+def plan_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
+    """Split keys (in the given order) into consecutive shards of at most ``max_bytes`` (a larger tensor gets its own)."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for key, size in sizes.items():
+        if shards[-1] and used + size > max_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(key)
+        used += size
+    return shards
+
+
+def write_weights(
+    sources: dict[str, SourceTensor], order: list[str], out_dir: Path, dtype: torch.dtype | None, max_shard_bytes: int
+) -> tuple[list[str], int]:
+    """Write model.safetensors (or shards + index) with tensors in ``order``; ``dtype`` None keeps each one's dtype.
+
+    Tensors are read shard by shard, so memory stays near one shard. Returns the file names and total bytes.
+    """
+    sizes = {k: torch.Size(sources[k].shape).numel() * _itemsize(_target_dtype(sources[k], dtype)) for k in order}
+    shards = plan_shards(sizes, max_shard_bytes)
+    if len(shards) == 1:
+        names = ["model.safetensors"]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map: dict[str, str] = {}
+    for name, keys in zip(names, shards):
+        tensors = {}
+        for key in keys:
+            tensors[key] = _read_tensor(sources[key]).to(_target_dtype(sources[key], dtype)).contiguous()
+            weight_map[key] = name
+        save_file(tensors, str(out_dir / name), metadata={"format": "pt"})
+        del tensors
+    total = sum(sizes.values())
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return names, total
+
+
+def _target_dtype(source: SourceTensor, dtype: torch.dtype | None) -> torch.dtype:
+    """Floating tensors take the requested dtype; integer ones (and all under ``keep``) stay as they are."""
+    return dtype if dtype is not None and source.dtype.is_floating_point else source.dtype
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    """Bytes per element of a torch dtype."""
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def resolve_dtype(sources: dict[str, SourceTensor], dtype: str) -> torch.dtype:
+    """The output dtype: the requested one, or for ``keep`` the floating dtype holding most of the weights."""
+    if dtype not in DTYPES:
+        raise ConversionError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
+    if DTYPES[dtype] is not None:
+        return DTYPES[dtype]
+    by_bytes: Counter[torch.dtype] = Counter()
+    for src in sources.values():
+        if src.dtype.is_floating_point:
+            by_bytes[src.dtype] += torch.Size(src.shape).numel() * _itemsize(src.dtype)
+    if not by_bytes:
+        raise ConversionError("the checkpoint holds no floating-point tensors")
+    return by_bytes.most_common(1)[0][0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Code, tokenizer, processor
+
+
+def copy_code_files(out_dir: Path, repo_root: Path = REPO_ROOT) -> list[str]:
+    """Copy our remote-code modules (``*_nova_embeddings_v1*.py``) and chat_template.json into the repository."""
+    names = []
+    for path in sorted(repo_root.glob(CODE_GLOB)) + [repo_root / CHAT_TEMPLATE_FILE]:
+        if not path.is_file():
+            raise ConversionError(f"{path} not found: the converter copies it from the nova repository root")
+        shutil.copy2(path, out_dir / path.name)
+        names.append(path.name)
+    return names
+
+
+def load_chat_template(repo_root: Path = REPO_ROOT) -> str:
+    """Our chat template (the ``chat_template`` string of the repository's chat_template.json)."""
+    template = load_json(repo_root / CHAT_TEMPLATE_FILE).get("chat_template")
+    if not isinstance(template, str) or not template:
+        raise ConversionError(f"{repo_root / CHAT_TEMPLATE_FILE} has no 'chat_template' string")
+    return template
+
+
+def copy_tokenizer_files(jina_dir: Path, out_dir: Path) -> list[str]:
+    """Copy jina's tokenizer files (the processor save then rewrites tokenizer.json/tokenizer_config.json)."""
+    names = [name for name in TOKENIZER_FILES if (jina_dir / name).is_file()]
+    if "tokenizer.json" not in names and "vocab.json" not in names:
+        raise ConversionError(f"no tokenizer in {jina_dir} (neither tokenizer.json nor vocab.json)")
+    for name in names:
+        shutil.copy2(jina_dir / name, out_dir / name)
+    return names
+
+
+def load_processor_class(out_dir: Path) -> type:
+    """Our processor class, loaded the way AutoProcessor(trust_remote_code=True) loads it: from the repository.
+
+    The remote-code modules import each other relatively (``from .configuration_nova_embeddings_v1 import``),
+    so a plain top-level import fails; transformers' dynamic-module loader handles that.
+    """
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    return get_class_from_dynamic_module(PROCESSOR_REFERENCE, str(out_dir))
+
+
+def write_processor(jina_dir: Path, out_dir: Path, chat_template: str) -> None:
+    """Our processor built from jina's image processor + tokenizer, with our chat template, saved with auto_map."""
+    processor_class = load_processor_class(out_dir)
+    processor = processor_class.from_pretrained(str(jina_dir), trust_remote_code=False)  # never run jina's code
+    processor.chat_template = chat_template
+    processor.register_for_auto_class("AutoProcessor")
+    processor.save_pretrained(str(out_dir))
+
+
+def fix_processor_files(out_dir: Path) -> list[str]:
+    """Point processor_class / auto_map.AutoProcessor at our processor in every processor file; return those changed.
+
+    transformers 5.x's save_pretrained already writes both (processor_config.json, tokenizer_config.json);
+    this makes the result independent of that and of jina's leftovers.
+    """
+    changed = []
+    for name in PROCESSOR_FILES:
+        path = out_dir / name
+        if not path.is_file():
+            continue
+        data = load_json(path)
+        before = json.dumps(data, sort_keys=True)
+        if name != "tokenizer_config.json" or "processor_class" in data:
+            data["processor_class"] = PROCESSOR_CLASS
+        if name != "tokenizer_config.json":
+            data.setdefault("auto_map", {})["AutoProcessor"] = PROCESSOR_REFERENCE
+        if json.dumps(data, sort_keys=True) != before:
+            path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+            changed.append(name)
+    return changed
+
+
+def drop_duplicate_template(out_dir: Path, chat_template: str) -> None:
+    """Remove chat_template.jinja written by save_pretrained when it repeats chat_template.json (one source of truth).
+
+    transformers reads chat_template.json first when both exist; a differing .jinja would be a silent conflict.
+    """
+    jinja = out_dir / "chat_template.jinja"
+    if not jinja.is_file():
+        return
+    if jinja.read_text(encoding="utf-8") != chat_template:
+        raise ConversionError(f"{jinja} differs from {CHAT_TEMPLATE_FILE}: the processor saved another template")
+    jinja.unlink()
+
+
+def check_tokenizer(jina_dir: Path, out_dir: Path, config: NovaEmbeddingsV1Config) -> None:
+    """The converted tokenizer must tokenise like jina's and agree with the config's special token ids."""
+    from transformers import AutoTokenizer
+
+    # jina's code is never run (trust_remote_code=False); ours is what users load with trust_remote_code=True.
+    source = AutoTokenizer.from_pretrained(str(jina_dir), trust_remote_code=False)
+    converted = AutoTokenizer.from_pretrained(str(out_dir), trust_remote_code=True)
+    ids_src = source(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
+    ids_out = converted(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
+    if ids_src != ids_out:
+        raise ConversionError(f"converted tokenizer differs from jina's on {TOKENIZER_PROBE!r}: {ids_out} vs {ids_src}")
+    for token, field in (("<|image_pad|>", "image_token_id"), ("<|video_pad|>", "video_token_id"),
+                         ("<|vision_start|>", "vision_start_token_id"), ("<|vision_end|>", "vision_end_token_id")):
+        token_id = converted.convert_tokens_to_ids(token)
+        if token_id != getattr(config, field):
+            raise ConversionError(f"tokenizer gives {token} id {token_id}, config.{field} is {getattr(config, field)}")
+    if len(converted) > config.text_config.vocab_size:
+        raise ConversionError(f"tokenizer has {len(converted)} tokens, more than vocab_size {config.text_config.vocab_size}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Driver
+
+
+@dataclass
+class ConversionSummary:
+    """What convert() wrote."""
+
+    out_dir: Path
+    num_tensors: int
+    dtype: torch.dtype
+    total_bytes: int
+    weight_files: list[str]
+    adapters_skipped: bool
+
+    def __str__(self) -> str:
+        size = f"{self.total_bytes / 1e6:.1f} MB" if self.total_bytes < 1e9 else f"{self.total_bytes / 1e9:.2f} GB"
+        return (f"converted {self.num_tensors} tensors ({str(self.dtype).removeprefix('torch.')}, {size}) "
+                f"into {self.out_dir} ({', '.join(self.weight_files)})")
+
+
+def _check_dirs(jina_dir: Path, out_dir: Path) -> None:
+    """Source must be a directory; the destination must not exist or be empty (no stale shards mixed in)."""
+    if not jina_dir.is_dir():
+        raise ConversionError(f"--jina-dir {jina_dir} is not a directory")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ConversionError(f"--out {out_dir} exists and is not an empty directory; remove it or choose another")
+    if out_dir.resolve() == jina_dir.resolve():
+        raise ConversionError("--out must differ from --jina-dir")
+
+
+def convert(
+    jina_dir: str | Path, out_dir: str | Path, dtype: str = "keep", max_shard_bytes: int = MAX_SHARD_BYTES
+) -> ConversionSummary:
+    """Convert jina-embeddings-v4 at ``jina_dir`` into a nova-embeddings-v1 repository at ``out_dir``.
+
+    Everything is checked (config, tensor names and shapes) before anything is written.
+    """
+    jina_dir, out_dir = Path(jina_dir), Path(out_dir)
+    _check_dirs(jina_dir, out_dir)
+    sources = read_source_tensors(find_weight_files(jina_dir))
+    drop_tied_lm_head(sources)
+    out_dtype = resolve_dtype(sources, dtype)
+    config = build_config(load_json(jina_dir / "config.json"), load_json(jina_dir / "preprocessor_config.json"), out_dtype)
+    expected = expected_shapes(config)
+    check_tensors({k: s.shape for k, s in sources.items()}, expected)
+    chat_template = load_chat_template()
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files, total = write_weights(sources, list(expected), out_dir, None if dtype == "keep" else out_dtype, max_shard_bytes)
+    config.save_pretrained(str(out_dir))
+    copy_code_files(out_dir)
+    copy_tokenizer_files(jina_dir, out_dir)
+    write_processor(jina_dir, out_dir, chat_template)
+    fix_processor_files(out_dir)
+    drop_duplicate_template(out_dir, chat_template)
+    check_tokenizer(jina_dir, out_dir, config)
+    adapters_skipped = (jina_dir / "adapters").is_dir()
+    if adapters_skipped:
+        print(f"note: jina's adapters/ in {jina_dir} were not converted (adapter conversion is a separate step)")
+    return ConversionSummary(out_dir, len(expected), out_dtype, total, files, adapters_skipped)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point; conversion problems exit with status 1 and the message, no traceback."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jina-dir", required=True, type=Path, help="local copy of jinaai/jina-embeddings-v4")
+    parser.add_argument("--out", required=True, type=Path, help="new directory for the nova-embeddings-v1 repository")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="keep", help="weight dtype (default: keep jina's)")
+    args = parser.parse_args(argv)
+    try:
+        summary = convert(args.jina_dir, args.out, dtype=args.dtype)
+    except ConversionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
