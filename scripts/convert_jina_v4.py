@@ -62,7 +62,8 @@ PROCESSOR_CLASS = "NovaEmbeddingsV1Processor"
 PROCESSOR_REFERENCE = "processing_nova_embeddings_v1.NovaEmbeddingsV1Processor"
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+    "special_tokens_map.json", "added_tokens.json",
 )
 CODE_GLOB = "*_nova_embeddings_v1*.py"
 CHAT_TEMPLATE_FILE = "chat_template.json"
@@ -103,7 +104,9 @@ def pixel_limits(preprocessor: dict[str, Any]) -> tuple[int, int]:
     low = preprocessor.get("min_pixels", size.get("shortest_edge"))
     high = preprocessor.get("max_pixels", size.get("longest_edge"))
     if low is None or high is None:
-        raise ConversionError("preprocessor_config.json gives no min_pixels/max_pixels (nor size.shortest_edge/longest_edge)")
+        raise ConversionError(
+            "preprocessor_config.json gives no min_pixels/max_pixels (nor size.shortest_edge/longest_edge)"
+        )
     return int(low), int(high)
 
 
@@ -341,7 +344,7 @@ def drop_tied_lm_head(sources: dict[str, SourceTensor]) -> bool:
 
 
 def plan_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
-    """Split keys (in the given order) into consecutive shards of at most ``max_bytes`` (a larger tensor gets its own)."""
+    """Split keys (in order) into consecutive shards of at most ``max_bytes``; a larger tensor gets its own."""
     shards: list[list[str]] = [[]]
     used = 0
     for key, size in sizes.items():
@@ -512,7 +515,8 @@ def check_tokenizer(jina_dir: Path, out_dir: Path, config: NovaEmbeddingsV1Confi
         if token_id != getattr(config, field):
             raise ConversionError(f"tokenizer gives {token} id {token_id}, config.{field} is {getattr(config, field)}")
     if len(converted) > config.text_config.vocab_size:
-        raise ConversionError(f"tokenizer has {len(converted)} tokens, more than vocab_size {config.text_config.vocab_size}")
+        vocab = config.text_config.vocab_size
+        raise ConversionError(f"tokenizer has {len(converted)} tokens, more than the model's vocab_size {vocab}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -558,13 +562,15 @@ def convert(
     sources = read_source_tensors(find_weight_files(jina_dir))
     drop_tied_lm_head(sources)
     out_dtype = resolve_dtype(sources, dtype)
-    config = build_config(load_json(jina_dir / "config.json"), load_json(jina_dir / "preprocessor_config.json"), out_dtype)
+    jina_config = load_json(jina_dir / "config.json")
+    config = build_config(jina_config, load_json(jina_dir / "preprocessor_config.json"), out_dtype)
     expected = expected_shapes(config)
     check_tensors({k: s.shape for k, s in sources.items()}, expected)
     chat_template = load_chat_template()
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    files, total = write_weights(sources, list(expected), out_dir, None if dtype == "keep" else out_dtype, max_shard_bytes)
+    write_dtype = None if dtype == "keep" else out_dtype  # keep: every tensor as it is, even in a mixed checkpoint
+    files, total = write_weights(sources, list(expected), out_dir, write_dtype, max_shard_bytes)
     config.save_pretrained(str(out_dir))
     copy_code_files(out_dir)
     copy_tokenizer_files(jina_dir, out_dir)

@@ -260,10 +260,11 @@ def write_tokenizer_files(tokenizer: Tokenizer, out: Path) -> None:
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     _write_json(out / "tokenizer_config.json", tiny_tokenizer_config(tokenizer))
+    flags = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
     special_map = {
         "additional_special_tokens": list(QWEN_ADDITIONAL_SPECIAL_TOKENS),
-        "eos_token": {"content": "<|im_end|>", "lstrip": False, "normalized": False, "rstrip": False, "single_word": False},
-        "pad_token": {"content": "<|endoftext|>", "lstrip": False, "normalized": False, "rstrip": False, "single_word": False},
+        "eos_token": {"content": "<|im_end|>", **flags},
+        "pad_token": {"content": "<|endoftext|>", **flags},
     }
     _write_json(out / "special_tokens_map.json", special_map)
     _write_json(out / "chat_template.json", {"chat_template": QWEN2_VL_CHAT_TEMPLATE})
@@ -487,8 +488,8 @@ def tiny_weights(
         tensors[to_layout(name, layout)] = _random_tensor(name, shapes[name], gen).to(dtype)
     hidden = config["text_config"]["hidden_size"]
     dim = config["multi_vector_projector_dim"]
-    tensors["multi_vector_projector.weight"] = _random_tensor("multi_vector_projector.weight", (dim, hidden), gen).to(dtype)
-    tensors["multi_vector_projector.bias"] = _random_tensor("multi_vector_projector.bias", (dim,), gen).to(dtype)
+    for name, shape in (("multi_vector_projector.weight", (dim, hidden)), ("multi_vector_projector.bias", (dim,))):
+        tensors[name] = _random_tensor(name, shape, gen).to(dtype)
     return tensors
 
 
