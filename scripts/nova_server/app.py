@@ -1,0 +1,488 @@
+"""The FastAPI app: routes, authentication, request preparation, adapter administration, lifecycle.
+
+``create_app(model, settings)`` takes a loaded model, or a zero-argument callable that loads one (then
+the server answers /health with 503 until loading is done). Work is spread so that the event loop never
+waits on the model: image decoding, tokenisation and response formatting run in a small thread pool;
+``encode()`` and adapter loads run in one single-thread executor, so a load never overlaps a batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hmac
+import logging
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+import torch
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from .batcher import Batcher, Job, QueueFull, ShuttingDown, Ticket
+from .errors import ApiError, as_item_error, install_error_handlers, item_error
+from .images import ImageFetcher, ImageSourceError, decode_inline_image, is_url
+from .metrics import Metrics
+from .schemas import (
+    EmbeddingRequest,
+    LoraLoadRequest,
+    LoraUnloadRequest,
+    OutputOptions,
+    embedding_response,
+    image_embeds_tensor,
+    parse_body,
+    request_items,
+)
+from .settings import ServerSettings
+
+logger = logging.getLogger("nova_server")
+
+ADMIN_BODY_BYTES = 64 * 1024
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+URL_FETCH_CONCURRENCY = 8
+KNOWN_PATHS = frozenset({"/v1/embeddings", "/v1/models", "/health", "/metrics", "/v1/internal/lora/load",
+                         "/v1/internal/lora/unload"})
+
+
+class NovaServer:
+    """State of one server: the model, its executors, the batcher, the image fetcher and the metrics."""
+
+    def __init__(self, model: Any, settings: ServerSettings):
+        self.settings = settings
+        self.model: Any = model if isinstance(model, torch.nn.Module) else None
+        self._loader: Callable[[], Any] | None = None if self.model is not None else model
+        if self.model is None and not callable(model):
+            raise TypeError("model must be a loaded model or a callable that loads one")
+        self.phase = "loading"  # -> ready -> stopping, or -> failed
+        self.metrics = Metrics()
+        self.created = int(time.time())
+        self.encode_executor = ThreadPoolExecutor(1, thread_name_prefix="nova-encode")
+        self.prep_executor = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="nova-prep")
+        self.batcher: Batcher | None = None
+        self.fetcher: ImageFetcher | None = None
+        self.admin_lock = asyncio.Lock()
+        self._load_task: asyncio.Task | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
+        """Start (or start loading) on entry; on exit stop accepting and finish every queued request."""
+        s = self.settings
+        self.fetcher = ImageFetcher(s.image_url_timeout_s, s.image_url_max_bytes, s.allow_private_image_urls)
+        if self.model is not None:
+            self._become_ready(self.model)
+        else:
+            self._load_task = asyncio.get_running_loop().create_task(self._load())
+        try:
+            yield
+        finally:
+            await self.shutdown()
+
+    async def _load(self) -> None:
+        try:
+            model = await asyncio.get_running_loop().run_in_executor(self.encode_executor, self._loader)
+        except Exception:  # noqa: BLE001 - reported by /health and the log; the process stays up to say so
+            logger.exception("model loading failed")
+            self.phase = "failed"
+            return
+        self._become_ready(model)
+
+    def _become_ready(self, model: Any) -> None:
+        s = self.settings
+        self.model = model
+        self.batcher = Batcher(
+            self._encode, self.encode_executor, self.metrics, max_batch_tokens=s.max_batch_tokens,
+            max_batch_items=s.max_batch_items, max_wait_s=s.max_wait_ms / 1000, max_queue_requests=s.max_queue_requests,
+        )
+        self.batcher.start()
+        self.phase = "ready"
+        logger.info("ready: serving %s", ", ".join(s.served_model_names))
+
+    async def shutdown(self) -> None:
+        """Refuse new requests (503), finish the admitted ones, release the threads."""
+        if self.phase == "ready":
+            self.phase = "stopping"
+        if self._load_task is not None and not self._load_task.done():
+            await self._load_task  # a loading thread cannot be interrupted; let it finish
+            self.phase = "stopping"
+        if self.batcher is not None:
+            await self.batcher.close()
+        if self.fetcher is not None:
+            await self.fetcher.aclose()
+        self.encode_executor.shutdown(wait=False)
+        self.prep_executor.shutdown(wait=False)
+
+    def require_ready(self) -> None:
+        if self.phase == "ready":
+            return
+        reason = {"loading": "the model is still loading", "failed": "the model failed to load (see the server log)",
+                  "stopping": "the server is shutting down"}[self.phase]
+        raise ApiError(503, reason, code="not_ready", headers={"Retry-After": "5"})
+
+    # ------------------------------------------------------------------ model access
+    def _encode(self, items: list[dict], return_multivector: bool, truncate: bool) -> Any:
+        """One batcher call (in the encode thread)."""
+        s = self.settings
+        return self.model.encode(
+            items, return_multivector=return_multivector, truncate=truncate, batch_size=s.max_batch_items,
+            max_batch_tokens=s.max_batch_tokens, output="torch", show_progress_bar=False,
+        )
+
+    def adapters(self) -> list[str]:
+        """Every loaded adapter (task ones first); [] for a model without adapter support."""
+        list_adapters = getattr(self.model, "list_adapters", None)
+        return list(list_adapters()) if list_adapters is not None else []
+
+    def custom_adapters(self) -> list[str]:
+        """Loaded adapters that are not a task's: the ones ``--max-loras`` counts and /v1/models lists."""
+        tasks = set(self.model.config.task_names)
+        return [name for name in self.adapters() if name not in tasks]
+
+    async def in_prep_thread(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.prep_executor, functools.partial(fn, *args, **kwargs))
+
+    # ------------------------------------------------------------------ embeddings
+    def admit(self) -> Ticket:
+        try:
+            return self.batcher.admit()
+        except QueueFull as full:
+            raise ApiError(429, f"too many requests queued ({self.settings.max_queue_requests}); retry later",
+                           code="queue_full", headers={"Retry-After": str(full.retry_after_s)}) from None
+        except ShuttingDown:
+            raise ApiError(503, "the server is shutting down", code="not_ready") from None
+
+    def resolve_options(self, request: EmbeddingRequest) -> tuple[OutputOptions, tuple[bool, str | None]]:
+        """Output settings, and the request-level adapter (given?, name) after reading ``model``."""
+        config = self.model.config
+        adapter = (request.adapter_given, request.adapter)
+        if request.model is not None and request.model not in self.settings.served_model_names:
+            if request.model not in self.custom_adapters():
+                raise ApiError(404, f"model {request.model!r} is not served here; available: "
+                                    f"{list(self.settings.served_model_names) + self.custom_adapters()}",
+                               param="model", code="model_not_found")
+            if request.adapter_given and request.adapter != request.model:
+                raise ApiError(400, f"model {request.model!r} is an adapter, and adapter is {request.adapter!r}",
+                               param="adapter", code="invalid_value")
+            adapter = (True, request.model)
+        multi = self.settings.default_multivector if request.return_multivector is None else request.return_multivector
+        if request.dimensions is not None:
+            if multi:
+                raise ApiError(400, "dimensions applies to single vectors only (return_multivector is true)",
+                               param="dimensions", code="invalid_value")
+            if request.dimensions not in config.matryoshka_dims:
+                raise ApiError(400, f"dimensions={request.dimensions} is not allowed; choose one of "
+                                    f"{list(config.matryoshka_dims)}", param="dimensions", code="invalid_value")
+        if request.task is not None and request.task not in config.task_prompts:
+            raise ApiError(400, f"unknown task {request.task!r}; valid tasks: {sorted(config.task_prompts)}",
+                           param="task", code="invalid_value")
+        if request.instructions is not None and not request.instructions.strip():
+            raise ApiError(400, "instructions is empty (leave it out for no instructions)", param="instructions",
+                           code="invalid_value")
+        return OutputOptions(multi, request.dimensions, request.encoding_format), adapter
+
+    async def fetch_image_urls(self, raw_items: list[Any], single: bool) -> dict[int, bytes]:
+        """Download the requests' http(s) images (only with --allow-image-urls), concurrently, under the rules."""
+        urls = {i: item["image"] for i, item in enumerate(raw_items)
+                if isinstance(item, dict) and isinstance(item.get("image"), str) and is_url(item["image"])}
+        if not urls:
+            return {}
+        if not self.settings.allow_image_urls:
+            index = min(urls)
+            raise item_error(index, "image URLs are not fetched by this server (it was started without "
+                                    "--allow-image-urls); send the image as base64 or a data URI", single)
+        gate = asyncio.Semaphore(URL_FETCH_CONCURRENCY)
+
+        async def fetch(url: str) -> bytes:
+            async with gate:
+                return await self.fetcher.fetch(url)
+
+        results = await asyncio.gather(*(fetch(url) for url in urls.values()), return_exceptions=True)
+        for index, result in zip(urls, results):
+            if isinstance(result, ImageSourceError):
+                raise item_error(index, str(result), single)
+            if isinstance(result, BaseException):
+                raise result
+        return dict(zip(urls, results))
+
+    def prepare_items(
+        self, raw_items: list[Any], fetched: dict[int, bytes], request: EmbeddingRequest,
+        adapter: tuple[bool, str | None], single: bool,
+    ) -> tuple[list[dict], list[int]]:
+        """Validate and tokenise a request's items (prep thread): encode-ready items and their token counts.
+
+        Every per-item problem surfaces here as a 400 naming the item, before the request can join a batch.
+        """
+        items = [self._item_for_processor(i, raw, fetched.get(i), adapter, single) for i, raw in enumerate(raw_items)]
+        processor, config = self.model.processor, self.model.config
+        try:
+            normalized = processor.normalize_items(items, task=request.task, instructions=request.instructions,
+                                                   config=config, max_image_pixels=self._max_image_pixels())
+            self._check_adapters(normalized)
+            low, high = processor.pixel_limits(config)
+            tokenized = processor.tokenize_items(normalized, config=config, min_pixels=low, max_pixels=high,
+                                                 truncate=request.truncate)
+        except ValueError as error:
+            raise as_item_error(error, single) or ApiError(400, str(error), code="invalid_value") from None
+        encode_items = [_encode_item(norm, prepared) for norm, prepared in zip(normalized, items)]
+        return encode_items, [len(t) for t in tokenized]
+
+    def _max_image_pixels(self) -> int:
+        return self.settings.max_image_pixels or self.model.config.max_image_pixels
+
+    def _item_for_processor(
+        self, index: int, raw: Any, fetched: bytes | None, adapter: tuple[bool, str | None], single: bool
+    ) -> dict:
+        """A wire item as the processor takes it: images as bytes or tensors, the request's adapter applied."""
+        item = {"text": raw} if isinstance(raw, str) else dict(raw)
+        if isinstance(item.get("image"), str):
+            try:
+                item["image"] = fetched if fetched is not None else decode_inline_image(item["image"])
+            except ImageSourceError as error:
+                raise item_error(index, str(error), single) from None
+        if item.get("image_embeds") is not None:
+            item["image_embeds"], item["image_grid_thw"] = image_embeds_tensor(index, item, single)
+        if adapter[0] and "adapter" not in item:
+            item["adapter"] = adapter[1]
+        return item
+
+    def _check_adapters(self, normalized: list[Any]) -> None:
+        """Unknown adapters (and tasks routed to missing ones) fail here, not in a shared batch."""
+        resolve = getattr(self.model, "resolve_adapter", None)
+        if resolve is not None:
+            for item in normalized:
+                resolve(item)
+            return
+        known = set(self.adapters())
+        for item in normalized:
+            if isinstance(item.adapter, str) and item.adapter not in known:
+                raise _ItemProblem(item.index, f"unknown adapter {item.adapter!r}; loaded adapters: {sorted(known)}")
+
+    def encode_error(self, error: Exception, single: bool) -> ApiError:
+        """A failure of this request's own encode() call: its fault (400) or ours (500)."""
+        api = as_item_error(error, single)
+        if api is not None:
+            return api
+        logger.error("encode failed", exc_info=error)
+        return ApiError(500, f"embedding failed: {type(error).__name__}", code="internal_error")
+
+    async def embed(self, request: EmbeddingRequest) -> bytes:
+        """Prepare, queue, wait for the batcher, format: the body of a /v1/embeddings response."""
+        started = time.monotonic()
+        options, adapter = self.resolve_options(request)
+        raw_items, single = request_items(request, self.settings.max_items_per_request)
+        ticket = self.admit()
+        try:
+            fetched = await self.fetch_image_urls(raw_items, single)
+            items, counts = await self.in_prep_thread(self.prepare_items, raw_items, fetched, request, adapter, single)
+            job = Job(items, sum(counts), options.return_multivector, request.truncate)
+            future = self.batcher.submit(job, ticket)
+        finally:
+            self.batcher.release(ticket)
+        try:
+            vectors = await future
+        except Exception as error:  # noqa: BLE001 - mapped to 400/500 below
+            raise self.encode_error(error, single) from None
+        body = await self.in_prep_thread(embedding_response, vectors, options, self.settings.model_name, sum(counts))
+        self.metrics.observe_embedding(len(items), sum(counts), time.monotonic() - started)
+        return body
+
+    # ------------------------------------------------------------------ adapters
+    def _require_adapter_api(self) -> None:
+        if not all(hasattr(self.model, name) for name in ("load_adapter", "unload_adapter", "list_adapters")):
+            raise ApiError(501, "this model has no adapter support (load_adapter/unload_adapter/list_adapters)",
+                           code="not_implemented")
+
+    async def load_lora(self, name: str, path: str) -> dict:
+        """Load a custom adapter between batches; at most ``max_loras`` of them."""
+        self._require_adapter_api()
+        if not ADAPTER_NAME.match(name):
+            raise ApiError(400, "lora_name must be 1-64 letters, digits, '_' or '-' (starting with a letter or digit)",
+                           param="lora_name", code="invalid_value")
+        async with self.admin_lock:
+            if name in self.adapters() or name in self.settings.served_model_names:
+                raise ApiError(409, f"an adapter or model named {name!r} already exists; unload it first",
+                               param="lora_name", code="adapter_exists")
+            if len(self.custom_adapters()) >= self.settings.max_loras:
+                raise ApiError(409, f"already {len(self.custom_adapters())} custom adapters loaded (--max-loras "
+                                    f"{self.settings.max_loras}); unload one first", code="too_many_adapters")
+            folder = adapter_folder(path)
+            loop = asyncio.get_running_loop()
+            try:
+                await loop.run_in_executor(
+                    self.encode_executor, functools.partial(self.model.load_adapter, str(folder), adapter_name=name)
+                )
+            except (ValueError, OSError) as error:
+                raise ApiError(400, f"could not load adapter {name!r}: {error}", param="lora_path",
+                               code="adapter_load_failed") from None
+        logger.info("loaded adapter %s from %s", name, folder)
+        return {"status": "loaded", "lora_name": name, "adapters": self.adapters()}
+
+    async def unload_lora(self, name: str) -> dict:
+        """Unload a custom adapter between batches; task adapters are refused by the model."""
+        self._require_adapter_api()
+        async with self.admin_lock:
+            if name not in self.adapters():
+                raise ApiError(404, f"no adapter named {name!r}; loaded adapters: {self.adapters()}",
+                               param="lora_name", code="adapter_not_found")
+            loop = asyncio.get_running_loop()
+            try:
+                await loop.run_in_executor(self.encode_executor, self.model.unload_adapter, name)
+            except ValueError as error:
+                raise ApiError(400, str(error), param="lora_name", code="adapter_unload_refused") from None
+        logger.info("unloaded adapter %s", name)
+        return {"status": "unloaded", "lora_name": name, "adapters": self.adapters()}
+
+    # ------------------------------------------------------------------ listings
+    def models_listing(self) -> dict:
+        """OpenAI's model list: the served names, then custom adapters (selectable as ``model``, as in vLLM)."""
+        entry = {"object": "model", "created": self.created, "owned_by": "nova-embeddings-v1"}
+        data = [{"id": name, **entry} for name in self.settings.served_model_names]
+        if self.model is not None:
+            data += [{"id": name, **entry, "parent": self.settings.model_name} for name in self.custom_adapters()]
+        return {"object": "list", "data": data}
+
+    def metrics_text(self) -> str:
+        batcher = self.batcher
+        return self.metrics.render(
+            queue_requests=batcher.queue_requests if batcher else 0, queue_items=batcher.queue_items if batcher else 0,
+            adapters=self.adapters() if self.model is not None else [], ready=self.phase == "ready",
+        )
+
+
+class _ItemProblem(ValueError):
+    """Same shape as the processor's ItemError (index, problem), for checks made by the server."""
+
+    def __init__(self, index: int, problem: str):
+        super().__init__(f"item {index}: {problem}")
+        self.index = index
+        self.problem = problem
+
+
+def _encode_item(normalized: Any, prepared: dict) -> dict:
+    """The validated item as an encode() item: resolved task and instructions, decoded image, adapter if given."""
+    item: dict[str, Any] = {"task": normalized.task}
+    if normalized.text is not None:
+        item["text"] = normalized.text
+    if normalized.image is not None:
+        item["image"] = normalized.image
+    if normalized.image_embeds is not None:
+        item["image_embeds"], item["image_grid_thw"] = normalized.image_embeds, normalized.image_grid_thw
+    if normalized.instructions is not None:
+        item["instructions"] = normalized.instructions
+    if "adapter" in prepared:
+        item["adapter"] = prepared["adapter"]
+    return item
+
+
+def adapter_folder(path: str) -> Path:
+    """A PEFT adapter folder, given as the folder or its adapter_model.safetensors file; local paths only."""
+    candidate = Path(path).expanduser()
+    if candidate.is_file() and candidate.suffix == ".safetensors":
+        candidate = candidate.parent
+    if not candidate.is_dir():
+        raise ApiError(400, f"lora_path {path!r} is not an adapter folder (nor its adapter_model.safetensors) on "
+                            "the server", param="lora_path", code="adapter_not_found")
+    return candidate
+
+
+# ---------------------------------------------------------------------- HTTP plumbing
+def _bearer_token(request: Request) -> str | None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _token_matches(given: str | None, expected: str) -> bool:
+    return given is not None and hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) past ``limit`` bytes without reading it all."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body is {declared} bytes, over the limit of {limit}", code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body is over the limit of {limit} bytes", code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class ResponseCounter:
+    """ASGI middleware counting responses per (known) path and status for /metrics."""
+
+    def __init__(self, app: Any, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"] if scope["path"] in KNOWN_PATHS else "other"
+
+        async def counting_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.observe_http(path, message["status"])
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+def create_app(model: Any, settings: ServerSettings | None = None) -> FastAPI:
+    """The server as an ASGI app; its lifespan starts and drains it. ``app.state.nova`` is the NovaServer."""
+    settings = settings or ServerSettings()
+    server = NovaServer(model, settings)
+    app = FastAPI(title="nova-embeddings-v1", lifespan=server.lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.nova = server
+    install_error_handlers(app)
+    app.add_middleware(ResponseCounter, metrics=server.metrics)
+
+    async def require_api_key(request: Request) -> None:
+        if settings.api_key is not None and not _token_matches(_bearer_token(request), settings.api_key):
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    async def require_admin(request: Request) -> None:
+        if settings.admin_token is None:
+            raise ApiError(404, "Not Found", code="not_found")
+        if not _token_matches(_bearer_token(request), settings.admin_token):
+            raise ApiError(403, "admin endpoints need 'Authorization: Bearer <admin token>'", code="forbidden")
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        return JSONResponse({"status": "ok" if server.phase == "ready" else server.phase},
+                            status_code=200 if server.phase == "ready" else 503)
+
+    @app.get("/v1/models", dependencies=[Depends(require_api_key)])
+    async def models() -> JSONResponse:
+        return JSONResponse(server.models_listing())
+
+    @app.get("/metrics", dependencies=[Depends(require_api_key)])
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(server.metrics_text(), media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/embeddings", dependencies=[Depends(require_api_key)])
+    async def embeddings(request: Request) -> Response:
+        server.require_ready()
+        body = parse_body(await read_body(request, settings.max_request_bytes), EmbeddingRequest)
+        return Response(await server.embed(body), media_type="application/json")
+
+    @app.post("/v1/internal/lora/load", dependencies=[Depends(require_admin)])
+    async def lora_load(request: Request) -> JSONResponse:
+        server.require_ready()
+        body = parse_body(await read_body(request, ADMIN_BODY_BYTES), LoraLoadRequest)
+        return JSONResponse(await server.load_lora(body.lora_name, body.lora_path))
+
+    @app.post("/v1/internal/lora/unload", dependencies=[Depends(require_admin)])
+    async def lora_unload(request: Request) -> JSONResponse:
+        server.require_ready()
+        body = parse_body(await read_body(request, ADMIN_BODY_BYTES), LoraUnloadRequest)
+        return JSONResponse(await server.unload_lora(body.lora_name))
+
+    return app

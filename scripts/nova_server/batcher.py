@@ -1,0 +1,238 @@
+"""Dynamic batching: items of many requests share one ``encode()`` call, each request gets its own back.
+
+One worker task (on the event loop) takes jobs from a queue until the batch reaches its token or item
+budget, or ``max_wait`` has passed since it took the first; it then runs ``encode()`` in a single-thread
+executor (the event loop never waits on the GPU) and slices the output back per job, in order. Jobs
+whose encode settings differ (``return_multivector``, ``truncate``) share the wait but run as separate
+calls. If a call fails, its jobs are retried one by one, so a bad request fails alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .metrics import Metrics
+
+logger = logging.getLogger("nova_server")
+
+EncodeFn = Callable[[list[dict], bool, bool], Any]  # (items, return_multivector, truncate) -> vectors
+
+
+class QueueFull(Exception):
+    """Too many requests waiting; ``retry_after_s`` estimates when there will be room."""
+
+    def __init__(self, retry_after_s: int):
+        super().__init__(f"queue full, retry after {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+class ShuttingDown(Exception):
+    """The server stopped accepting requests."""
+
+
+@dataclass
+class Ticket:
+    """A request's place in the queue while it is being prepared."""
+
+    queued: bool = False
+    released: bool = False
+
+
+@dataclass
+class Job:
+    """One request's items, as the processor validated them, and where its vectors go."""
+
+    items: list[dict]
+    tokens: int
+    return_multivector: bool = False
+    truncate: bool = False
+    future: asyncio.Future | None = None
+    created: float = field(default_factory=time.monotonic)
+
+    @property
+    def key(self) -> tuple[bool, bool]:
+        """Settings that must be uniform within one encode() call."""
+        return self.return_multivector, self.truncate
+
+
+class Batcher:
+    """Queue + worker; see the module docstring. Use from the event loop only."""
+
+    def __init__(
+        self,
+        encode: EncodeFn,
+        executor: Executor,
+        metrics: Metrics,
+        *,
+        max_batch_tokens: int,
+        max_batch_items: int,
+        max_wait_s: float,
+        max_queue_requests: int,
+    ):
+        self._encode = encode
+        self._executor = executor
+        self._metrics = metrics
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_items = max_batch_items
+        self.max_wait_s = max_wait_s
+        self.max_queue_requests = max_queue_requests
+        self._pending: deque[Job] = deque()
+        self._admitted = 0  # admitted requests still being prepared (not yet queued)
+        self._closing = False
+        self._wakeup = asyncio.Event()
+        self._items_per_s = 0.0  # moving average of encode throughput, for Retry-After
+        self._worker: asyncio.Task | None = None
+
+    # ------------------------------------------------------------------ state
+    @property
+    def queue_requests(self) -> int:
+        """Requests admitted and not yet taken into a batch."""
+        return len(self._pending) + self._admitted
+
+    @property
+    def queue_items(self) -> int:
+        return sum(len(job.items) for job in self._pending)
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    # ------------------------------------------------------------------ admission
+    def admit(self) -> Ticket:
+        """A queue slot for a request about to be prepared; give it to ``submit``, or back with ``release``.
+
+        Raises ShuttingDown once closing, QueueFull past ``max_queue_requests``.
+        """
+        if self._closing:
+            raise ShuttingDown()
+        if self.queue_requests >= self.max_queue_requests:
+            raise QueueFull(self.retry_after_s())
+        self._admitted += 1
+        return Ticket()
+
+    def release(self, ticket: Ticket) -> None:
+        """Free the slot of a request that failed before it was queued (no-op once it was)."""
+        if ticket.queued or ticket.released:
+            return
+        ticket.released = True
+        self._admitted -= 1
+        self._wakeup.set()  # a draining worker may be waiting for this request
+
+    def submit(self, job: Job, ticket: Ticket) -> asyncio.Future:
+        """Queue a prepared job in its ticket's slot; the future resolves to its vectors, in item order."""
+        if ticket.queued or ticket.released:
+            raise RuntimeError("this admission ticket was already used")
+        ticket.queued = True
+        self._admitted -= 1
+        job.future = asyncio.get_running_loop().create_future()
+        self._pending.append(job)
+        self._wakeup.set()
+        return job.future
+
+    def retry_after_s(self) -> int:
+        """Seconds until the queue has likely drained, from the recent throughput (1 to 60)."""
+        if self._items_per_s <= 0:
+            return 1
+        return int(min(60, max(1, math.ceil(self.queue_items / self._items_per_s))))
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self._worker = asyncio.get_running_loop().create_task(self._run(), name="nova-batcher")
+
+    async def close(self) -> None:
+        """Stop admitting; finish every admitted and queued request; then stop the worker."""
+        self._closing = True
+        self._wakeup.set()
+        if self._worker is not None:
+            await self._worker
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self._collect()
+            if batch is None:
+                return
+            await self._run_batch(batch)
+
+    # ------------------------------------------------------------------ batching
+    async def _collect(self) -> list[Job] | None:
+        """The next batch: wait for a first job, then add jobs until a budget is full or the wait is over."""
+        while not self._pending:
+            if self._closing and self._admitted == 0:
+                return None
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        batch: list[Job] = []
+        tokens = items = 0
+        deadline = time.monotonic() + self.max_wait_s
+        while True:
+            while self._pending and (not batch or self._fits(self._pending[0], tokens, items)):
+                job = self._pending.popleft()
+                batch.append(job)
+                tokens, items = tokens + job.tokens, items + len(job.items)
+            full = bool(self._pending) or tokens >= self.max_batch_tokens or items >= self.max_batch_items
+            remaining = deadline - time.monotonic()
+            if full or self._closing or remaining <= 0:
+                return batch
+            self._wakeup.clear()
+            with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+
+    def _fits(self, job: Job, tokens: int, items: int) -> bool:
+        return tokens + job.tokens <= self.max_batch_tokens and items + len(job.items) <= self.max_batch_items
+
+    async def _run_batch(self, batch: list[Job]) -> None:
+        """One encode() call per settings group; then hand each job its slice."""
+        live = [job for job in batch if not job.future.done()]  # a cancelled request costs nothing
+        groups: dict[tuple[bool, bool], list[Job]] = {}
+        for job in live:
+            groups.setdefault(job.key, []).append(job)
+        for jobs in groups.values():
+            await self._run_group(jobs)
+
+    async def _run_group(self, jobs: list[Job]) -> None:
+        items = [item for job in jobs for item in job.items]
+        started = time.monotonic()
+        try:
+            vectors = await self._call_encode(items, jobs[0])
+        except Exception as error:  # noqa: BLE001 - any failure: isolate the bad request(s), below
+            if len(jobs) == 1:
+                _resolve(jobs[0], error=error)
+                return
+            logger.info("batch of %d requests failed (%s); retrying them one by one", len(jobs), error)
+            for job in jobs:
+                await self._run_group([job])
+            return
+        seconds = time.monotonic() - started
+        self._metrics.observe_batch(len(jobs), len(items), seconds)
+        self._update_throughput(len(items), seconds)
+        offset = 0
+        for job in jobs:
+            _resolve(job, result=vectors[offset : offset + len(job.items)])
+            offset += len(job.items)
+
+    async def _call_encode(self, items: list[dict], settings: Job) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._executor, self._encode, items, settings.return_multivector, settings.truncate
+        )
+
+    def _update_throughput(self, items: int, seconds: float) -> None:
+        rate = items / max(seconds, 1e-6)
+        self._items_per_s = rate if self._items_per_s == 0 else 0.8 * self._items_per_s + 0.2 * rate
+
+
+def _resolve(job: Job, result: Any = None, error: BaseException | None = None) -> None:
+    if job.future.done():
+        return
+    if error is not None:
+        job.future.set_exception(error)
+    else:
+        job.future.set_result(result)

@@ -1,0 +1,122 @@
+"""Image sources a server accepts, and the guarded download of image URLs.
+
+The processor's own ``load_image`` also opens local paths and fetches any URL: right for a library user,
+a file-disclosure and request-forgery hole for a server. So the server turns every ``image`` string into
+bytes itself first: a data URI or base64 is decoded; an http(s) URL is fetched only with
+``--allow-image-urls``, after its host resolves to public addresses only (unless private ones are
+allowed), by connecting to the checked address (no second lookup to rebind), with a timeout, a byte
+cap and no redirects. Anything else (a path, ``file://``) is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import ipaddress
+import socket
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+
+
+class ImageSourceError(ValueError):
+    """An ``image`` string the server will not use; the message says why (the caller names the item)."""
+
+
+def is_url(source: str) -> bool:
+    return source.lower().startswith(("http://", "https://"))
+
+
+def decode_inline_image(source: str) -> bytes:
+    """A data URI or a bare base64 string -> bytes; anything else (a path, another scheme) is refused."""
+    if source.startswith("data:"):
+        header, comma, payload = source.partition(",")
+        if not comma or not header.endswith(";base64"):
+            raise ImageSourceError("'image' data URI must be base64-encoded (data:image/...;base64,...)")
+        source = payload
+    elif "://" in source[:16]:
+        raise ImageSourceError("'image' URLs must be http(s); other schemes are refused")
+    try:
+        return base64.b64decode(source.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageSourceError("'image' must be a data URI, a base64 string, or (with --allow-image-urls) an http(s) "
+                               "URL; local paths are refused") from None
+
+
+def is_public_address(address: str) -> bool:
+    """Only global unicast: no private, loopback, link-local, multicast, reserved or unspecified address."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_loopback or ip.is_link_local)
+
+
+class ImageFetcher:
+    """Downloads image URLs under the server's rules (see the module docstring)."""
+
+    def __init__(self, timeout_s: float, max_bytes: int, allow_private: bool, client: httpx.AsyncClient | None = None):
+        self.timeout_s = timeout_s
+        self.max_bytes = max_bytes
+        self.allow_private = allow_private
+        self._client = client or httpx.AsyncClient(follow_redirects=False, timeout=timeout_s, trust_env=False)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def fetch(self, url: str) -> bytes:
+        """The body of ``url`` (at most ``max_bytes``), within ``timeout_s`` in all (lookup included)."""
+        try:
+            return await asyncio.wait_for(self._fetch(url), self.timeout_s)
+        except (asyncio.TimeoutError, TimeoutError):
+            raise ImageSourceError(f"image URL timed out after {self.timeout_s:g} s") from None
+
+    async def _fetch(self, url: str) -> bytes:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ImageSourceError("image URL must be http(s)://host/...")
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            raise ImageSourceError("image URL has an invalid port") from None
+        address = await self._checked_address(parts.hostname, port)
+        host_in_url = f"[{address}]" if ":" in address else address
+        direct = urlunsplit((parts.scheme, f"{host_in_url}:{port}", parts.path or "/", parts.query, ""))
+        headers = {"Host": parts.netloc.rsplit("@", 1)[-1], "Accept": "image/*"}
+        extensions = {"sni_hostname": parts.hostname} if parts.scheme == "https" else {}
+        try:
+            async with self._client.stream("GET", direct, headers=headers, extensions=extensions) as response:
+                if response.status_code != 200:
+                    raise ImageSourceError(f"image URL answered HTTP {response.status_code} (redirects are not followed)")
+                return await self._read_capped(response)
+        except httpx.HTTPError as error:
+            raise ImageSourceError(f"could not fetch image URL: {type(error).__name__}: {error}") from None
+
+    async def _checked_address(self, host: str, port: int) -> str:
+        """Resolve ``host``; every address must be public (unless allowed): one bad address refuses the URL."""
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as error:
+            raise ImageSourceError(f"image URL host {host!r} does not resolve: {error}") from None
+        addresses = list(dict.fromkeys(info[4][0] for info in infos))
+        if not addresses:
+            raise ImageSourceError(f"image URL host {host!r} does not resolve")
+        if not self.allow_private:
+            blocked = [a for a in addresses if not is_public_address(a)]
+            if blocked:
+                raise ImageSourceError(f"image URL host {host!r} resolves to a private, loopback or link-local "
+                                       f"address ({blocked[0]}); refused")
+        return addresses[0]
+
+    async def _read_capped(self, response: httpx.Response) -> bytes:
+        declared = response.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            raise ImageSourceError(f"image URL body is {declared} bytes, over the limit of {self.max_bytes}")
+        chunks, size = [], 0
+        async for chunk in response.aiter_bytes():
+            size += len(chunk)
+            if size > self.max_bytes:
+                raise ImageSourceError(f"image URL body is over the limit of {self.max_bytes} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)

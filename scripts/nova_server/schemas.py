@@ -1,0 +1,169 @@
+"""The wire format: OpenAI's embeddings request, the model card's extensions, and the response body.
+
+Parsing is strict (unknown fields, wrong types and empty input are 400s naming the field) because a
+silently ignored field (a misspelt ``adapter``) would return plausible but wrong vectors.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, ValidationError
+
+from .errors import ApiError, item_error
+
+ITEM_STRING_KEYS = ("text", "task")  # must be strings when present
+ITEM_NULLABLE_KEYS = ("instructions", "adapter")  # strings, or null (adapter: null = the bare backbone)
+
+
+class EmbeddingRequest(BaseModel):
+    """``POST /v1/embeddings``: OpenAI's fields plus the model card's (request-level defaults for the items)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: Any
+    model: StrictStr | None = None
+    dimensions: StrictInt | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    user: StrictStr | None = None
+    task: StrictStr | None = None
+    instructions: StrictStr | None = None
+    adapter: StrictStr | None = None
+    return_multivector: StrictBool | None = None
+    truncate: StrictBool = False
+
+    @property
+    def adapter_given(self) -> bool:
+        """``"adapter": null`` (bare backbone for every item) differs from no ``adapter`` at all."""
+        return "adapter" in self.model_fields_set
+
+
+class LoraLoadRequest(BaseModel):
+    """``POST /v1/internal/lora/load``: vLLM's field names."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lora_name: StrictStr
+    lora_path: StrictStr
+
+
+class LoraUnloadRequest(BaseModel):
+    """``POST /v1/internal/lora/unload``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lora_name: StrictStr
+
+
+def parse_body(body: bytes, schema: type[BaseModel]) -> Any:
+    """JSON bytes -> ``schema``; the first validation problem becomes a 400 naming its field."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ApiError(400, f"request body is not valid JSON: {error}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        param = ".".join(str(part) for part in first["loc"]) or None
+        raise ApiError(400, f"{param}: {first['msg']}", param=param, code="invalid_value") from None
+
+
+def request_items(request: EmbeddingRequest, max_items: int) -> tuple[list[Any], bool]:
+    """The request's items as a list (a lone string or object is one item), and whether input was a lone string."""
+    raw = request.input
+    single = isinstance(raw, str)
+    items = [raw] if isinstance(raw, (str, dict)) else raw
+    if not isinstance(items, list):
+        raise ApiError(400, "input must be a string, an object, or a list of them", param="input", code="invalid_value")
+    if not items:
+        raise ApiError(400, "input is empty: give at least one item", param="input", code="invalid_value")
+    if len(items) > max_items:
+        raise ApiError(400, f"input has {len(items)} items, over the limit of {max_items} per request", param="input",
+                       code="too_many_items")
+    for index, item in enumerate(items):
+        check_item_types(index, item, single)
+    return items, single
+
+
+def check_item_types(index: int, item: Any, single: bool) -> None:
+    """JSON types the processor cannot be handed (token ids, numbers, lists as task names...)."""
+    if isinstance(item, list) and all(isinstance(v, int) for v in item):
+        raise item_error(index, "token-id input is not supported; send the text", single)
+    if not isinstance(item, (str, dict)):
+        raise item_error(index, f"expected a string or an object, got {_json_type(item)}", single)
+    if isinstance(item, str):
+        return
+    for key in ITEM_STRING_KEYS:
+        if key in item and not isinstance(item[key], str):
+            raise item_error(index, f"'{key}' must be a string, got {_json_type(item[key])}", single)
+    for key in ITEM_NULLABLE_KEYS:
+        if item.get(key) is not None and not isinstance(item[key], str):
+            raise item_error(index, f"'{key}' must be a string or null, got {_json_type(item[key])}", single)
+    if "image" in item and not isinstance(item["image"], str):
+        raise item_error(index, f"'image' must be a string (data URI, base64 or URL), got {_json_type(item['image'])}",
+                         single)
+
+
+def _json_type(value: Any) -> str:
+    names = {str: "string", bool: "boolean", int: "number", float: "number", list: "array", dict: "object"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def image_embeds_tensor(index: int, item: dict, single: bool) -> tuple[torch.Tensor, list[int]]:
+    """An item's JSON ``image_embeds`` ([tokens, hidden] numbers) and ``image_grid_thw`` ([t, h, w]) as tensors."""
+    grid = item.get("image_grid_thw")
+    if not (isinstance(grid, list) and len(grid) == 3 and all(type(v) is int for v in grid)):
+        raise item_error(index, "'image_embeds' needs 'image_grid_thw': a list of 3 integers (t, h, w)", single)
+    try:
+        embeds = torch.tensor(item["image_embeds"], dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError):
+        raise item_error(index, "'image_embeds' must be a [tokens, hidden] array of numbers", single) from None
+    if embeds.dim() != 2:
+        raise item_error(index, f"'image_embeds' must be 2-D [tokens, hidden], got shape {list(embeds.shape)}", single)
+    return embeds, grid
+
+
+# ---------------------------------------------------------------------- responses
+@dataclass(frozen=True)
+class OutputOptions:
+    """What a request wants done to its vectors after encode(): per request, so requests can share a batch."""
+
+    return_multivector: bool
+    dimensions: int | None
+    encoding_format: str
+
+
+def finish_vectors(vectors: torch.Tensor | list[torch.Tensor], options: OutputOptions) -> list[torch.Tensor]:
+    """Matryoshka truncation exactly as ``encode(dimensions=...)`` does it: cut, then re-normalise."""
+    if options.return_multivector:
+        return list(vectors)
+    if options.dimensions is not None and options.dimensions < vectors.shape[-1]:
+        vectors = F.normalize(vectors[:, : options.dimensions], dim=-1)
+    return list(vectors)
+
+
+def encode_vector(vector: torch.Tensor, encoding_format: str) -> list | str:
+    """float: nested JSON lists; base64: little-endian float32 bytes, row-major (multi vectors: reshape to [-1, 128])."""
+    if encoding_format == "base64":
+        return base64.b64encode(np.ascontiguousarray(vector.numpy(), dtype="<f4").tobytes()).decode("ascii")
+    return vector.tolist()
+
+
+def embedding_response(
+    vectors: torch.Tensor | list[torch.Tensor], options: OutputOptions, model_name: str, prompt_tokens: int
+) -> bytes:
+    """The OpenAI response body, serialised (done off the event loop: large float lists are slow to write)."""
+    data = [{"object": "embedding", "index": index, "embedding": encode_vector(vector, options.encoding_format)}
+            for index, vector in enumerate(finish_vectors(vectors, options))]
+    body = {"object": "list", "data": data, "model": model_name,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
+    return json.dumps(body, separators=(",", ":")).encode("utf-8")

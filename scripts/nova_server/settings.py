@@ -1,0 +1,65 @@
+"""Server settings: every limit the server enforces, in one place (the command line fills them in)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MIB = 1024 * 1024
+
+
+@dataclass
+class ServerSettings:
+    """Limits and switches of one server; the defaults are safe for a server reachable by others.
+
+    served_model_names: names accepted in a request's ``model`` (the first is the one reported back).
+    max_batch_tokens / max_batch_items: budget of one batch formed from the queue (and of each forward).
+    max_wait_ms: how long the batcher waits for more requests once it holds one.
+    max_queue_requests: requests admitted but not yet in a batch; past it, 429 with Retry-After.
+    max_items_per_request / max_request_bytes: size limits of one request.
+    api_key: with it, every endpoint but /health needs ``Authorization: Bearer <api_key>``.
+    admin_token: enables /v1/internal/lora/* for ``Authorization: Bearer <admin_token>``.
+    max_loras: custom adapters loaded at once (task adapters do not count).
+    allow_image_urls / allow_private_image_urls: fetch http(s) image URLs / also private addresses.
+    image_url_timeout_s / image_url_max_bytes: limits of one image download.
+    max_image_pixels: decoded images above this are refused (None: the model config's).
+    default_multivector: ``return_multivector`` of requests that do not say.
+    preprocess_workers: threads that decode images, tokenise and format responses.
+    """
+
+    served_model_names: tuple[str, ...] = ("nova-embeddings-v1",)
+    max_batch_tokens: int = 16384
+    max_batch_items: int = 256
+    max_wait_ms: float = 5.0
+    max_queue_requests: int = 1024
+    max_items_per_request: int = 2048
+    max_request_bytes: int = 64 * MIB
+    api_key: str | None = None
+    admin_token: str | None = None
+    max_loras: int = 4
+    allow_image_urls: bool = False
+    allow_private_image_urls: bool = False
+    image_url_timeout_s: float = 10.0
+    image_url_max_bytes: int = 20 * MIB
+    max_image_pixels: int | None = None
+    default_multivector: bool = False
+    preprocess_workers: int = 2
+
+    def __post_init__(self) -> None:
+        if not self.served_model_names:
+            raise ValueError("served_model_names must name at least one model")
+        positive = ("max_batch_tokens", "max_batch_items", "max_queue_requests", "max_items_per_request",
+                    "max_request_bytes", "image_url_timeout_s", "image_url_max_bytes", "preprocess_workers")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_wait_ms < 0 or self.max_loras < 0:
+            raise ValueError("max_wait_ms and max_loras must not be negative")
+        if self.max_image_pixels is not None and self.max_image_pixels <= 0:
+            raise ValueError(f"max_image_pixels must be positive, got {self.max_image_pixels}")
+        if self.allow_private_image_urls and not self.allow_image_urls:
+            raise ValueError("allow_private_image_urls needs allow_image_urls")
+
+    @property
+    def model_name(self) -> str:
+        """The name reported in responses and first in /v1/models."""
+        return self.served_model_names[0]
