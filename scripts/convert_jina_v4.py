@@ -9,7 +9,8 @@ our remote code, the tokenizer and our processor, so it loads with stock transfo
 Stages (each a small function below): read jina's config + preprocessor config -> build our config;
 scan the weight files' headers -> rename keys -> check names and shapes against transformers'
 Qwen2_5_VLModel before writing anything; then write weights, config, code files, tokenizer, processor.
-jina's adapters/ are a later step (reported, not converted here).
+jina's multi-task adapters/ (one file, per-task LoRA matrices) are split into one standard PEFT adapter
+per task under adapters/<task>/, with the same rank, alpha and targets.
 
 Usage:
     python scripts/convert_jina_v4.py --jina-dir SRC --out DST [--dtype keep|float32|bfloat16]
@@ -21,6 +22,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import re
 import shutil
 import sys
 from collections import Counter
@@ -567,6 +569,7 @@ def convert(
     expected = expected_shapes(config)
     check_tensors({k: s.shape for k, s in sources.items()}, expected)
     chat_template = load_chat_template()
+    task_adapters = split_task_adapters(jina_dir / "adapters", config, expected)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_dtype = None if dtype == "keep" else out_dtype  # keep: every tensor as it is, even in a mixed checkpoint
@@ -578,10 +581,96 @@ def convert(
     fix_processor_files(out_dir)
     drop_duplicate_template(out_dir, chat_template)
     check_tokenizer(jina_dir, out_dir, config)
-    adapters_skipped = (jina_dir / "adapters").is_dir()
+    write_task_adapters(task_adapters, out_dir / config.adapters_dir)
+    adapters_skipped = not task_adapters
     if adapters_skipped:
-        print(f"note: jina's adapters/ in {jina_dir} were not converted (adapter conversion is a separate step)")
+        print(f"note: {jina_dir} has no adapters/: the converted model will run every task on the bare backbone")
     return ConversionSummary(out_dir, len(expected), out_dtype, total, files, adapters_skipped)
+
+
+# --------------------------------------------------------------------------------------------------
+# Adapters: jina's one multi-task LoRA file -> one standard PEFT adapter per task
+
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$|.*multi_vector_projector$"
+_JINA_LORA_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.(?P<task>[^.]+)\.weight")
+
+
+@dataclass
+class TaskAdapter:
+    """One task's LoRA tensors under standard PEFT names, and its adapter_config.json."""
+
+    config: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+
+def lora_target_shapes(expected: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Our modules that the adapters target (same rule as the adapter config's regex) -> weight shape."""
+    pattern = re.compile(LORA_TARGETS)
+    return {name[: -len(".weight")]: shape for name, shape in expected.items()
+            if name.endswith(".weight") and pattern.fullmatch(name[: -len(".weight")])}
+
+
+def split_task_adapters(adapter_dir: Path, config: NovaEmbeddingsV1Config,
+                        expected: dict[str, tuple[int, ...]]) -> dict[str, TaskAdapter]:
+    """Read jina's adapters/ and split it per task, checking names, tasks, ranks and shapes first."""
+    if not adapter_dir.is_dir():
+        return {}
+    from safetensors.torch import load_file
+
+    jina_config = load_json(adapter_dir / "adapter_config.json")
+    if jina_config.get("peft_type") != "LORA":
+        raise ConversionError(f"{adapter_dir}: expected a LoRA adapter, got peft_type {jina_config.get('peft_type')!r}")
+    rank = int(jina_config["r"])
+    targets = lora_target_shapes(expected)
+    per_task: dict[str, dict[str, torch.Tensor]] = {task: {} for task in config.task_names}
+    problems = []
+    for key, tensor in load_file(str(adapter_dir / "adapter_model.safetensors")).items():
+        match = _JINA_LORA_KEY.fullmatch(key)
+        if match is None or match["module"] not in targets:
+            problems.append(f"unexpected tensor {key}")
+        elif match["task"] not in per_task:
+            problems.append(f"{key}: task {match['task']!r} is not one of {config.task_names}")
+        else:
+            out_features, in_features = targets[match["module"]]
+            want = (rank, in_features) if match["ab"] == "A" else (out_features, rank)
+            if tuple(tensor.shape) != want:
+                problems.append(f"{key}: shape {tuple(tensor.shape)}, expected {want}")
+            per_task[match["task"]][f"base_model.model.{match['module']}.lora_{match['ab']}.weight"] = tensor
+    for task, tensors in per_task.items():
+        missing = [f"{m}.lora_{ab}" for m in targets for ab in "AB" if f"base_model.model.{m}.lora_{ab}.weight" not in tensors]
+        if missing:
+            problems.append(f"task {task!r}: {len(missing)} LoRA tensors missing, e.g. {missing[:3]}")
+    if problems:
+        raise ConversionError(f"{adapter_dir}/adapter_model.safetensors: " + "; ".join(problems[:10])
+                              + (f"; ... and {len(problems) - 10} more" if len(problems) > 10 else ""))
+    return {task: TaskAdapter(task_adapter_config(jina_config), tensors) for task, tensors in per_task.items()}
+
+
+def task_adapter_config(jina_config: dict[str, Any]) -> dict[str, Any]:
+    """A standard LoRA config with jina's rank, alpha and dropout, targeting the same modules by our names."""
+    from peft import LoraConfig
+
+    config = LoraConfig(
+        r=int(jina_config["r"]), lora_alpha=jina_config["lora_alpha"], lora_dropout=jina_config.get("lora_dropout", 0.0),
+        target_modules=LORA_TARGETS, bias=jina_config.get("bias", "none"), use_rslora=jina_config.get("use_rslora", False),
+        init_lora_weights=jina_config.get("init_lora_weights", True), inference_mode=True,
+        base_model_name_or_path="nova-embeddings-v1",
+    )
+    return config.to_dict()
+
+
+def write_task_adapters(adapters: dict[str, TaskAdapter], root: Path) -> None:
+    for task, adapter in adapters.items():
+        folder = root / task
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_adapter_config(folder / "adapter_config.json", adapter.config)
+        save_file({k: v.contiguous() for k, v in adapter.tensors.items()}, str(folder / "adapter_model.safetensors"),
+                  metadata={"format": "pt"})
+
+
+def _write_adapter_config(path: Path, config: dict[str, Any]) -> None:
+    serialisable = {k: (sorted(v) if isinstance(v, set) else v.value if hasattr(v, "value") else v) for k, v in config.items()}
+    path.write_text(json.dumps(serialisable, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:

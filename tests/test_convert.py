@@ -224,7 +224,8 @@ def test_converted_files_and_processor(tiny_nova_dir: Path, capsys) -> None:
     for name in ("configuration_nova_embeddings_v1.py", "processing_nova_embeddings_v1.py",
                  "modeling_nova_embeddings_v1.py", "chat_template.json", "tokenizer.json"):
         assert (tiny_nova_dir / name).is_file(), name
-    assert not (tiny_nova_dir / "adapters").exists()  # adapters are a later step
+    for task in ("retrieval", "text-matching", "code"):  # jina's adapters, one PEFT adapter per task
+        assert (tiny_nova_dir / "adapters" / task / "adapter_model.safetensors").is_file(), task
     assert not (tiny_nova_dir / "chat_template.jinja").exists()  # one template file
     ours = read_json(conv.REPO_ROOT / "chat_template.json")["chat_template"]
     processor_files = [n for n in ("processor_config.json", "preprocessor_config.json") if (tiny_nova_dir / n).is_file()]
@@ -240,12 +241,11 @@ def test_converted_files_and_processor(tiny_nova_dir: Path, capsys) -> None:
 
 
 def test_convert_bfloat16_sharded_and_adapter_note(tiny_jina_dir_5x: Path, tmp_path: Path, capsys) -> None:
-    """--dtype bfloat16 with a small shard limit; a source with adapters/ gets the "not converted" note."""
+    """--dtype bfloat16 with a small shard limit; a source without adapters/ gets a note saying so."""
     source = tmp_path / "src"
     shutil.copytree(tiny_jina_dir_5x, source)
-    (source / "adapters").mkdir()
     summary = conv.convert(source, tmp_path / "out", dtype="bfloat16", max_shard_bytes=100_000)
-    assert summary.adapters_skipped and "adapters/ in" in capsys.readouterr().out
+    assert summary.adapters_skipped and "has no adapters/" in capsys.readouterr().out
     # bfloat16 + a small shard limit: shards with a standard index, values = the source cast to bf16
     index = read_json(tmp_path / "out" / "model.safetensors.index.json")
     shards = sorted(set(index["weight_map"].values()))

@@ -49,7 +49,7 @@ def reference(tiny_nova_dir):
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_nova_dir):
-    return AutoTokenizer.from_pretrained(tiny_nova_dir)
+    return AutoTokenizer.from_pretrained(tiny_nova_dir, trust_remote_code=True)
 
 
 def jina_text_inputs(tokenizer, prefix: str, text: str) -> dict:

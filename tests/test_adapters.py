@@ -1,0 +1,177 @@
+"""Per-item adapter routing, runtime load/unload, and thread safety, with real PEFT LoRA adapters."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModel
+
+TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$|.*multi_vector_projector$"
+ITEMS = ["hello world", {"text": "def f(): pass", "task": "code.passage"}, {"text": "same meaning", "task": "text-matching"},
+         {"text": "custom", "adapter": "custom"}, {"text": "bare", "adapter": None}, {"text": "a passage", "task": "retrieval.passage"}]
+
+
+def load(tiny_nova_dir, **kwargs):
+    return AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True, **kwargs).eval()
+
+
+def write_random_adapter(tiny_nova_dir, folder, seed: int, rank: int = 4) -> str:
+    """A standard PEFT LoRA adapter with random, non-zero A and B, saved by stock PEFT."""
+    torch.manual_seed(seed)
+    base = load(tiny_nova_dir, load_task_adapters=False)
+    peft_model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, init_lora_weights=False))
+    peft_model.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def custom_adapter(tiny_nova_dir, tmp_path_factory):
+    return write_random_adapter(tiny_nova_dir, tmp_path_factory.mktemp("custom"), seed=7)
+
+
+@pytest.fixture()
+def model(tiny_nova_dir, custom_adapter):
+    model = load(tiny_nova_dir)
+    model.load_adapter(custom_adapter, adapter_name="custom")
+    return model
+
+
+def test_task_adapters_load_with_the_model(model):
+    assert model.list_adapters() == ["retrieval", "text-matching", "code", "custom"]
+
+
+def test_mixed_call_equals_each_item_alone(model):
+    together = model.encode(ITEMS)
+    alone = torch.stack([model.encode([item])[0] for item in ITEMS])
+    torch.testing.assert_close(together, alone, atol=1e-6, rtol=1e-5)
+    model.adapter_batching = "mixed"
+    torch.testing.assert_close(model.encode(ITEMS), together, atol=1e-6, rtol=1e-5)
+    multi = model.encode(ITEMS, return_multivector=True)
+    for got, item in zip(multi, ITEMS):
+        torch.testing.assert_close(got, model.encode([item], return_multivector=True)[0], atol=1e-6, rtol=1e-5)
+
+
+def test_each_adapter_changes_the_output(model):
+    outputs = {name: model.encode(["hello world"], adapter=name)[0] for name in model.list_adapters() + [None]}
+    names = list(outputs)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert (outputs[a] - outputs[b]).abs().max() > 1e-4, (a, b)
+    torch.testing.assert_close(model.encode(["hello world"])[0], outputs["retrieval"])
+    torch.testing.assert_close(model.encode([{"text": "x", "task": "code"}])[0], model.encode(["x"], adapter="code")[0])
+
+
+def test_peft_mixed_batch_reproduces_each_adapter(tiny_nova_dir, custom_adapter):
+    """The PEFT mechanism we route with: a PeftModel in eval mode with adapter_names per row."""
+    base = load(tiny_nova_dir, load_task_adapters=False)
+    peft_model = PeftModel.from_pretrained(base, custom_adapter, adapter_name="a")
+    other = write_random_adapter(tiny_nova_dir, f"{custom_adapter}-b", seed=8)
+    peft_model.load_adapter(other, adapter_name="b")
+    peft_model.eval()
+    batch = base.processor.process_items(["hello world", "hello world", "hello world"], config=base.config)
+    with torch.no_grad():
+        mixed = peft_model(**batch, adapter_names=["a", "b", "__base__"]).single_vector
+        expected = []
+        for name in ("a", "b"):
+            peft_model.set_adapter(name)
+            expected.append(peft_model(**batch).single_vector[0])
+        with peft_model.disable_adapter():
+            expected.append(peft_model(**batch).single_vector[0])
+    torch.testing.assert_close(mixed, torch.stack(expected), atol=1e-6, rtol=1e-5)
+
+
+def test_unknown_and_unloaded_adapters_are_errors(model):
+    with pytest.raises(ValueError, match=r"item 1: unknown adapter 'nope'; loaded adapters: \['retrieval'"):
+        model.encode(["ok", {"text": "x", "adapter": "nope"}])
+    with pytest.raises(ValueError, match="unknown adapter 'nope'"):
+        model.encode(["ok"], adapter="nope")
+    model.unload_adapter("custom")
+    assert "custom" not in model.list_adapters()
+    with pytest.raises(ValueError, match="item 0: unknown adapter 'custom'"):
+        model.encode([{"text": "x", "adapter": "custom"}])
+    with pytest.raises(ValueError, match="'retrieval' is a task adapter"):
+        model.unload_adapter("retrieval")
+    with pytest.raises(ValueError, match="no adapter named 'ghost'"):
+        model.unload_adapter("ghost")
+
+
+def snapshot(model) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("problem", ["bad_path", "wrong_rank", "wrong_targets", "name_clash", "not_lora_file"])
+def test_failed_load_leaves_adapters_as_they_were(model, tiny_nova_dir, tmp_path, problem):
+    before_state, before_names = snapshot(model), model.list_adapters()
+    before = model.encode(ITEMS)
+    name = "new"
+    if problem == "bad_path":
+        source, match = str(tmp_path / "missing"), "no such adapter folder"
+    elif problem == "wrong_rank":
+        source = write_random_adapter(tiny_nova_dir, tmp_path / "r8", seed=9, rank=8)
+        config = json.loads((tmp_path / "r8" / "adapter_config.json").read_text())
+        config["r"] = 4
+        (tmp_path / "r8" / "adapter_config.json").write_text(json.dumps(config))
+        match = "size mismatch"
+    elif problem == "wrong_targets":
+        source = write_random_adapter(tiny_nova_dir, tmp_path / "t", seed=10)
+        config = json.loads((tmp_path / "t" / "adapter_config.json").read_text())
+        config["target_modules"] = ["no_such_module"]
+        (tmp_path / "t" / "adapter_config.json").write_text(json.dumps(config))
+        match = "could not load adapter 'new'"
+    elif problem == "name_clash":
+        source, name, match = write_random_adapter(tiny_nova_dir, tmp_path / "c", seed=11), "custom", "already loaded"
+    else:
+        source = tmp_path / "notlora"
+        source.mkdir()
+        (source / "adapter_config.json").write_text("{}")
+        (source / "adapter_model.safetensors").write_bytes(b"junk")
+        match = ""
+    with pytest.raises((ValueError, OSError), match=match):
+        model.load_adapter(source, adapter_name=name)
+    after_state = model.state_dict()
+    assert model.list_adapters() == before_names
+    assert before_state.keys() == after_state.keys()
+    assert all(torch.equal(before_state[k], after_state[k]) for k in before_state)
+    torch.testing.assert_close(model.encode(ITEMS), before)
+
+
+def test_loading_a_weights_file_path_works(model, custom_adapter):
+    model.load_adapter(f"{custom_adapter}/adapter_model.safetensors", adapter_name="again")
+    torch.testing.assert_close(model.encode(["x"], adapter="again"), model.encode(["x"], adapter="custom"))
+
+
+def test_encoding_is_safe_while_adapters_change(model, tiny_nova_dir, tmp_path):
+    """Encode in threads while another thread loads and unloads: every result equals the serial one."""
+    extra = write_random_adapter(tiny_nova_dir, tmp_path / "extra", seed=12)
+    items = ITEMS[:3] + [ITEMS[4]]
+    expected = model.encode(items)
+    errors, results = [], []
+
+    def encode_many():
+        try:
+            for _ in range(6):
+                results.append(model.encode(items, batch_size=2))
+        except Exception as error:  # collected and asserted below
+            errors.append(error)
+
+    def churn():
+        try:
+            for i in range(6):
+                model.load_adapter(extra, adapter_name=f"extra{i}")
+                model.unload_adapter(f"extra{i}")
+        except Exception as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=encode_many) for _ in range(2)] + [threading.Thread(target=churn)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert len(results) == 12
+    for result in results:
+        torch.testing.assert_close(result, expected, atol=1e-6, rtol=1e-5)
