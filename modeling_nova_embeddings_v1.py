@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import inspect
 import os
 import threading
 import warnings
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Qwen2_5_VLModel
+from transformers import AttentionInterface, Qwen2_5_VLModel
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLPreTrainedModel
 
@@ -30,6 +31,9 @@ from .configuration_nova_embeddings_v1 import NovaEmbeddingsV1Config
 from .processing_nova_embeddings_v1 import _UNSET, EmbeddingItem, ItemError, NovaEmbeddingsV1Processor, TokenizedItem
 
 OUTPUT_FORMATS = ("torch", "numpy", "list", "base64")
+# transformers routes attention through its AttentionInterface registry; the name contains "flash" so that the
+# vision tower hands over its cu_seqlens (one call per layer instead of one per window).
+PACKED_ATTENTION = "nova_flash_varlen"
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -62,6 +66,7 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         self._adapter_lock = threading.RLock()  # no batch ever runs while adapters are being loaded or removed
         self._adapters: dict[str, str] = {}  # adapter name -> where it was loaded from
         self.adapter_batching = "group"  # "group": one adapter per batch; "mixed": PEFT mixed-adapter batches
+        self.attention_packing = "auto"  # "auto": packed variable-length attention on CUDA in half precision; "on"; "off"
         self.post_init()
 
     @classmethod
@@ -91,7 +96,7 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
     def forward(
         self,
         input_ids: torch.LongTensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
         pooling_mask: torch.Tensor | None = None,
         output_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
@@ -99,43 +104,120 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         image_embeds: torch.Tensor | None = None,
         image_is_precomputed: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
         return_multivector: bool = True,
         adapter_names: list[str] | None = None,
         **kwargs: Any,
     ) -> NovaEmbeddingsV1Output:
-        """Embed a padded batch as built by ``NovaEmbeddingsV1Processor.collate``.
+        """Embed a batch built by the processor: padded (``collate``) or packed (``collate_packed``).
 
-        Without ``pooling_mask`` every attended token is pooled; without ``output_mask`` every attended
-        token is kept as a multi vector. ``adapter_names`` (one per row, ``"__base__"`` for none) routes
-        rows to LoRA adapters through PEFT's mixed-batch forward; without it PEFT's active adapter applies.
-        Extra processor keys (``mm_token_type_ids``) are accepted.
+        Padded: (batch, seq) tensors with an ``attention_mask``. Packed: one (1, tokens) row holding every
+        item back to back, ``cu_seqlens`` marking where each starts; attention stays inside each item.
+        Without ``pooling_mask`` every token is pooled; without ``output_mask`` every token is kept as a
+        multi vector. ``adapter_names`` (one per row, ``"__base__"`` for none) routes rows to LoRA adapters
+        through PEFT's mixed-batch forward; without it PEFT's active adapter applies.
+        Single vectors are (items, hidden); multi vectors keep the input layout, zero outside output_mask.
         """
         kwargs.pop("mm_token_type_ids", None)
+        if attention_mask is None and cu_seqlens is None:
+            attention_mask = torch.ones_like(input_ids)
         with self._route_rows(adapter_names):
-            return self._forward(input_ids, attention_mask, pooling_mask, output_mask, pixel_values, image_grid_thw,
-                                 image_embeds, image_is_precomputed, position_ids, return_multivector, **kwargs)
+            inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw, image_embeds, image_is_precomputed)
+            if cu_seqlens is not None:
+                hidden = self._language_model_packed(inputs_embeds, input_ids, cu_seqlens, max_seqlen, image_grid_thw,
+                                                     position_ids, **kwargs)
+            else:
+                if position_ids is None:
+                    position_ids = self.rope_position_ids(input_ids, attention_mask, image_grid_thw)
+                hidden = self.model.language_model(
+                    inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                    use_cache=False, **kwargs,
+                ).last_hidden_state  # (batch, seq, hidden), after the final RMSNorm
+            default_mask = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+            pooling_mask = default_mask if pooling_mask is None else pooling_mask.bool()
+            output_mask = default_mask if output_mask is None else output_mask.bool()
+            if cu_seqlens is not None:
+                single = self.pool_packed(hidden[0], pooling_mask[0], cu_seqlens.to(hidden.device))
+            else:
+                single = self.pool_single_vector(hidden, pooling_mask)
+            multi = self.project_multi_vector(hidden, output_mask) if return_multivector else None
+        return NovaEmbeddingsV1Output(last_hidden_state=hidden, single_vector=single, multi_vector=multi)
 
-    def _forward(self, input_ids, attention_mask, pooling_mask, output_mask, pixel_values, image_grid_thw,
-                 image_embeds, image_is_precomputed, position_ids, return_multivector, **kwargs) -> NovaEmbeddingsV1Output:
+    def embed_inputs(self, input_ids, pixel_values=None, image_grid_thw=None, image_embeds=None, image_is_precomputed=None):
+        """Token embeddings with every image placeholder replaced by its vision feature."""
         inputs_embeds = self.get_input_embeddings()(input_ids)
-        if image_grid_thw is not None:
-            features = self.image_features(pixel_values, image_grid_thw, image_embeds, image_is_precomputed)
-            image_mask = (input_ids == self.config.image_token_id).unsqueeze(-1)
-            if int(image_mask.sum()) != features.shape[0]:
-                raise ValueError(f"{int(image_mask.sum())} image tokens but {features.shape[0]} image features")
-            inputs_embeds = inputs_embeds.masked_scatter(image_mask, features.to(inputs_embeds.dtype))
+        if image_grid_thw is None:
+            return inputs_embeds
+        features = self.image_features(pixel_values, image_grid_thw, image_embeds, image_is_precomputed)
+        image_mask = (input_ids == self.config.image_token_id).unsqueeze(-1)
+        if int(image_mask.sum()) != features.shape[0]:
+            raise ValueError(f"{int(image_mask.sum())} image tokens but {features.shape[0]} image features")
+        return inputs_embeds.masked_scatter(image_mask, features.to(inputs_embeds.dtype))
+
+    def _language_model_packed(self, inputs_embeds, input_ids, cu_seqlens, max_seqlen, image_grid_thw, position_ids,
+                               **kwargs) -> torch.Tensor:
+        """The language model over packed items: no padding, no mask tensor, positions restart per item."""
         if position_ids is None:
-            position_ids = self.rope_position_ids(input_ids, attention_mask, image_grid_thw)
-        hidden = self.model.language_model(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs
-        ).last_hidden_state  # (batch, seq, hidden), after the final RMSNorm
-        pooling_mask = attention_mask.bool() if pooling_mask is None else pooling_mask.bool()
-        output_mask = attention_mask.bool() if output_mask is None else output_mask.bool()
-        return NovaEmbeddingsV1Output(
-            last_hidden_state=hidden,
-            single_vector=self.pool_single_vector(hidden, pooling_mask),
-            multi_vector=self.project_multi_vector(hidden, output_mask) if return_multivector else None,
-        )
+            position_ids = self.packed_position_ids(input_ids, cu_seqlens, image_grid_thw)
+        cu = cu_seqlens.to(inputs_embeds.device, torch.int32)
+        max_seqlen = int(max_seqlen if max_seqlen is not None else (cu[1:] - cu[:-1]).max())
+        no_mask = {layer_type: None for layer_type in set(self.model.language_model.config.layer_types)}
+        with self._attention_implementation(self.model.language_model, PACKED_ATTENTION):
+            return self.model.language_model(
+                inputs_embeds=inputs_embeds, attention_mask=no_mask, position_ids=position_ids, use_cache=False,
+                cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_seqlen, max_length_k=max_seqlen, **kwargs,
+            ).last_hidden_state  # (1, tokens, hidden)
+
+    def packed_position_ids(self, input_ids: torch.LongTensor, cu_seqlens: torch.Tensor,
+                            image_grid_thw: torch.LongTensor | None) -> torch.LongTensor:
+        """3D rope positions of packed items, each counted from 0 as if it were alone: (3, 1, tokens)."""
+        bounds = cu_seqlens.tolist()
+        lengths = torch.tensor([b - a for a, b in zip(bounds[:-1], bounds[1:])], device=input_ids.device)
+        starts = torch.repeat_interleave(torch.tensor(bounds[:-1], device=input_ids.device), lengths)
+        positions = (torch.arange(input_ids.shape[1], device=input_ids.device) - starts).expand(3, -1).clone()
+        if image_grid_thw is not None:
+            ids = input_ids[0]
+            is_image = ids == self.config.image_token_id
+            image_starts = (is_image & ~torch.cat([is_image.new_zeros(1), is_image[:-1]])).nonzero().flatten().tolist()
+            grids = iter(image_grid_thw)
+            for start, end in zip(bounds[:-1], bounds[1:]):
+                n_images = sum(start <= i < end for i in image_starts)
+                if n_images:
+                    grid = torch.stack([next(grids) for _ in range(n_images)])
+                    segment = ids[start:end].unsqueeze(0)
+                    positions[:, start:end] = self.rope_position_ids(segment, torch.ones_like(segment), grid)[:, 0]
+        return positions.unsqueeze(1)
+
+    @staticmethod
+    def pool_packed(hidden: torch.Tensor, pooling_mask: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        """Per-item mean over pooled tokens of a packed row, in float32, L2-normalised: (items, hidden)."""
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        segment = torch.repeat_interleave(torch.arange(len(lengths), device=hidden.device), lengths)
+        weights = pooling_mask.to(torch.float32)
+        sums = torch.zeros(len(lengths), hidden.shape[-1], device=hidden.device, dtype=torch.float32)
+        sums.index_add_(0, segment, hidden.to(torch.float32) * weights.unsqueeze(-1))
+        counts = torch.zeros(len(lengths), device=hidden.device, dtype=torch.float32).index_add_(0, segment, weights)
+        return F.normalize(sums / counts.clamp(min=1.0).unsqueeze(-1), dim=-1)
+
+    @contextmanager
+    def _attention_implementation(self, module: nn.Module, name: str):
+        """Run ``module``'s attention through ``name`` for a while: transformers reads it at every call."""
+        config = module.config
+        previous = config._attn_implementation
+        config._attn_implementation = name
+        try:
+            yield
+        finally:
+            config._attn_implementation = previous
+
+    def use_packed_attention(self) -> bool:
+        """Whether encode packs batches: ``attention_packing`` "on", or "auto" on CUDA in half precision."""
+        if self.attention_packing == "on":
+            return True
+        if self.attention_packing == "off":
+            return False
+        return self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16) and _varlen_kernel() is not None
 
     def rope_position_ids(
         self, input_ids: torch.LongTensor, attention_mask: torch.Tensor, image_grid_thw: torch.LongTensor | None
@@ -182,7 +264,11 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
     def vision_tower(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor) -> list[torch.Tensor]:
         """Run the vision tower; one (image_tokens, hidden) tensor per image."""
         visual = self.model.visual
-        merged = visual(pixel_values.to(visual.dtype), grid_thw=image_grid_thw).pooler_output
+        if self.use_packed_attention():  # one varlen call per layer instead of one attention call per window
+            with self._attention_implementation(visual, PACKED_ATTENTION):
+                merged = visual(pixel_values.to(visual.dtype), grid_thw=image_grid_thw).pooler_output
+        else:
+            merged = visual(pixel_values.to(visual.dtype), grid_thw=image_grid_thw).pooler_output
         sizes = (image_grid_thw.prod(-1) // visual.spatial_merge_size**2).tolist()
         return list(torch.split(merged, sizes))
 
@@ -362,14 +448,15 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
             normalized, config=config, min_pixels=limits[0], max_pixels=limits[1], truncate=truncate
         )
         results: list[torch.Tensor | None] = [None] * len(tokenized)
-        groups = adapters if self.adapter_batching == "group" else None
-        batches = self.plan_batches(tokenized, batch_size, max_batch_tokens, groups=groups)
+        packed = self.use_packed_attention()
+        groups = adapters if (packed or self.adapter_batching == "group") else None  # a packed row has one adapter
+        batches = self.plan_batches(tokenized, batch_size, max_batch_tokens, groups=groups, padded=not packed)
         was_training = self.training
         self.eval()
         try:
             for batch in _progress(batches, show_progress_bar, len(tokenized)):
                 batch_adapters = [adapters[i] for i in batch]
-                vectors = self._embed_batch([tokenized[i] for i in batch], batch_adapters, limits, return_multivector)
+                vectors = self._embed_batch([tokenized[i] for i in batch], batch_adapters, limits, return_multivector, packed)
                 for index, vector in zip(batch, vectors):
                     results[index] = vector
         finally:
@@ -397,10 +484,12 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
 
     @staticmethod
     def plan_batches(
-        tokenized: Sequence[TokenizedItem], batch_size: int, max_batch_tokens: int, groups: Sequence[str] | None = None
+        tokenized: Sequence[TokenizedItem], batch_size: int, max_batch_tokens: int, groups: Sequence[str] | None = None,
+        padded: bool = True,
     ) -> list[list[int]]:
-        """Longest first, cut when the padded size (items x longest) would pass the token budget.
+        """Longest first, cut when the batch's size would pass the token budget.
 
+        The size is items x longest when batches are padded, the sum of lengths when they are packed.
         With ``groups`` (one key per item, e.g. its adapter), a batch never mixes groups.
         An item longer than the budget runs alone.
         """
@@ -408,31 +497,41 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         order = sorted(range(len(tokenized)), key=lambda i: (group_of(i), -len(tokenized[i])))
         batches: list[list[int]] = []
         current: list[int] = []
+        total = 0
         for index in order:
             longest = len(tokenized[current[0]]) if current else len(tokenized[index])
+            size = (len(current) + 1) * longest if padded else total + len(tokenized[index])
             new_group = current and group_of(current[0]) != group_of(index)
-            if current and (new_group or len(current) >= batch_size or (len(current) + 1) * longest > max_batch_tokens):
+            if current and (new_group or len(current) >= batch_size or size > max_batch_tokens):
                 batches.append(current)
-                current = []
+                current, total = [], 0
             current.append(index)
+            total += len(tokenized[index])
         if current:
             batches.append(current)
         return batches
 
     def _embed_batch(
-        self, batch: list[TokenizedItem], adapters: list[str], limits: tuple[int, int], return_multivector: bool
+        self, batch: list[TokenizedItem], adapters: list[str], limits: tuple[int, int], return_multivector: bool,
+        packed: bool = False,
     ) -> list[torch.Tensor]:
-        inputs = self.processor.collate(batch, min_pixels=limits[0], max_pixels=limits[1])
+        collate = self.processor.collate_packed if packed else self.processor.collate
+        inputs = collate(batch, min_pixels=limits[0], max_pixels=limits[1])
+        masks = inputs["output_mask"]
         inputs = inputs.to(self.device)
+        row_adapters = adapters[:1] if packed else adapters  # a packed batch is one row of one adapter
         with self._adapter_lock:
             for item, name in zip(batch, adapters):
                 if name != BASE and name not in self._adapters:
                     raise ItemError(item.item.index, f"adapter {name!r} was unloaded while the call ran")
-            out = self(**inputs, return_multivector=return_multivector, adapter_names=adapters)
+            out = self(**inputs, return_multivector=return_multivector, adapter_names=row_adapters)
         if not return_multivector:
             return list(out.single_vector.cpu())
         multi = out.multi_vector.cpu()
-        masks = inputs["output_mask"].cpu()
+        if packed:
+            rows = torch.split(multi[0], [len(t) for t in batch])
+            row_masks = torch.split(masks[0], [len(t) for t in batch])
+            return [row[mask] for row, mask in zip(rows, row_masks)]
         return [multi[row][masks[row]] for row in range(len(batch))]
 
     def _finish(self, results: list[torch.Tensor], return_multivector: bool, dimensions: int | None):
@@ -493,6 +592,63 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
     def score_single_vector(queries: torch.Tensor, documents: torch.Tensor) -> torch.Tensor:
         """Cosine similarity of normalised single vectors: (n_queries, n_documents)."""
         return torch.as_tensor(queries, dtype=torch.float32) @ torch.as_tensor(documents, dtype=torch.float32).T
+
+
+# ---------------------------------------------------------------------- packed (variable-length) attention
+def _varlen_kernel():
+    """torch's variable-length flash attention (torch >= 2.10 on CUDA), or None where it does not exist."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def packed_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    is_causal: bool | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    max_length_q: int | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention over sequences packed into one row: (1, heads, tokens, dim) -> (1, tokens, heads, dim).
+
+    On CUDA in half precision it is one ``varlen_attn`` call (causal through ``window_size``); elsewhere each
+    sequence runs through SDPA on its own, the plain path CPU tests compare against.
+    """
+    if cu_seq_lens_q is None:
+        raise ValueError("packed attention needs cu_seq_lens_q (the model passes it in packed mode)")
+    causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, dim)
+    kernel = _varlen_kernel()
+    if kernel is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        extra = {"enable_gqa": True} if "enable_gqa" in inspect.signature(kernel).parameters else {}
+        cu = cu_seq_lens_q.to(device=q.device, dtype=torch.int32)
+        out = kernel(q, k, v, cu, cu, int(max_length_q), int(max_length_q), scale=scaling,
+                     window_size=(-1, 0) if causal else (-1, -1), **extra)
+    else:
+        out = _attention_per_sequence(q, k, v, cu_seq_lens_q.tolist(), causal, scaling)
+    return out.unsqueeze(0), None
+
+
+def _attention_per_sequence(q, k, v, bounds: list[int], causal: bool, scaling: float | None) -> torch.Tensor:
+    repeat = q.shape[1] // k.shape[1]  # grouped KV heads: each KV head serves `repeat` query heads
+    outputs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))  # (heads, len, dim)
+        ks, vs = ks.repeat_interleave(repeat, dim=0), vs.repeat_interleave(repeat, dim=0)
+        out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scaling)
+        outputs.append(out.transpose(0, 1))
+    return torch.cat(outputs)
+
+
+AttentionInterface.register(PACKED_ATTENTION, packed_attention_forward)
 
 
 # ---------------------------------------------------------------------- helpers

@@ -318,6 +318,26 @@ class NovaEmbeddingsV1Processor(Qwen2_5_VLProcessor):
         batch.update(self.process_batch_images(tokenized, min_pixels=min_pixels, max_pixels=max_pixels))
         return BatchFeature(batch)
 
+    def collate_packed(self, tokenized: Sequence[TokenizedItem], *, min_pixels: int, max_pixels: int) -> BatchFeature:
+        """Concatenate a batch into one row with no padding, for variable-length (packed) attention.
+
+        Returns input_ids, pooling_mask, output_mask of shape (1, total_tokens), cu_seqlens (items + 1,
+        int32: where each item starts and ends), max_seqlen, and the image tensors as ``collate``.
+        """
+        lengths = torch.tensor([len(t) for t in tokenized], dtype=torch.int32)
+        cu_seqlens = torch.zeros(len(tokenized) + 1, dtype=torch.int32)
+        cu_seqlens[1:] = torch.cumsum(lengths, 0)
+        flat = lambda name: torch.tensor([v for t in tokenized for v in getattr(t, name)]).unsqueeze(0)
+        batch = {
+            "input_ids": flat("input_ids"),
+            "pooling_mask": flat("pooling_mask"),
+            "output_mask": flat("output_mask"),
+            "cu_seqlens": cu_seqlens,
+            "max_seqlen": int(lengths.max()),
+        }
+        batch.update(self.process_batch_images(tokenized, min_pixels=min_pixels, max_pixels=max_pixels))
+        return BatchFeature(batch)
+
     def process_batch_images(self, tokenized: Sequence[TokenizedItem], *, min_pixels: int, max_pixels: int) -> dict:
         """Pixel values for the batch's pictures, precomputed embeddings for the rest, grids for all."""
         with_image = [t for t in tokenized if t.item.has_image]

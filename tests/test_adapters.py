@@ -50,6 +50,9 @@ def test_mixed_call_equals_each_item_alone(model):
     torch.testing.assert_close(together, alone, atol=1e-6, rtol=1e-5)
     model.adapter_batching = "mixed"
     torch.testing.assert_close(model.encode(ITEMS), together, atol=1e-6, rtol=1e-5)
+    model.attention_packing = "on"  # packed rows carry one adapter each
+    torch.testing.assert_close(model.encode(ITEMS), together, atol=1e-5, rtol=1e-4)
+    model.attention_packing = "auto"
     multi = model.encode(ITEMS, return_multivector=True)
     for got, item in zip(multi, ITEMS):
         torch.testing.assert_close(got, model.encode([item], return_multivector=True)[0], atol=1e-6, rtol=1e-5)

@@ -329,6 +329,12 @@ def test_cuda_matches_cpu(tiny_nova_dir, model):
     out = gpu.encode(items)
     assert out.device.type == "cpu"
     torch.testing.assert_close(out, model.encode(items), atol=1e-4, rtol=1e-3)
+    half = AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True, dtype=torch.bfloat16).to("cuda").eval()
+    assert half.use_packed_attention()  # varlen flash attention on CUDA in bf16
+    packed = half.encode(items + [{"image": make_image(18, width=200, height=120), "text": "fused"}])
+    half.attention_packing = "off"
+    padded = half.encode(items + [{"image": make_image(18, width=200, height=120), "text": "fused"}])
+    assert F.cosine_similarity(packed, padded).min() > 0.999
 
 
 # ---------------------------------------------------------------------- errors
@@ -375,3 +381,35 @@ def test_oversized_image_and_long_text(tiny_nova_dir):
             config=model.config, truncate=True, max_length=40,
         )
     assert len(instructed[0]) == 40 and model.processor.tokenizer.decode(instructed[0].input_ids).endswith("<|im_end|>\n")
+
+
+# ---------------------------------------------------------------------- packed (variable-length) attention
+def test_packed_and_padded_paths_agree(model):
+    """attention_packing="on" runs the packed path (per-sequence SDPA on CPU, varlen flash on CUDA)."""
+    items = ["short", "a much longer text about late interaction and retrieval of pages", {"image": make_image(30)},
+             {"image": make_image(31, width=150), "text": "fused", "task": "retrieval.passage"},
+             {"text": "with instruction", "instructions": "Be brief"}]
+    model.attention_packing = "off"
+    padded, padded_multi = model.encode(items), model.encode(items, return_multivector=True)
+    try:
+        model.attention_packing = "on"
+        packed, packed_multi = model.encode(items), model.encode(items, return_multivector=True)
+        budget = model.encode(items, max_batch_tokens=40)
+        embeds = model.get_image_embeddings([make_image(30)])
+    finally:
+        model.attention_packing = "auto"
+    torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(budget, padded, atol=1e-5, rtol=1e-4)
+    for a, b in zip(packed_multi, padded_multi):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(model.encode([{"image_embeds": embeds[0]}])[0], padded[2], atol=1e-5, rtol=1e-4)
+
+
+def test_packed_batches_count_real_tokens(model):
+    processor = model.processor
+    tokenized = processor.tokenize_items(processor.normalize_items(["a " * n for n in (1, 30, 5, 12, 2, 40)], config=model.config),
+                                         config=model.config)
+    batches = model.plan_batches(tokenized, batch_size=64, max_batch_tokens=60, padded=False)
+    assert sorted(i for b in batches for i in b) == list(range(6))
+    for batch in batches:
+        assert len(batch) == 1 or sum(len(tokenized[i]) for i in batch) <= 60
