@@ -361,9 +361,11 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
     def _remove_adapter_layers(self, name: str) -> None:
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        for module in self.modules():
-            if isinstance(module, BaseTunerLayer) and name in module.lora_A:
-                module.delete_adapter(name)
+        with warnings.catch_warnings():  # PEFT notes which adapter becomes "active": routing never uses that
+            warnings.filterwarnings("ignore", message=".*was active which is now deleted.*")
+            for module in self.modules():
+                if isinstance(module, BaseTunerLayer) and name in module.lora_A:
+                    module.delete_adapter(name)
         getattr(self, "peft_config", {}).pop(name, None)
 
     def resolve_adapter(self, item: EmbeddingItem, call_adapter: Any = _UNSET) -> str:
