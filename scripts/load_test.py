@@ -1,0 +1,334 @@
+"""Load test of the embeddings server: requests/s, items/s and latency percentiles, loopback only.
+
+By default it starts the server in-process on 127.0.0.1 (a free port) with the given model, sends a bounded
+number of requests with bounded concurrency, stops at a time cap whatever happens, and also times a direct
+``encode()`` of the same items, so the server's overhead can be read off beside the model's own speed.
+
+    python scripts/load_test.py [--model PATH|none|random-full] [--device cuda] [--dtype bfloat16]
+        [--requests 500] [--concurrency 32] [--items-per-request 4] [--words 48] [--image-fraction 0]
+    python scripts/load_test.py --url http://127.0.0.1:8000 [--api-key KEY] ...   # a running server
+
+``--model none`` (the default) is the tiny checkpoint; ``random-full`` is the full-size architecture
+(jina-embeddings-v4 = Qwen2.5-VL-3B) with random weights made on the device, on the tiny tokenizer: nothing
+is downloaded. Results are printed and written as JSON (``--json``, and $OUT/load_test.json when $OUT is set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+
+WORDS = ("vector search index query passage model token image batch server latency retrieval document embedding "
+         "matrix layer adapter cache memory network signal river mountain city garden history science music").split()
+
+# jina-embeddings-v4 (Qwen2.5-VL-3B) sizes for --model random-full; token ids stay the tiny tokenizer's.
+FULL_TEXT = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                 num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=128000)
+FULL_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
+                   window_size=112, fullatt_block_indexes=[7, 15, 23, 31])
+FULL_EMBEDDING = dict(multi_vector_projector_dim=128, matryoshka_dims=[128, 256, 512, 1024, 2048], min_pixels=3136,
+                      max_pixels=602112)
+FULL_MROPE_SECTION = [16, 24, 24]
+
+
+# ---------------------------------------------------------------------- model
+def random_full_size_model(tiny_dir: Path, device: str, dtype: Any) -> Any:
+    """The full-size architecture with random weights made on ``device``, processor from the tiny repository."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(str(tiny_dir), trust_remote_code=True)
+    for name, value in FULL_TEXT.items():
+        setattr(config.text_config, name, value)
+    rope = dict(getattr(config.text_config, "rope_parameters", None) or {})
+    rope["mrope_section"] = FULL_MROPE_SECTION
+    config.text_config.rope_parameters = rope
+    for name, value in FULL_VISION.items():
+        setattr(config.vision_config, name, value)
+    for name, value in FULL_EMBEDDING.items():
+        setattr(config, name, value)
+    with torch.device(device):
+        model = AutoModel.from_config(config, trust_remote_code=True, dtype=dtype)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def load_model(spec: str | None, device: str, dtype: str, workdir: Path) -> tuple[Any, str]:
+    """(model, description) for --model PATH | none | random-full."""
+    from scripts.serve import build_tiny_checkpoint, load_model as load_repository, resolve_device, resolve_dtype
+
+    if spec not in (None, "none", "random-full"):
+        return load_repository(spec, device=device, dtype=dtype), spec
+    tiny = build_tiny_checkpoint(workdir)
+    if spec == "random-full":
+        resolved = resolve_device(device)
+        return random_full_size_model(tiny, resolved, resolve_dtype(dtype, resolved)), "random-full (Qwen2.5-VL-3B size)"
+    return load_repository(tiny, device=device, dtype=dtype), "tiny"
+
+
+# ---------------------------------------------------------------------- payloads
+def png_base64(rng: np.random.Generator, size: int) -> str:
+    from PIL import Image
+
+    pixels = (rng.random((size, size, 3)) * 255).astype("uint8")
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def make_payloads(args: argparse.Namespace, model_name: str) -> list[dict]:
+    """``--requests`` request bodies: texts of about ``--words`` words, a fraction of images, mixed tasks."""
+    rng = np.random.default_rng(args.seed)
+    tasks = ["retrieval.query", "retrieval.passage", "text-matching", "code.query"]
+    images = [png_base64(rng, args.image_size) for _ in range(8)] if args.image_fraction > 0 else []
+    payloads = []
+    for _ in range(args.requests):
+        items: list[Any] = []
+        for _ in range(args.items_per_request):
+            if images and rng.random() < args.image_fraction:
+                items.append({"image": images[int(rng.integers(len(images)))]})
+            else:
+                words = max(1, int(rng.normal(args.words, args.words / 4)))
+                items.append({"text": " ".join(rng.choice(WORDS, size=words)), "task": tasks[int(rng.integers(4))]})
+        payloads.append({"model": model_name, "input": items, "encoding_format": args.encoding_format})
+    return payloads
+
+
+# ---------------------------------------------------------------------- load
+@dataclass
+class LoadResult:
+    latencies: list[float] = field(default_factory=list)
+    statuses: dict[int, int] = field(default_factory=dict)
+    items: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    stopped_by_time_cap: bool = False
+    errors: list[str] = field(default_factory=list)
+
+
+async def run_load(url: str, payloads: list[dict], concurrency: int, time_cap_s: float, headers: dict) -> LoadResult:
+    """Send ``payloads`` with at most ``concurrency`` in flight; stop issuing at the time cap."""
+    result = LoadResult()
+    next_index = 0
+    deadline = time.monotonic() + time_cap_s
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal next_index
+        while next_index < len(payloads) and time.monotonic() < deadline:
+            body = payloads[next_index]
+            next_index += 1
+            await send(client, body, result)
+
+    started = time.monotonic()
+    async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=time_cap_s, trust_env=False) as client:
+        workers = [asyncio.create_task(worker(client)) for _ in range(concurrency)]
+        done, pending = await asyncio.wait(workers, timeout=time_cap_s + 5)
+        for task in pending:
+            task.cancel()
+        result.stopped_by_time_cap = bool(pending) or next_index < len(payloads)
+    result.seconds = time.monotonic() - started
+    return result
+
+
+async def send(client: httpx.AsyncClient, body: dict, result: LoadResult) -> None:
+    started = time.monotonic()
+    try:
+        response = await client.post("/v1/embeddings", json=body)
+    except httpx.HTTPError as error:
+        result.statuses[0] = result.statuses.get(0, 0) + 1
+        result.errors.append(f"{type(error).__name__}: {error}")
+        return
+    result.statuses[response.status_code] = result.statuses.get(response.status_code, 0) + 1
+    if response.status_code != 200:
+        result.errors.append(response.text[:300])
+        return
+    result.latencies.append(time.monotonic() - started)
+    result.items += len(body["input"])
+    result.tokens += response.json()["usage"]["prompt_tokens"]
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def summarize(result: LoadResult, concurrency: int) -> dict:
+    ok = len(result.latencies)
+    seconds = max(result.seconds, 1e-9)
+    ms = lambda v: None if v is None else round(1000 * v, 2)  # noqa: E731
+    return {
+        "requests_ok": ok, "statuses": {str(k): v for k, v in sorted(result.statuses.items())},
+        "seconds": round(result.seconds, 3), "concurrency": concurrency,
+        "requests_per_s": round(ok / seconds, 2), "items_per_s": round(result.items / seconds, 2),
+        "tokens_per_s": round(result.tokens / seconds, 1),
+        "latency_ms": {"p50": ms(percentile(result.latencies, 0.5)), "p90": ms(percentile(result.latencies, 0.9)),
+                       "p99": ms(percentile(result.latencies, 0.99)), "max": ms(max(result.latencies, default=None))},
+        "stopped_by_time_cap": result.stopped_by_time_cap, "first_errors": result.errors[:3],
+    }
+
+
+def server_batch_stats(url: str, headers: dict) -> dict:
+    """Mean items and requests per encode() call, from /metrics."""
+    text = httpx.get(f"{url}/metrics", headers=headers, timeout=10, trust_env=False).text
+    values = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("nova_batch_items_sum", "nova_batch_items_count", "nova_batch_requests_sum", "nova_encode_seconds_total"):
+            values[name] = float(value)
+    batches = values.get("nova_batch_items_count", 0) or 1
+    return {"batches": int(values.get("nova_batch_items_count", 0)),
+            "mean_items_per_batch": round(values.get("nova_batch_items_sum", 0) / batches, 2),
+            "mean_requests_per_batch": round(values.get("nova_batch_requests_sum", 0) / batches, 2),
+            "encode_seconds": round(values.get("nova_encode_seconds_total", 0), 3)}
+
+
+# ---------------------------------------------------------------------- direct encode() baseline
+def encode_baseline(model: Any, payloads: list[dict], max_batch_items: int, max_batch_tokens: int, cap_s: float) -> dict:
+    """items/s of ``encode()`` on the same items, in calls of ``max_batch_items`` items (the server's budget)."""
+    import torch
+
+    items = [item for body in payloads for item in body["input"]]
+    model.encode(items[:max_batch_items], batch_size=max_batch_items, max_batch_tokens=max_batch_tokens)  # warm-up
+    synchronize = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    synchronize()
+    started, done = time.monotonic(), 0
+    for start in range(0, len(items), max_batch_items):
+        if time.monotonic() - started > cap_s:
+            break
+        chunk = items[start : start + max_batch_items]
+        model.encode(chunk, batch_size=max_batch_items, max_batch_tokens=max_batch_tokens)
+        done += len(chunk)
+    synchronize()
+    seconds = time.monotonic() - started
+    return {"items": done, "seconds": round(seconds, 3), "items_per_s": round(done / max(seconds, 1e-9), 2)}
+
+
+# ---------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="nova repository, 'none' (tiny, default) or 'random-full'")
+    parser.add_argument("--url", default=None, help="target a running server instead (loopback addresses only)")
+    parser.add_argument("--api-key", default=os.environ.get("NOVA_API_KEY"))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--requests", type=int, default=500, help="requests to send (at most)")
+    parser.add_argument("--concurrency", type=int, default=32, help="requests in flight at once")
+    parser.add_argument("--items-per-request", type=int, default=4)
+    parser.add_argument("--words", type=int, default=48, help="mean words per text item")
+    parser.add_argument("--image-fraction", type=float, default=0.0, help="share of items that are images")
+    parser.add_argument("--image-size", type=int, default=448, help="side of the random test images, px")
+    parser.add_argument("--encoding-format", choices=["float", "base64"], default="base64")
+    parser.add_argument("--max-batch-tokens", type=int, default=16384)
+    parser.add_argument("--max-batch-items", type=int, default=256)
+    parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--time-cap", type=float, default=240.0, help="seconds; the run stops by itself after it")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the direct encode() timing")
+    parser.add_argument("--warmup", type=int, default=8, help="requests sent (and not counted) before measuring")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    return parser
+
+
+def check_loopback(url: str) -> None:
+    from scripts.serve import is_loopback
+
+    host = urlsplit(url).hostname or ""
+    if not is_loopback(host):
+        raise SystemExit(f"error: --url must point at a loopback address (127.0.0.1, ::1, localhost), got {host!r}")
+
+
+def start_watchdog(seconds: float) -> None:
+    """Whatever hangs, the process ends: a bounded run is a promise of this script."""
+    def expire() -> None:
+        print(f"load_test: hard time cap of {seconds:.0f} s reached; exiting", file=sys.stderr, flush=True)
+        os._exit(3)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+
+
+def measure(url: str, payloads: list[dict], args: argparse.Namespace, headers: dict) -> dict:
+    warm = [dict(p) for p in payloads[: args.warmup]]
+    if warm:
+        asyncio.run(run_load(url, warm, min(args.concurrency, len(warm)), args.time_cap, headers))
+    result = asyncio.run(run_load(url, payloads, args.concurrency, args.time_cap, headers))
+    return summarize(result, args.concurrency)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    start_watchdog(args.time_cap * 3 + 600)  # model loading and the baseline are bounded by this too
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    report: dict[str, Any] = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                                           if k != "api_key"}}
+    if args.url:
+        check_loopback(args.url)
+        name = httpx.get(f"{args.url}/v1/models", headers=headers, timeout=10, trust_env=False).json()["data"][0]["id"]
+        report["load"] = measure(args.url, make_payloads(args, name), args, headers)
+        report["server_batches"] = server_batch_stats(args.url, headers)
+    else:
+        report.update(run_in_process(args, headers))
+    print(json.dumps(report, indent=2))
+    write_report(report, args.json)
+    return 0 if report["load"]["requests_ok"] > 0 else 1
+
+
+def run_in_process(args: argparse.Namespace, headers: dict) -> dict:
+    """Load the model, serve it on 127.0.0.1 in a thread, measure, then time encode() on the same items."""
+    from scripts.nova_server import ServerSettings, create_app
+    from scripts.serve import serve_in_thread
+
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="nova-load-") as workdir:
+        started = time.monotonic()
+        model, description = load_model(args.model, args.device, args.dtype, Path(workdir))
+        out["model"] = {"name": description, "device": str(model.device), "dtype": str(model.dtype),
+                        "load_seconds": round(time.monotonic() - started, 1)}
+        settings = ServerSettings(served_model_names=("load-test",), max_batch_tokens=args.max_batch_tokens,
+                                  max_batch_items=args.max_batch_items, max_wait_ms=args.max_wait_ms,
+                                  max_queue_requests=max(1024, 2 * args.concurrency), api_key=args.api_key)
+        payloads = make_payloads(args, "load-test")
+        with serve_in_thread(create_app(model, settings), host="127.0.0.1", port=0) as url:
+            out["load"] = measure(url, payloads, args, headers)
+            out["server_batches"] = server_batch_stats(url, headers)
+        if not args.no_baseline:
+            out["encode_baseline"] = encode_baseline(model, payloads, args.max_batch_items, args.max_batch_tokens,
+                                                     args.time_cap)
+    return out
+
+
+def write_report(report: dict, path: Path | None) -> None:
+    targets = [path] if path else []
+    if os.environ.get("OUT"):
+        targets.append(Path(os.environ["OUT"]) / "load_test.json")
+    for target in targets:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
