@@ -1,0 +1,76 @@
+"""Helpers shared by train_adapter.py and evaluate_retrieval.py: JSONL files, image paths, model loading.
+
+Why a module: both scripts read JSONL files whose errors must name the line, both resolve image paths
+against the data file's folder (not the working directory), and both load the model the same way.
+Item validation itself stays in the processor (``normalize_items``); this module only maps its
+``ItemError.index`` back to where an item came from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, the line and the problem."""
+
+
+def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) for every non-blank line; invalid JSON names its line."""
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}, line {number}: invalid JSON: {error.msg} (column {error.colno})") from None
+
+
+def resolve_image(value: Any, base_dir: Path) -> Any:
+    """A relative image path is taken relative to the data file's folder; URLs, base64 and absolute paths pass."""
+    if not isinstance(value, str) or value.startswith(("http://", "https://", "data:")) or os.path.isabs(value):
+        return value
+    candidate = base_dir / value
+    return str(candidate) if candidate.is_file() else value
+
+
+def resolve_item_images(item: Any, base_dir: Path) -> Any:
+    """A copy of a raw item (str or dict) with its ``image`` resolved against ``base_dir``."""
+    if isinstance(item, dict) and "image" in item:
+        return {**item, "image": resolve_image(item["image"], base_dir)}
+    return item
+
+
+def item_problem(error: ValueError, base_dir: Path | None = None) -> tuple[int | None, str]:
+    """(item index, problem) of a processor error; the index is None for errors about the whole call."""
+    index = getattr(error, "index", None)
+    problem = getattr(error, "problem", str(error))
+    if base_dir is not None and "existing path" in problem:
+        problem += f" (relative image paths are resolved against {base_dir})"
+    return index, problem
+
+
+def load_model(
+    name_or_path: str, *, dtype: str = "float32", device: str | None = None, load_task_adapters: bool = True
+) -> torch.nn.Module:
+    """The nova model through transformers' remote code, in ``dtype``, on ``device`` (default: cuda if present)."""
+    from transformers import AutoModel
+
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    model = AutoModel.from_pretrained(
+        name_or_path, trust_remote_code=True, dtype=DTYPES[dtype], load_task_adapters=load_task_adapters
+    )
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device)
+
+
+__all__ = ["DataError", "DTYPES", "iter_jsonl", "resolve_image", "resolve_item_images", "item_problem", "load_model"]
