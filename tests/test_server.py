@@ -16,17 +16,17 @@ import threading
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-import httpx
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from transformers import AutoModel
 
-from scripts.nova_server import ServerSettings, create_app
-from scripts.nova_server.images import is_public_address
+pytest.importorskip("fastapi", reason="the server's optional extra (requirements-server.txt) is not installed")
+httpx = pytest.importorskip("httpx", reason="the server's optional extra (requirements-server.txt) is not installed")
 
-pytest.importorskip("fastapi")
+from scripts.nova_server import ServerSettings, create_app  # noqa: E402
+from scripts.nova_server.images import is_public_address  # noqa: E402
 
 MODEL_NAME = "tiny"
 ATOL = 1e-5
@@ -346,12 +346,14 @@ def test_bad_request_in_a_shared_batch_fails_alone(model, monkeypatch):
     gate.encode = encode
     bodies = [{"input": ["first"]}, {"input": ["ok", "boom"]}, {"input": ["fine", "also fine"]}]
 
+    app = app_for(model, max_wait_ms=50)
+
     async def scenario():
-        async with serving(app_for(model, max_wait_ms=50)) as client:
+        async with serving(app) as client:
             first = asyncio.create_task(post(client, bodies[0]))
             await gate.wait_entered()
             rest = [asyncio.create_task(post(client, b)) for b in bodies[1:]]
-            await wait_until(lambda: client._transport.app.state.nova.batcher.queue_requests == 2)
+            await wait_until(lambda: app.state.nova.batcher.queue_requests == 2)
             gate.release.set()
             return [await first] + [await task for task in rest]
 

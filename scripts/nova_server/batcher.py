@@ -16,7 +16,7 @@ import math
 import time
 from collections import deque
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from .metrics import Metrics
@@ -55,7 +55,6 @@ class Job:
     return_multivector: bool = False
     truncate: bool = False
     future: asyncio.Future | None = None
-    created: float = field(default_factory=time.monotonic)
 
     @property
     def key(self) -> tuple[bool, bool]:
