@@ -891,3 +891,14 @@ def test_serve_command_line_maps_to_settings():
         build_parser().parse_args(["--load-lora", "no-equals-sign"])
     with pytest.raises(ValueError, match="needs allow_image_urls"):
         ServerSettings(allow_private_image_urls=True)
+
+
+def test_startup_adapters_from_the_command_line(model, lora_dir, clean_adapters):
+    from scripts.serve import load_startup_adapters
+
+    with pytest.raises(ValueError, match="over --max-loras 1"):
+        load_startup_adapters(model, [("a", lora_dir), ("b", lora_dir)], max_loras=1)
+    load_startup_adapters(model, [("startup", f"{lora_dir}/adapter_model.safetensors")], max_loras=1)
+    assert "startup" in model.list_adapters()
+    with pytest.raises(ValueError, match="already loaded"):
+        load_startup_adapters(model, [("startup", lora_dir)], max_loras=2)
