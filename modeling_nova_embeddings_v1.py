@@ -15,6 +15,8 @@ import inspect
 import os
 import threading
 import warnings
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
@@ -36,6 +38,8 @@ OUTPUT_FORMATS = ("torch", "numpy", "list", "base64")
 PACKED_ATTENTION = "nova_flash_varlen"
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MERGE_MIN_TOKENS = 4096  # below this, merging (two weight copies of ~5.5 GB at full size) costs more than unmerged LoRA
+PREFETCH_BATCHES = 3  # batches collated ahead by worker threads
 
 
 @dataclass
@@ -67,6 +71,9 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         self._adapters: dict[str, str] = {}  # adapter name -> where it was loaded from
         self.adapter_batching = "group"  # "group": one adapter per batch; "mixed": PEFT mixed-adapter batches
         self.attention_packing = "auto"  # "auto": packed variable-length attention on CUDA in half precision; "on"; "off"
+        self.adapter_merging = "auto"  # "auto": merge a batch group's adapter into the weights on CUDA when it pays; "on"; "off"
+        self._merged_adapter: str | None = None
+        self._merge_backup: dict = {}
         self.post_init()
 
     @classmethod
@@ -210,6 +217,16 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
             yield
         finally:
             config._attn_implementation = previous
+
+    def compile_layers(self, vision: bool = True, **compile_kwargs: Any) -> None:
+        """Compile each decoder block with ``torch.compile`` (regional compilation: one graph shared by all
+        blocks, dynamic sequence length). Fuses the norms, rotary and activation kernels that eager mode runs
+        one by one; the first calls pay the compilation. Opt-in: ``model.compile_layers()``.
+        """
+        compile_kwargs.setdefault("dynamic", True)
+        blocks = list(self.model.language_model.layers) + (list(self.model.visual.blocks) if vision else [])
+        for block in blocks:
+            block.compile(**compile_kwargs)
 
     def use_packed_attention(self) -> bool:
         """Whether encode packs batches: ``attention_packing`` "on", or "auto" on CUDA in half precision."""
@@ -449,20 +466,19 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         tokenized = processor.tokenize_items(
             normalized, config=config, min_pixels=limits[0], max_pixels=limits[1], truncate=truncate
         )
-        results: list[torch.Tensor | None] = [None] * len(tokenized)
         packed = self.use_packed_attention()
         groups = adapters if (packed or self.adapter_batching == "group") else None  # a packed row has one adapter
         batches = self.plan_batches(tokenized, batch_size, max_batch_tokens, groups=groups, padded=not packed)
         was_training = self.training
         self.eval()
         try:
-            for batch in _progress(batches, show_progress_bar, len(tokenized)):
-                batch_adapters = [adapters[i] for i in batch]
-                vectors = self._embed_batch([tokenized[i] for i in batch], batch_adapters, limits, return_multivector, packed)
-                for index, vector in zip(batch, vectors):
-                    results[index] = vector
+            outputs = self._run_batches(tokenized, batches, adapters, limits, return_multivector, packed, show_progress_bar)
         finally:
             self.train(was_training)
+        results: list[torch.Tensor | None] = [None] * len(tokenized)
+        for batch, vectors in outputs:
+            for index, vector in zip(batch, vectors):
+                results[index] = vector
         return _convert(self._finish(results, return_multivector, dimensions), return_multivector, output)
 
     def encode_query(self, items, **kwargs):
@@ -513,28 +529,99 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
             batches.append(current)
         return batches
 
-    def _embed_batch(
-        self, batch: list[TokenizedItem], adapters: list[str], limits: tuple[int, int], return_multivector: bool,
-        packed: bool = False,
-    ) -> list[torch.Tensor]:
-        collate = self.processor.collate_packed if packed else self.processor.collate
-        inputs = collate(batch, min_pixels=limits[0], max_pixels=limits[1])
-        masks = inputs["output_mask"]
-        inputs = inputs.to(self.device)
-        row_adapters = adapters[:1] if packed else adapters  # a packed batch is one row of one adapter
-        with self._adapter_lock:
-            for item, name in zip(batch, adapters):
+    def _run_batches(self, tokenized, batches, adapters, limits, return_multivector, packed, show_progress_bar):
+        """Run every batch on the model, in order; returns (indices, per-item vectors on the CPU) per batch.
+
+        Worker threads collate (and, for images, preprocess) the next batches while the GPU runs the current
+        one; outputs stay on the device until the end so the GPU queue never waits on a copy. The adapter lock
+        is held throughout: no batch runs while adapters are loaded, unloaded, merged or restored.
+        """
+        group_tokens = {}
+        for batch in batches:
+            group_tokens[adapters[batch[0]]] = group_tokens.get(adapters[batch[0]], 0) + sum(len(tokenized[i]) for i in batch)
+        device_outputs = []
+        with self._adapter_lock, _Prefetcher(self._prepare_batch, tokenized, batches, limits, packed) as prepared:
+            for name in set(adapters):
                 if name != BASE and name not in self._adapters:
-                    raise ItemError(item.item.index, f"adapter {name!r} was unloaded while the call ran")
-            out = self(**inputs, return_multivector=return_multivector, adapter_names=row_adapters)
-        if not return_multivector:
-            return list(out.single_vector.cpu())
-        multi = out.multi_vector.cpu()
+                    raise ValueError(f"adapter {name!r} was unloaded while the call ran")
+            try:
+                for batch, inputs in _progress(prepared, show_progress_bar, len(tokenized), total=len(batches)):
+                    names = [adapters[i] for i in batch]
+                    row_names = self._enter_adapter(names, group_tokens.get(names[0], 0), packed)
+                    out = self(**inputs.to(self.device, non_blocking=True), return_multivector=return_multivector,
+                               adapter_names=row_names)
+                    vectors = out.multi_vector if return_multivector else out.single_vector
+                    device_outputs.append((batch, vectors, inputs["output_mask"]))
+            finally:
+                self._restore_merged_adapter()
+        return [(batch, self._split_vectors(vectors, masks, [len(tokenized[i]) for i in batch], return_multivector, packed))
+                for batch, vectors, masks in device_outputs]
+
+    def _prepare_batch(self, batch_items: list[TokenizedItem], limits: tuple[int, int], packed: bool):
+        """CPU side of a batch (runs in a worker thread): collate, rope positions, pinned memory."""
         if packed:
-            rows = torch.split(multi[0], [len(t) for t in batch])
-            row_masks = torch.split(masks[0], [len(t) for t in batch])
+            inputs = self.processor.collate_packed(batch_items, min_pixels=limits[0], max_pixels=limits[1])
+            inputs["position_ids"] = self.packed_position_ids(
+                inputs["input_ids"], inputs["cu_seqlens"], inputs.get("image_grid_thw"))
+        else:
+            inputs = self.processor.collate(batch_items, min_pixels=limits[0], max_pixels=limits[1])
+            inputs["position_ids"] = self.rope_position_ids(
+                inputs["input_ids"], inputs["attention_mask"], inputs.get("image_grid_thw"))
+        if self.device.type == "cuda":
+            for key, value in inputs.items():
+                if isinstance(value, torch.Tensor):
+                    inputs[key] = value.pin_memory()
+        return inputs
+
+    @staticmethod
+    def _split_vectors(vectors, masks, lengths, return_multivector, packed) -> list[torch.Tensor]:
+        vectors = vectors.cpu()
+        if not return_multivector:
+            return list(vectors)
+        if packed:
+            rows, row_masks = torch.split(vectors[0], lengths), torch.split(masks[0], lengths)
             return [row[mask] for row, mask in zip(rows, row_masks)]
-        return [multi[row][masks[row]] for row in range(len(batch))]
+        return [vectors[row][masks[row]] for row in range(len(lengths))]
+
+    def _enter_adapter(self, names: list[str], group_tokens: int, packed: bool) -> list[str] | None:
+        """Make the model compute with this batch's adapter(s); returns the per-row names to route with.
+
+        A batch of one adapter with enough tokens in the call runs on merged weights (PEFT's merge, the
+        original weights kept to restore exactly): LoRA then costs nothing per token.
+        """
+        single = len(set(names)) == 1
+        name = names[0]
+        if single and name == self._merged_adapter:
+            return None
+        self._restore_merged_adapter()
+        if single and name != BASE and self._should_merge(group_tokens):
+            self._merge_adapter(name)
+            return None
+        return names[:1] if packed else names
+
+    def _should_merge(self, group_tokens: int) -> bool:
+        if self.adapter_merging == "on":
+            return True
+        if self.adapter_merging == "off":
+            return False
+        return self.device.type == "cuda" and group_tokens >= MERGE_MIN_TOKENS
+
+    def _merge_adapter(self, name: str) -> None:
+        from peft.tuners.lora.layer import LoraLayer
+
+        for module in self.modules():
+            if isinstance(module, LoraLayer) and name in module.lora_A:
+                self._merge_backup[module] = module.get_base_layer().weight.detach().clone()
+                module.merge(adapter_names=[name])
+        self._merged_adapter = name
+
+    def _restore_merged_adapter(self) -> None:
+        """Put the exact original weights back (subtracting the delta again would drift in bf16)."""
+        for module, weight in self._merge_backup.items():
+            module.get_base_layer().weight.data.copy_(weight)
+            module.merged_adapters.clear()
+        self._merge_backup = {}
+        self._merged_adapter = None
 
     def _finish(self, results: list[torch.Tensor], return_multivector: bool, dimensions: int | None):
         if return_multivector:
@@ -597,13 +684,15 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
 
 
 # ---------------------------------------------------------------------- packed (variable-length) attention
+@functools.lru_cache(maxsize=None)
 def _varlen_kernel():
-    """torch's variable-length flash attention (torch >= 2.10 on CUDA), or None where it does not exist."""
+    """torch's variable-length flash attention (torch >= 2.10 on CUDA) and its extra keyword arguments, or None."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    return varlen_attn
+    extra = {"enable_gqa": True} if "enable_gqa" in inspect.signature(varlen_attn).parameters else {}
+    return functools.partial(varlen_attn, **extra)
 
 
 def packed_attention_forward(
@@ -630,10 +719,9 @@ def packed_attention_forward(
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, dim)
     kernel = _varlen_kernel()
     if kernel is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        extra = {"enable_gqa": True} if "enable_gqa" in inspect.signature(kernel).parameters else {}
         cu = cu_seq_lens_q.to(device=q.device, dtype=torch.int32)
         out = kernel(q, k, v, cu, cu, int(max_length_q), int(max_length_q), scale=scaling,
-                     window_size=(-1, 0) if causal else (-1, -1), **extra)
+                     window_size=(-1, 0) if causal else (-1, -1))
     else:
         out = _attention_per_sequence(q, k, v, cu_seq_lens_q.tolist(), causal, scaling)
     return out.unsqueeze(0), None
@@ -687,15 +775,42 @@ def _resolve_adapter_folder(repo: str, subfolder: str) -> str | None:
     return folder if os.path.isfile(os.path.join(folder, ADAPTER_WEIGHTS)) else None
 
 
-def _progress(batches: list, show: bool | None, n_items: int) -> Iterable:
+def _progress(batches: Iterable, show: bool | None, n_items: int, total: int) -> Iterable:
     """A tqdm bar over batches: shown when asked, or by default for long inputs (256+ items)."""
     if show is None:
-        show = n_items >= 256 and len(batches) > 1
+        show = n_items >= 256 and total > 1
     if not show:
         return batches
     from tqdm.auto import tqdm
 
-    return tqdm(batches, desc="encode", unit="batch")
+    return tqdm(batches, desc="encode", unit="batch", total=total)
+
+
+class _Prefetcher:
+    """Iterate (batch, prepared inputs) in order while worker threads prepare the next batches."""
+
+    def __init__(self, prepare, tokenized, batches, limits, packed, ahead: int = PREFETCH_BATCHES):
+        self._prepare, self._tokenized, self._batches = prepare, tokenized, batches
+        self._limits, self._packed, self._ahead = limits, packed, ahead
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __enter__(self):
+        self._pool = ThreadPoolExecutor(max_workers=self._ahead, thread_name_prefix="nova-collate")
+        return self
+
+    def __exit__(self, *exc_info):
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _submit(self, batch):
+        return self._pool.submit(self._prepare, [self._tokenized[i] for i in batch], self._limits, self._packed)
+
+    def __iter__(self):
+        pending = deque(self._submit(batch) for batch in self._batches[: self._ahead])
+        for position, batch in enumerate(self._batches):
+            inputs = pending.popleft().result()  # re-raises a worker's error (e.g. an unreadable image) here
+            if position + self._ahead < len(self._batches):
+                pending.append(self._submit(self._batches[position + self._ahead]))
+            yield batch, inputs
 
 
 def _convert(vectors, multi: bool, output: str):

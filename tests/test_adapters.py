@@ -178,3 +178,21 @@ def test_encoding_is_safe_while_adapters_change(model, tiny_nova_dir, tmp_path):
     assert len(results) == 12
     for result in results:
         torch.testing.assert_close(result, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_merged_adapter_groups_equal_unmerged_and_restore_weights_exactly(model):
+    """adapter_merging="on": each adapter group runs on merged weights (PEFT's merge), originals put back."""
+    before = snapshot(model)
+    model.adapter_merging = "off"
+    unmerged = model.encode(ITEMS)
+    unmerged_multi = model.encode(ITEMS, return_multivector=True)
+    model.adapter_merging = "on"
+    for packing in ("off", "on"):
+        model.attention_packing = packing
+        torch.testing.assert_close(model.encode(ITEMS, batch_size=2), unmerged, atol=1e-5, rtol=1e-4)
+        for got, want in zip(model.encode(ITEMS, return_multivector=True), unmerged_multi):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert model._merged_adapter is None
+    model.adapter_merging, model.attention_packing = "auto", "auto"

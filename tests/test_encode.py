@@ -413,3 +413,14 @@ def test_packed_batches_count_real_tokens(model):
     assert sorted(i for b in batches for i in b) == list(range(6))
     for batch in batches:
         assert len(batch) == 1 or sum(len(tokenized[i]) for i in batch) <= 60
+
+
+def test_compiled_layers_give_the_same_vectors(tiny_nova_dir, model):
+    """Regional compilation wiring (dynamo tracing, eager backend to keep CPU tests fast)."""
+    items = ["hello world", {"image": make_image(32)}, {"text": "x", "instructions": "Be brief"}]
+    expected = model.encode(items)
+    compiled = AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True, load_task_adapters=False).eval()
+    compiled.compile_layers(backend="eager")
+    torch.testing.assert_close(compiled.encode(items), expected, atol=1e-5, rtol=1e-4)
+    compiled.attention_packing = "on"
+    torch.testing.assert_close(compiled.encode(items), expected, atol=1e-5, rtol=1e-4)
