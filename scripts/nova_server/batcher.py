@@ -158,7 +158,12 @@ class Batcher:
             batch = await self._collect()
             if batch is None:
                 return
-            await self._run_batch(batch)
+            try:
+                await self._run_batch(batch)
+            except Exception as error:  # noqa: BLE001 - a bug here must fail these requests, not stop the worker
+                logger.exception("batch failed outside encode()")
+                for job in batch:
+                    _resolve(job, error=error)
 
     # ------------------------------------------------------------------ batching
     async def _collect(self) -> list[Job] | None:
