@@ -40,6 +40,7 @@ BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MERGE_MIN_TOKENS = 4096  # below this, merging (two weight copies of ~5.5 GB at full size) costs more than unmerged LoRA
 PREFETCH_BATCHES = 3  # batches collated ahead by worker threads
+GRAPH_MIN_TOKENS, GRAPH_MAX_TOKENS = 32, 512  # single texts up to this length replay a CUDA graph (buckets of 2^k)
 
 
 @dataclass
@@ -72,8 +73,10 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         self.adapter_batching = "group"  # "group": one adapter per batch; "mixed": PEFT mixed-adapter batches
         self.attention_packing = "auto"  # "auto": packed variable-length attention on CUDA in half precision; "on"; "off"
         self.adapter_merging = "auto"  # "auto": merge a batch group's adapter into the weights on CUDA when it pays; "on"; "off"
-        self._merged_adapter: str | None = None
+        self._route: tuple | None = None  # current LoRA layer state: ("base",), ("active", name), ("merged", name), ("mixed",)
         self._merge_backup: dict = {}
+        self._graphs: dict = {}  # CUDA graphs of single short items, per (length bucket, route, device, dtype)
+        self.cuda_graphs = "auto"  # "auto": replay captured CUDA graphs for single short texts on CUDA; "off"
         self.post_init()
 
     @classmethod
@@ -131,7 +134,9 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
             attention_mask = torch.ones_like(input_ids)
         with self._route_rows(adapter_names):
             inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw, image_embeds, image_is_precomputed)
-            if cu_seqlens is not None:
+            if cu_seqlens is not None and self._can_replay_graph(inputs_embeds, cu_seqlens, image_grid_thw, adapter_names, kwargs):
+                hidden = self._language_model_graphed(inputs_embeds)
+            elif cu_seqlens is not None:
                 hidden = self._language_model_packed(inputs_embeds, input_ids, cu_seqlens, max_seqlen, image_grid_thw,
                                                      position_ids, **kwargs)
             else:
@@ -175,6 +180,46 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
                 inputs_embeds=inputs_embeds, attention_mask=no_mask, position_ids=position_ids, use_cache=False,
                 cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_seqlen, max_length_k=max_seqlen, **kwargs,
             ).last_hidden_state  # (1, tokens, hidden)
+
+    def _can_replay_graph(self, inputs_embeds, cu_seqlens, image_grid_thw, adapter_names, kwargs) -> bool:
+        """CUDA graphs serve one short text item: its launch-bound forward becomes a single graph replay."""
+        return (self.cuda_graphs == "auto" and inputs_embeds.is_cuda and len(cu_seqlens) == 2 and image_grid_thw is None
+                and adapter_names is None and not kwargs and inputs_embeds.shape[1] <= GRAPH_MAX_TOKENS
+                and not torch.is_grad_enabled() and _varlen_kernel() is not None
+                and inputs_embeds.dtype in (torch.float16, torch.bfloat16))
+
+    def _language_model_graphed(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """Replay (capturing on first use) the language model for a length bucket and the current adapter state.
+
+        The item is padded at its end to the bucket length: attention is causal, so padding after the last
+        token changes none of the item's hidden states.
+        """
+        length = inputs_embeds.shape[1]
+        bucket = max(GRAPH_MIN_TOKENS, 1 << (length - 1).bit_length())
+        key = (bucket, self._route, inputs_embeds.device, inputs_embeds.dtype)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture_language_model(bucket, inputs_embeds)
+        static_in, static_out, graph = self._graphs[key]
+        static_in[:, :length].copy_(inputs_embeds)
+        static_in[:, length:].zero_()
+        graph.replay()
+        return static_out[:, :length].clone()
+
+    def _capture_language_model(self, bucket: int, like: torch.Tensor):
+        static_in = torch.zeros(1, bucket, like.shape[-1], device=like.device, dtype=like.dtype)
+        positions = torch.arange(bucket, device=like.device).view(1, 1, -1).expand(3, 1, -1)
+        cu = torch.tensor([0, bucket], dtype=torch.int32, device=like.device)
+        run = lambda: self._language_model_packed(static_in, None, cu, bucket, None, positions)  # noqa: E731
+        side = torch.cuda.Stream(device=like.device)
+        side.wait_stream(torch.cuda.current_stream(like.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up outside the graph (allocator, lazy kernel loading)
+                run()
+        torch.cuda.current_stream(like.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = run()
+        return static_in, static_out, graph
 
     def packed_position_ids(self, input_ids: torch.LongTensor, cu_seqlens: torch.Tensor,
                             image_grid_thw: torch.LongTensor | None) -> torch.LongTensor:
@@ -345,9 +390,11 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
                 self._check_adapter_fully_loaded(name, state, result)
             except Exception as error:
                 self._remove_adapter_layers(name)
+                self._forget_route()
                 raise ValueError(f"could not load adapter {name!r} from {folder}: {error}") from error
             self.peft_config[name] = config
             self._adapters[name] = str(peft_model_id)
+            self._forget_route()
             self.to(self.device)  # new LoRA weights follow the model (dtype is kept per PEFT: fp32 LoRA on bf16 is fine)
 
     def _check_adapter_fully_loaded(self, name: str, state: dict, result) -> None:
@@ -369,6 +416,7 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
                                  "so it cannot be unloaded")
             self._remove_adapter_layers(adapter_name)
             del self._adapters[adapter_name]
+            self._forget_route()
 
     def list_adapters(self) -> list[str]:
         """Names of the loaded adapters (task adapters first)."""
@@ -470,11 +518,13 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         groups = adapters if (packed or self.adapter_batching == "group") else None  # a packed row has one adapter
         batches = self.plan_batches(tokenized, batch_size, max_batch_tokens, groups=groups, padded=not packed)
         was_training = self.training
-        self.eval()
+        if was_training:
+            self.eval()
         try:
             outputs = self._run_batches(tokenized, batches, adapters, limits, return_multivector, packed, show_progress_bar)
         finally:
-            self.train(was_training)
+            if was_training:
+                self.train()
         results: list[torch.Tensor | None] = [None] * len(tokenized)
         for batch, vectors in outputs:
             for index, vector in zip(batch, vectors):
@@ -553,7 +603,7 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
                     vectors = out.multi_vector if return_multivector else out.single_vector
                     device_outputs.append((batch, vectors, inputs["output_mask"]))
             finally:
-                self._restore_merged_adapter()
+                self._set_route(("active", self._route[1]) if self._route and self._route[0] == "merged" else self._route)
         return [(batch, self._split_vectors(vectors, masks, [len(tokenized[i]) for i in batch], return_multivector, packed))
                 for batch, vectors, masks in device_outputs]
 
@@ -584,20 +634,46 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         return [vectors[row][masks[row]] for row in range(len(lengths))]
 
     def _enter_adapter(self, names: list[str], group_tokens: int, packed: bool) -> list[str] | None:
-        """Make the model compute with this batch's adapter(s); returns the per-row names to route with.
+        """Make the model compute with this batch's adapter(s); returns per-row names when rows differ.
 
-        A batch of one adapter with enough tokens in the call runs on merged weights (PEFT's merge, the
-        original weights kept to restore exactly): LoRA then costs nothing per token.
+        One adapter per batch: merged into the weights when the call has enough of its tokens (PEFT's merge,
+        the originals kept to restore exactly), else made PEFT's active adapter; the bare backbone disables
+        the LoRA layers. Rows with different adapters go through PEFT's mixed-batch forward.
         """
-        single = len(set(names)) == 1
         name = names[0]
-        if single and name == self._merged_adapter:
+        if len(set(names)) > 1:
+            self._set_route(("mixed",))
+            return names
+        if not self._adapters:
             return None
+        if name != BASE and self._should_merge(group_tokens):
+            self._set_route(("merged", name))
+        else:
+            self._set_route(("base",) if name == BASE else ("active", name))
+        return None
+
+    def _set_route(self, route: tuple) -> None:
+        """Switch the LoRA layers' state (only when it changes: it touches every layer)."""
+        if route == self._route:
+            return
+        from peft.tuners.lora.layer import LoraLayer
+
         self._restore_merged_adapter()
-        if single and name != BASE and self._should_merge(group_tokens):
-            self._merge_adapter(name)
-            return None
-        return names[:1] if packed else names
+        layers = [m for m in self.modules() if isinstance(m, LoraLayer)]
+        kind = route[0]
+        for layer in layers:
+            layer.enable_adapters(kind != "base")
+            if kind in ("active", "merged") and route[1] in layer.lora_A:
+                layer.set_adapter(route[1], inference_mode=True)
+        if kind == "merged":
+            self._merge_adapter(route[1], layers)
+        self._route = route
+
+    def _forget_route(self) -> None:
+        """Adapters changed: captured graphs and the cached layer state no longer hold."""
+        self._restore_merged_adapter()
+        self._route = None
+        self._graphs.clear()
 
     def _should_merge(self, group_tokens: int) -> bool:
         if self.adapter_merging == "on":
@@ -606,14 +682,11 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
             return False
         return self.device.type == "cuda" and group_tokens >= MERGE_MIN_TOKENS
 
-    def _merge_adapter(self, name: str) -> None:
-        from peft.tuners.lora.layer import LoraLayer
-
-        for module in self.modules():
-            if isinstance(module, LoraLayer) and name in module.lora_A:
+    def _merge_adapter(self, name: str, layers: list) -> None:
+        for module in layers:
+            if name in module.lora_A:
                 self._merge_backup[module] = module.get_base_layer().weight.detach().clone()
                 module.merge(adapter_names=[name])
-        self._merged_adapter = name
 
     def _restore_merged_adapter(self) -> None:
         """Put the exact original weights back (subtracting the delta again would drift in bf16)."""
@@ -621,7 +694,8 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
             module.get_base_layer().weight.data.copy_(weight)
             module.merged_adapters.clear()
         self._merge_backup = {}
-        self._merged_adapter = None
+        if self._route and self._route[0] == "merged":
+            self._route = None
 
     def _finish(self, results: list[torch.Tensor], return_multivector: bool, dimensions: int | None):
         if return_multivector:
@@ -795,16 +869,22 @@ class _Prefetcher:
         self._pool: ThreadPoolExecutor | None = None
 
     def __enter__(self):
-        self._pool = ThreadPoolExecutor(max_workers=self._ahead, thread_name_prefix="nova-collate")
+        if len(self._batches) > 1:  # one batch: nothing to overlap, no threads
+            self._pool = ThreadPoolExecutor(max_workers=self._ahead, thread_name_prefix="nova-collate")
         return self
 
     def __exit__(self, *exc_info):
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
     def _submit(self, batch):
         return self._pool.submit(self._prepare, [self._tokenized[i] for i in batch], self._limits, self._packed)
 
     def __iter__(self):
+        if self._pool is None:
+            for batch in self._batches:
+                yield batch, self._prepare([self._tokenized[i] for i in batch], self._limits, self._packed)
+            return
         pending = deque(self._submit(batch) for batch in self._batches[: self._ahead])
         for position, batch in enumerate(self._batches):
             inputs = pending.popleft().result()  # re-raises a worker's error (e.g. an unreadable image) here
