@@ -316,17 +316,20 @@ def freeze_unreached(model: nn.Module, multi_vector_weight: float) -> list[str]:
 
 
 def enable_checkpointing(model: nn.Module) -> None:
-    """Non-reentrant activation checkpointing of the decoder layers (and vision blocks).
+    """Non-reentrant activation checkpointing of the language model's decoder layers only.
 
-    Non-reentrant checkpointing does not need the layer inputs to require grad, so the frozen embeddings
-    are fine; transformers also calls ``enable_input_require_grads`` itself here. 5.23 renamed the method
-    (``gradient_checkpointing_enable`` warns there); 5.17 only has the old name.
+    Only the language model: enabling it on the whole model also makes transformers hook the vision tower's
+    patch embedding (``enable_input_require_grads`` visits every sub-model), so the frozen vision tower would
+    build a graph and be recomputed for nothing (and on CUDA with bf16 weights its recomputation does not
+    match its forward). Non-reentrant checkpointing needs no input that requires grad. transformers 5.23
+    renamed the method (the old name warns there); 5.17 only has the old one.
     """
-    enable = getattr(model, "activation_checkpointing_enable", None)
+    language_model = model.model.language_model
+    enable = getattr(language_model, "activation_checkpointing_enable", None)
     if enable is not None:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def save_adapter(peft_model, output_dir: Path, args: argparse.Namespace, history: list[dict]) -> None:

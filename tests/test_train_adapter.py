@@ -102,6 +102,18 @@ def test_a_few_steps_lower_the_loss(trained):
     assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3]), losses
 
 
+def test_checkpointing_covers_the_language_model_not_the_frozen_vision_tower(trained, train_file):
+    model = trained.peft_model.get_base_model()
+    assert all(layer.gradient_checkpointing for layer in model.model.language_model.layers)
+    assert not any(getattr(block, "gradient_checkpointing", False) for block in model.model.visual.blocks)
+    model.train()
+    batch = model.processor.process_items([{"image": str(train_file.parent / "images" / "page.png")}], config=model.config)
+    batch = batch.to(model.device)
+    features = model.image_features(batch["pixel_values"], batch["image_grid_thw"])
+    assert not features.requires_grad  # no graph (and no recomputation) through the vision tower
+    model.eval()
+
+
 def test_saved_adapter_is_standard_peft_layout(trained, bare_model):
     folder = trained.output_dir
     assert (folder / "adapter_config.json").is_file() and (folder / "adapter_model.safetensors").is_file()
@@ -148,7 +160,7 @@ def test_load_adapter_reproduces_the_trained_model_and_changes_embeddings(traine
     trained_model = trained.peft_model.get_base_model().eval()  # bare backbone + the new LoRA, as trained
     batch = trained_model.processor.process_items(items, task="retrieval.query", config=trained_model.config)
     with torch.no_grad():
-        expected = trained_model(**batch, return_multivector=False).single_vector
+        expected = trained_model(**batch.to(trained_model.device), return_multivector=False).single_vector.cpu()
     torch.testing.assert_close(with_adapter, expected, atol=1e-5, rtol=1e-4)
 
 
