@@ -458,7 +458,7 @@ def test_failed_load_is_reported_by_health():
 
     health, embed = run(scenario())
     assert health.status_code == 503 and health.json() == {"status": "failed"}
-    assert embed.status_code == 503 and "failed to load" in embed.json()["error"]["message"]
+    assert embed.status_code == 503 and "failed to load or to run" in embed.json()["error"]["message"]
 
 
 # ---------------------------------------------------------------------- bad input
@@ -902,3 +902,20 @@ def test_startup_adapters_from_the_command_line(model, lora_dir, clean_adapters)
     assert "startup" in model.list_adapters()
     with pytest.raises(ValueError, match="already loaded"):
         load_startup_adapters(model, [("startup", lora_dir)], max_loras=2)
+
+
+def test_a_fatal_device_error_turns_health_to_failed(model, monkeypatch):
+    def broken_encode(items, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(model, "encode", broken_encode)
+    app = app_for(model)
+
+    async def scenario():
+        async with serving(app) as client:
+            return await post(client, {"input": "x"}), await client.get("/health"), await post(client, {"input": "y"})
+
+    failed, health, after = run(scenario())
+    assert failed.status_code == 500 and failed.json()["error"]["type"] == "server_error"
+    assert health.status_code == 503 and health.json() == {"status": "failed"}
+    assert after.status_code == 503

@@ -119,7 +119,7 @@ class NovaServer:
     def require_ready(self) -> None:
         if self.phase == "ready":
             return
-        reason = {"loading": "the model is still loading", "failed": "the model failed to load (see the server log)",
+        reason = {"loading": "the model is still loading", "failed": "the model failed to load or to run (see the server log)",
                   "stopping": "the server is shutting down"}[self.phase]
         raise ApiError(503, reason, code="not_ready", headers={"Retry-After": "5"})
 
@@ -267,6 +267,9 @@ class NovaServer:
         if api is not None:
             return api
         logger.error("encode failed", exc_info=error)
+        if is_fatal_device_error(error) and self.phase == "ready":
+            logger.critical("the accelerator is in an unrecoverable state: /health now reports 'failed'")
+            self.phase = "failed"
         return ApiError(500, f"embedding failed: {type(error).__name__}", code="internal_error")
 
     async def embed(self, request: EmbeddingRequest) -> bytes:
@@ -360,6 +363,14 @@ class _ItemProblem(ValueError):
         super().__init__(f"item {index}: {problem}")
         self.index = index
         self.problem = problem
+
+
+def is_fatal_device_error(error: BaseException) -> bool:
+    """A sticky CUDA error (illegal address, launch failure...): every later call would fail too, so the server
+    should say so on /health and be restarted. Out-of-memory is not one: the next, smaller batch may fit."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return False
+    return type(error).__name__ == "AcceleratorError" or "CUDA error" in str(error)
 
 
 def _encode_item(normalized: Any, prepared: dict) -> dict:
