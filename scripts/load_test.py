@@ -49,6 +49,8 @@ FULL_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads
 FULL_EMBEDDING = dict(multi_vector_projector_dim=128, matryoshka_dims=[128, 256, 512, 1024, 2048], min_pixels=3136,
                       max_pixels=602112)
 FULL_MROPE_SECTION = [16, 24, 24]
+BATCH_SERIES = ("nova_batch_items_sum", "nova_batch_items_count", "nova_batch_requests_sum",
+                "nova_encode_seconds_total")
 
 
 # ---------------------------------------------------------------------- model
@@ -84,7 +86,8 @@ def load_model(spec: str | None, device: str, dtype: str, workdir: Path) -> tupl
     tiny = build_tiny_checkpoint(workdir)
     if spec == "random-full":
         resolved = resolve_device(device)
-        return random_full_size_model(tiny, resolved, resolve_dtype(dtype, resolved)), "random-full (Qwen2.5-VL-3B size)"
+        model = random_full_size_model(tiny, resolved, resolve_dtype(dtype, resolved))
+        return model, "random-full (Qwen2.5-VL-3B size)"
     return load_repository(tiny, device=device, dtype=dtype), "tiny"
 
 
@@ -143,7 +146,8 @@ async def run_load(url: str, payloads: list[dict], concurrency: int, time_cap_s:
             await send(client, body, result)
 
     started = time.monotonic()
-    async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=time_cap_s, trust_env=False) as client:
+    client = httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=time_cap_s, trust_env=False)
+    async with client:
         workers = [asyncio.create_task(worker(client)) for _ in range(concurrency)]
         done, pending = await asyncio.wait(workers, timeout=time_cap_s + 5)
         for task in pending:
@@ -198,7 +202,7 @@ def server_batch_stats(url: str, headers: dict) -> dict:
     values = {}
     for line in text.splitlines():
         name, _, value = line.partition(" ")
-        if name in ("nova_batch_items_sum", "nova_batch_items_count", "nova_batch_requests_sum", "nova_encode_seconds_total"):
+        if name in BATCH_SERIES:
             values[name] = float(value)
     batches = values.get("nova_batch_items_count", 0) or 1
     return {"batches": int(values.get("nova_batch_items_count", 0)),
@@ -208,7 +212,9 @@ def server_batch_stats(url: str, headers: dict) -> dict:
 
 
 # ---------------------------------------------------------------------- direct encode() baseline
-def encode_baseline(model: Any, payloads: list[dict], max_batch_items: int, max_batch_tokens: int, cap_s: float) -> dict:
+def encode_baseline(
+    model: Any, payloads: list[dict], max_batch_items: int, max_batch_tokens: int, cap_s: float
+) -> dict:
     """Direct ``encode()`` on the same items: in calls of ``max_batch_items`` (throughput, the server's budget),
     and one call per request, one after another (latency without a server)."""
     import torch
@@ -255,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-batch-tokens", type=int, default=16384)
     parser.add_argument("--max-batch-items", type=int, default=256)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--preprocess-workers", type=int, default=1)
     parser.add_argument("--time-cap", type=float, default=240.0, help="seconds; the run stops by itself after it")
     parser.add_argument("--no-baseline", action="store_true", help="skip the direct encode() timing")
     parser.add_argument("--warmup", type=int, default=8, help="requests sent (and not counted) before measuring")
@@ -282,12 +289,22 @@ def start_watchdog(seconds: float) -> None:
     timer.start()
 
 
+def client_run(url: str, payloads: list[dict], concurrency: int, warmup: int, time_cap: float, headers: dict) -> dict:
+    """Warm up, then measure (in the client process)."""
+    if warmup:
+        asyncio.run(run_load(url, payloads[:warmup], min(concurrency, warmup), time_cap, headers))
+    return summarize(asyncio.run(run_load(url, payloads, concurrency, time_cap, headers)), concurrency)
+
+
 def measure(url: str, payloads: list[dict], args: argparse.Namespace, headers: dict) -> dict:
-    warm = [dict(p) for p in payloads[: args.warmup]]
-    if warm:
-        asyncio.run(run_load(url, warm, min(args.concurrency, len(warm)), args.time_cap, headers))
-    result = asyncio.run(run_load(url, payloads, args.concurrency, args.time_cap, headers))
-    return summarize(result, args.concurrency)
+    """Run the client in a process of its own: sharing the server's interpreter lock would slow both."""
+    import concurrent.futures
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        future = pool.submit(client_run, url, payloads, args.concurrency, args.warmup, args.time_cap, headers)
+        return future.result(timeout=args.time_cap * 2 + 60)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -319,9 +336,11 @@ def run_in_process(args: argparse.Namespace, headers: dict) -> dict:
         model, description = load_model(args.model, args.device, args.dtype, Path(workdir))
         out["model"] = {"name": description, "device": str(model.device), "dtype": str(model.dtype),
                         "load_seconds": round(time.monotonic() - started, 1)}
-        settings = ServerSettings(served_model_names=("load-test",), max_batch_tokens=args.max_batch_tokens,
-                                  max_batch_items=args.max_batch_items, max_wait_ms=args.max_wait_ms,
-                                  max_queue_requests=max(1024, 2 * args.concurrency), api_key=args.api_key)
+        settings = ServerSettings(
+            served_model_names=("load-test",), max_batch_tokens=args.max_batch_tokens,
+            max_batch_items=args.max_batch_items, max_wait_ms=args.max_wait_ms, api_key=args.api_key,
+            preprocess_workers=args.preprocess_workers, max_queue_requests=max(1024, 2 * args.concurrency),
+        )
         payloads = make_payloads(args, "load-test")
         with serve_in_thread(create_app(model, settings), host="127.0.0.1", port=0) as url:
             out["load"] = measure(url, payloads, args, headers)

@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("model", nargs="?", default=None, help="model folder or Hub id (default: the tiny checkpoint)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the server: set --api-key)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (0.0.0.0 exposes the server: set --api-key)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     parser.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
@@ -76,10 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --allow-image-urls, also fetch from private/loopback/link-local addresses")
     parser.add_argument("--image-url-timeout", type=float, default=10.0, help="seconds per image download")
     parser.add_argument("--image-url-max-mb", type=float, default=20.0, help="largest image download, MiB")
-    parser.add_argument("--max-image-pixels", type=int, default=None, help="decoded pixel cap (default: model config's)")
+    parser.add_argument("--max-image-pixels", type=int, default=None,
+                        help="decoded pixel cap (default: model config's)")
     parser.add_argument("--multivector-default", "--is-multi-vector-embeddings", dest="multivector_default",
                         action="store_true", help="requests that do not say get multi vectors")
-    parser.add_argument("--preprocess-workers", type=int, default=2, help="threads for decoding and tokenising")
+    parser.add_argument("--preprocess-workers", type=int, default=1, help="threads for decoding and tokenising")
     parser.add_argument("--log-level", default="info")
     return parser
 
@@ -88,7 +90,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     names = tuple(args.served_model_name or [args.model or TINY_MODEL_NAME])
     return ServerSettings(
         served_model_names=names, max_batch_tokens=args.max_batch_tokens, max_batch_items=args.max_batch_items,
-        max_wait_ms=args.max_wait_ms, max_queue_requests=args.max_queue, max_items_per_request=args.max_items_per_request,
+        max_wait_ms=args.max_wait_ms, max_queue_requests=args.max_queue,
+        max_items_per_request=args.max_items_per_request,
         max_request_bytes=int(args.max_request_mb * MIB), api_key=args.api_key or None,
         admin_token=args.admin_token or None, max_loras=args.max_loras, allow_image_urls=args.allow_image_urls,
         allow_private_image_urls=args.allow_private_image_urls, image_url_timeout_s=args.image_url_timeout,
@@ -216,8 +219,9 @@ def serve_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0, log_level:
 
 def make_loader(args: argparse.Namespace, model_path: str | Path) -> Callable[[], Any]:
     def loader() -> Any:
-        return load_model(model_path, device=args.device, dtype=args.dtype, attn_implementation=args.attn_implementation,
-                          chat_template=args.chat_template, loras=args.load_lora, max_loras=args.max_loras)
+        return load_model(model_path, device=args.device, dtype=args.dtype,
+                          attn_implementation=args.attn_implementation, chat_template=args.chat_template,
+                          loras=args.load_lora, max_loras=args.max_loras)
 
     return loader
 

@@ -119,7 +119,8 @@ class NovaServer:
     def require_ready(self) -> None:
         if self.phase == "ready":
             return
-        reason = {"loading": "the model is still loading", "failed": "the model failed to load or to run (see the server log)",
+        reason = {"loading": "the model is still loading",
+                  "failed": "the model failed to load or to run (see the server log)",
                   "stopping": "the server is shutting down"}[self.phase]
         raise ApiError(503, reason, code="not_ready", headers={"Retry-After": "5"})
 
@@ -143,7 +144,8 @@ class NovaServer:
         return [name for name in self.adapters() if name not in tasks]
 
     async def in_prep_thread(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.prep_executor, functools.partial(fn, *args, **kwargs))
+        call = functools.partial(fn, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self.prep_executor, call)
 
     # ------------------------------------------------------------------ embeddings
     def admit(self) -> Ticket:

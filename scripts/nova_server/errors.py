@@ -45,7 +45,8 @@ class ApiError(Exception):
 
 
 def error_response(
-    status: int, message: str, *, param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None
+    status: int, message: str, *, param: str | None = None, code: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     """The JSON body OpenAI's clients parse into their exception's ``message``/``type``/``param``/``code``."""
     body = {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"), "param": param,

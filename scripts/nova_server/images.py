@@ -87,7 +87,8 @@ class ImageFetcher:
         try:
             async with self._client.stream("GET", direct, headers=headers, extensions=extensions) as response:
                 if response.status_code != 200:
-                    raise ImageSourceError(f"image URL answered HTTP {response.status_code} (redirects are not followed)")
+                    raise ImageSourceError(
+                        f"image URL answered HTTP {response.status_code} (redirects are not followed)")
                 return await self._read_capped(response)
         except httpx.HTTPError as error:
             raise ImageSourceError(f"could not fetch image URL: {type(error).__name__}: {error}") from None

@@ -88,7 +88,8 @@ class Metrics:
     def render(self, queue_requests: int, queue_items: int, adapters: list[str], ready: bool) -> str:
         """The Prometheus text exposition."""
         lines = ["# TYPE nova_http_responses_total counter"]
-        lines += [f'nova_http_responses_total{{path="{p}",status="{s}"}} {n}' for (p, s), n in sorted(self.http.items())]
+        lines += [f'nova_http_responses_total{{path="{path}",status="{status}"}} {n}'
+                  for (path, status), n in sorted(self.http.items())]
         lines += [
             "# TYPE nova_items_total counter", f"nova_items_total {self.items}",
             "# TYPE nova_tokens_total counter", f"nova_tokens_total {self.tokens}",

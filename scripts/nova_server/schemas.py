@@ -152,7 +152,8 @@ def finish_vectors(vectors: torch.Tensor | list[torch.Tensor], options: OutputOp
 
 
 def encode_vector(vector: torch.Tensor, encoding_format: str) -> list | str:
-    """float: nested JSON lists; base64: little-endian float32 bytes, row-major (multi vectors: reshape to [-1, 128])."""
+    """float: nested JSON lists; base64: little-endian float32 bytes, row-major (multi vectors: reshape to
+    [-1, 128])."""
     if encoding_format == "base64":
         return base64.b64encode(np.ascontiguousarray(vector.numpy(), dtype="<f4").tobytes()).decode("ascii")
     return vector.tolist()
