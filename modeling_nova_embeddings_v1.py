@@ -40,7 +40,6 @@ BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MERGE_MIN_TOKENS = 4096  # below this, merging (two weight copies of ~5.5 GB at full size) costs more than unmerged LoRA
 PREFETCH_BATCHES = 3  # batches collated ahead by worker threads
-GRAPH_MIN_TOKENS, GRAPH_MAX_TOKENS = 32, 512  # single texts up to this length replay a CUDA graph (buckets of 2^k)
 
 
 @dataclass
@@ -75,8 +74,6 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         self.adapter_merging = "auto"  # "auto": merge a batch group's adapter into the weights on CUDA when it pays; "on"; "off"
         self._route: tuple | None = None  # current LoRA layer state: ("base",), ("active", name), ("merged", name), ("mixed",)
         self._merge_backup: dict = {}
-        self._graphs: dict = {}  # CUDA graphs of single short items, per (length bucket, route, device, dtype)
-        self.cuda_graphs = "auto"  # "auto": replay captured CUDA graphs for single short texts on CUDA; "off"
         self.post_init()
 
     @classmethod
@@ -134,9 +131,7 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
             attention_mask = torch.ones_like(input_ids)
         with self._route_rows(adapter_names):
             inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw, image_embeds, image_is_precomputed)
-            if cu_seqlens is not None and self._can_replay_graph(inputs_embeds, cu_seqlens, image_grid_thw, adapter_names, kwargs):
-                hidden = self._language_model_graphed(inputs_embeds)
-            elif cu_seqlens is not None:
+            if cu_seqlens is not None:
                 hidden = self._language_model_packed(inputs_embeds, input_ids, cu_seqlens, max_seqlen, image_grid_thw,
                                                      position_ids, **kwargs)
             else:
@@ -180,46 +175,6 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
                 inputs_embeds=inputs_embeds, attention_mask=no_mask, position_ids=position_ids, use_cache=False,
                 cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_seqlen, max_length_k=max_seqlen, **kwargs,
             ).last_hidden_state  # (1, tokens, hidden)
-
-    def _can_replay_graph(self, inputs_embeds, cu_seqlens, image_grid_thw, adapter_names, kwargs) -> bool:
-        """CUDA graphs serve one short text item: its launch-bound forward becomes a single graph replay."""
-        return (self.cuda_graphs == "auto" and inputs_embeds.is_cuda and len(cu_seqlens) == 2 and image_grid_thw is None
-                and adapter_names is None and not kwargs and inputs_embeds.shape[1] <= GRAPH_MAX_TOKENS
-                and not torch.is_grad_enabled() and _varlen_kernel() is not None
-                and inputs_embeds.dtype in (torch.float16, torch.bfloat16))
-
-    def _language_model_graphed(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
-        """Replay (capturing on first use) the language model for a length bucket and the current adapter state.
-
-        The item is padded at its end to the bucket length: attention is causal, so padding after the last
-        token changes none of the item's hidden states.
-        """
-        length = inputs_embeds.shape[1]
-        bucket = max(GRAPH_MIN_TOKENS, 1 << (length - 1).bit_length())
-        key = (bucket, self._route, inputs_embeds.device, inputs_embeds.dtype)
-        if key not in self._graphs:
-            self._graphs[key] = self._capture_language_model(bucket, inputs_embeds)
-        static_in, static_out, graph = self._graphs[key]
-        static_in[:, :length].copy_(inputs_embeds)
-        static_in[:, length:].zero_()
-        graph.replay()
-        return static_out[:, :length].clone()
-
-    def _capture_language_model(self, bucket: int, like: torch.Tensor):
-        static_in = torch.zeros(1, bucket, like.shape[-1], device=like.device, dtype=like.dtype)
-        positions = torch.arange(bucket, device=like.device).view(1, 1, -1).expand(3, 1, -1)
-        cu = torch.tensor([0, bucket], dtype=torch.int32, device=like.device)
-        run = lambda: self._language_model_packed(static_in, None, cu, bucket, None, positions)  # noqa: E731
-        side = torch.cuda.Stream(device=like.device)
-        side.wait_stream(torch.cuda.current_stream(like.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):  # warm-up outside the graph (allocator, lazy kernel loading)
-                run()
-        torch.cuda.current_stream(like.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = run()
-        return static_in, static_out, graph
 
     def packed_position_ids(self, input_ids: torch.LongTensor, cu_seqlens: torch.Tensor,
                             image_grid_thw: torch.LongTensor | None) -> torch.LongTensor:
@@ -598,10 +553,11 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
                 for batch, inputs in _progress(prepared, show_progress_bar, len(tokenized), total=len(batches)):
                     names = [adapters[i] for i in batch]
                     row_names = self._enter_adapter(names, group_tokens.get(names[0], 0), packed)
+                    output_mask = inputs["output_mask"]  # BatchFeature.to moves in place: keep the CPU mask
                     out = self(**inputs.to(self.device, non_blocking=True), return_multivector=return_multivector,
                                adapter_names=row_names)
                     vectors = out.multi_vector if return_multivector else out.single_vector
-                    device_outputs.append((batch, vectors, inputs["output_mask"]))
+                    device_outputs.append((batch, vectors, output_mask))
             finally:
                 self._set_route(("active", self._route[1]) if self._route and self._route[0] == "merged" else self._route)
         return [(batch, self._split_vectors(vectors, masks, [len(tokenized[i]) for i in batch], return_multivector, packed))
@@ -661,19 +617,19 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         self._restore_merged_adapter()
         layers = [m for m in self.modules() if isinstance(m, LoraLayer)]
         kind = route[0]
-        for layer in layers:
-            layer.enable_adapters(kind != "base")
-            if kind in ("active", "merged") and route[1] in layer.lora_A:
+        for layer in layers:  # PEFT's own switches, called only where the state differs (each walks every adapter)
+            if layer.disable_adapters != (kind == "base"):
+                layer.enable_adapters(kind != "base")
+            if kind in ("active", "merged") and route[1] in layer.lora_A and layer.active_adapters != [route[1]]:
                 layer.set_adapter(route[1], inference_mode=True)
         if kind == "merged":
             self._merge_adapter(route[1], layers)
         self._route = route
 
     def _forget_route(self) -> None:
-        """Adapters changed: captured graphs and the cached layer state no longer hold."""
+        """Adapters changed: the cached layer state no longer holds."""
         self._restore_merged_adapter()
         self._route = None
-        self._graphs.clear()
 
     def _should_merge(self, group_tokens: int) -> bool:
         if self.adapter_merging == "on":

@@ -197,20 +197,3 @@ def test_merged_adapter_groups_equal_unmerged_and_restore_weights_exactly(model)
     assert model._merge_backup == {} and (model._route is None or model._route[0] != "merged")
     model.adapter_merging, model.attention_packing = "auto", "auto"
 
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_replay_matches_eager(tiny_nova_dir, custom_adapter):
-    model = load(tiny_nova_dir, dtype=torch.bfloat16).to("cuda")
-    model.load_adapter(custom_adapter, adapter_name="custom")
-    items = ["short", "a longer query about late interaction " * 4, {"text": "x y", "adapter": "custom"},
-             {"text": "bare", "adapter": None}, {"text": "def f(): pass", "task": "code.query"}]
-    graphed = torch.stack([model.encode([item])[0] for item in items + items])
-    assert len(model._graphs) >= 4
-    model.cuda_graphs = "off"
-    eager = torch.stack([model.encode([item])[0] for item in items + items])
-    assert torch.nn.functional.cosine_similarity(graphed, eager).min() > 0.999
-    model.cuda_graphs = "auto"
-    model.unload_adapter("custom")
-    assert not model._graphs  # captured graphs read adapter weights: unloading drops them
-    with pytest.raises(ValueError, match="unknown adapter 'custom'"):
-        model.encode([items[2]])
