@@ -30,7 +30,7 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLPreTrainedModel
 
 from .configuration_nova_embeddings_v1 import NovaEmbeddingsV1Config
-from .processing_nova_embeddings_v1 import _UNSET, EmbeddingItem, ItemError, NovaEmbeddingsV1Processor, TokenizedItem
+from .processing_nova_embeddings_v1 import TASK_ADAPTER, EmbeddingItem, ItemError, NovaEmbeddingsV1Processor, TokenizedItem
 
 OUTPUT_FORMATS = ("torch", "numpy", "list", "base64")
 # transformers routes attention through its AttentionInterface registry; the name contains "flash" so that the
@@ -332,7 +332,7 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         with self._adapter_lock:
             if name in self._adapters:
                 raise ValueError(f"an adapter named {name!r} is already loaded (from {self._adapters[name]}); unload it first")
-            if not name or "." in name or name == BASE:
+            if not name or "." in name or name in (BASE, TASK_ADAPTER):
                 raise ValueError(f"invalid adapter name {name!r}")
             config = PeftConfig.from_pretrained(folder)
             if not isinstance(config, LoraConfig):
@@ -388,12 +388,12 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
                     module.delete_adapter(name)
         getattr(self, "peft_config", {}).pop(name, None)
 
-    def resolve_adapter(self, item: EmbeddingItem, call_adapter: Any = _UNSET) -> str:
+    def resolve_adapter(self, item: EmbeddingItem, call_adapter: str | None = TASK_ADAPTER) -> str:
         """The adapter an item runs with: its own ``adapter``, else the call's, else its task's."""
-        chosen = item.adapter if item.adapter is not _UNSET else call_adapter
+        chosen = item.adapter if item.adapter != TASK_ADAPTER else call_adapter
         if chosen is None:
             return BASE
-        if chosen is not _UNSET:
+        if chosen != TASK_ADAPTER:
             if chosen not in self._adapters:
                 raise ItemError(item.index, f"unknown adapter {chosen!r}; loaded adapters: {self.list_adapters()}")
             return chosen
@@ -439,7 +439,7 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         truncate: bool = False,
         min_pixels: int | None = None,
         max_pixels: int | None = None,
-        adapter: str | None = _UNSET,
+        adapter: str | None = TASK_ADAPTER,
     ):
         """Embed mixed items (text, image, text+image), each with its own task and instructions.
 

@@ -32,7 +32,9 @@ from transformers.utils.chat_template_utils import render_jinja_template
 from .configuration_nova_embeddings_v1 import NovaEmbeddingsV1Config
 
 ITEM_KEYS = frozenset({"text", "image", "image_embeds", "image_grid_thw", "task", "instructions", "adapter"})
-_UNSET: Any = object()  # "the item did not say": distinct from an explicit None (e.g. adapter=None = bare backbone)
+# "Use the item's task adapter": a plain string rather than an object() sentinel, so that it still compares equal
+# when the processor and the model come from different copies of these modules (remote code loads each copy).
+TASK_ADAPTER = "__task__"
 URL_TIMEOUT_S = 20.0
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
 
@@ -57,7 +59,7 @@ class EmbeddingItem:
     image_embeds: torch.Tensor | None = None  # (image_tokens, hidden): the vision tower's merged output
     image_grid_thw: tuple[int, int, int] | None = None
     instructions: str | None = None
-    adapter: Any = _UNSET  # name, None (bare backbone), or _UNSET (the task's adapter)
+    adapter: str | None = TASK_ADAPTER  # a name, None (bare backbone), or TASK_ADAPTER
 
     @property
     def has_image(self) -> bool:
@@ -145,8 +147,8 @@ class NovaEmbeddingsV1Processor(Qwen2_5_VLProcessor):
             raise ItemError(index, "'text' is empty")
         if "image" in raw and "image_embeds" in raw:
             raise ItemError(index, "give 'image' or 'image_embeds', not both")
-        adapter = raw.get("adapter", _UNSET)
-        if adapter is not _UNSET and adapter is not None and not isinstance(adapter, str):
+        adapter = raw.get("adapter", TASK_ADAPTER)
+        if adapter is not None and not isinstance(adapter, str):
             raise ItemError(index, f"'adapter' must be a name or None, got {type(adapter).__name__}")
         item = EmbeddingItem(index=index, task=item_task, text=text, instructions=item_instructions, adapter=adapter)
         if raw.get("image") is not None:
@@ -486,4 +488,4 @@ def _looks_like_image(data: bytes) -> bool:
         return False
 
 
-__all__ = ["NovaEmbeddingsV1Processor", "EmbeddingItem", "TokenizedItem", "ItemError", "load_image"]
+__all__ = ["NovaEmbeddingsV1Processor", "EmbeddingItem", "TokenizedItem", "ItemError", "TASK_ADAPTER", "load_image"]

@@ -197,3 +197,12 @@ def test_merged_adapter_groups_equal_unmerged_and_restore_weights_exactly(model)
     assert model._merge_backup == {} and (model._route is None or model._route[0] != "merged")
     model.adapter_merging, model.attention_packing = "auto", "auto"
 
+
+
+def test_a_separately_loaded_processor_routes_the_same(model, tiny_nova_dir):
+    """AutoProcessor may come from another copy of the remote-code modules: routing must not depend on identity."""
+    from transformers import AutoProcessor
+
+    expected = model.encode(ITEMS)
+    model.processor = AutoProcessor.from_pretrained(tiny_nova_dir, trust_remote_code=True)
+    torch.testing.assert_close(model.encode(ITEMS), expected)
