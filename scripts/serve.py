@@ -6,7 +6,7 @@
         [--max-wait-ms MS] [--api-key KEY] [--admin-token TOKEN] [--allow-image-urls] ...
 
 With no MODEL it builds the tiny random-weight checkpoint in a temporary folder and serves that, so the
-API can be tried on a laptop (its vectors mean nothing). See docs/server.md for the API.
+API can be tried on a laptop (its vectors mean nothing). See the README's "Serving" section for the API.
 """
 
 from __future__ import annotations

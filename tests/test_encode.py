@@ -8,9 +8,7 @@ or the fixed image prompt expanded by the image processor's grid), run through t
 from __future__ import annotations
 
 import base64
-import copy
 import http.server
-import io
 import threading
 
 import numpy as np
@@ -18,20 +16,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import AutoConfig, AutoModel, AutoProcessor, AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import AutoConfig, AutoModel, AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+from helpers import make_image, png_bytes  # noqa: E402
 
 JINA_IMAGE_PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe the image.<|im_end|>\n"
-
-
-def make_image(seed: int, width: int = 90, height: int = 60) -> Image.Image:
-    pixels = (np.random.RandomState(seed).rand(height, width, 3) * 255).astype("uint8")
-    return Image.fromarray(pixels)
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")

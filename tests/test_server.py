@@ -11,14 +11,15 @@ import asyncio
 import base64
 import contextlib
 import http.server
-import io
 import threading
 from pathlib import Path
 from typing import Any, AsyncIterator
 
+import helpers
 import numpy as np
 import pytest
 import torch
+from helpers import png_bytes
 from PIL import Image
 from transformers import AutoModel
 
@@ -40,14 +41,8 @@ def model(tiny_nova_dir):
 
 
 def make_image(seed: int, width: int = 40, height: int = 30) -> Image.Image:
-    pixels = (np.random.RandomState(seed).rand(height, width, 3) * 255).astype("uint8")
-    return Image.fromarray(pixels)
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+    """The server tests' images are smaller than the shared default."""
+    return helpers.make_image(seed, width, height)
 
 
 def b64_png(seed: int, **size: int) -> str:

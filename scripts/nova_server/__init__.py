@@ -1,4 +1,4 @@
-"""OpenAI-compatible embeddings server for nova-embeddings-v1 (FastAPI; see docs/server.md).
+"""OpenAI-compatible embeddings server for nova-embeddings-v1 (FastAPI; see the README's "Serving" section).
 
     from scripts.nova_server import ServerSettings, create_app
     app = create_app(model, ServerSettings(api_key="..."))  # any ASGI server runs it; scripts/serve.py uses uvicorn
