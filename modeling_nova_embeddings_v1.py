@@ -681,7 +681,9 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
                 images=[item.image for item in chunk], size={"shortest_edge": low, "longest_edge": high}, return_tensors="pt"
             )
             grid = pixels["image_grid_thw"].to(self.device)
-            for embeds, thw in zip(self.vision_tower(pixels["pixel_values"].to(self.device), grid), grid.cpu()):
+            with self._adapter_lock:  # one GPU user at a time, as encode
+                features = self.vision_tower(pixels["pixel_values"].to(self.device), grid)
+            for embeds, thw in zip(features, grid.cpu()):
                 results.append({"image_embeds": embeds.cpu(), "image_grid_thw": thw})
         return results
 
