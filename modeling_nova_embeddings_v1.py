@@ -552,7 +552,7 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
             try:
                 for batch, inputs in _progress(prepared, show_progress_bar, len(tokenized), total=len(batches)):
                     names = [adapters[i] for i in batch]
-                    row_names = self._enter_adapter(names, group_tokens.get(names[0], 0), packed)
+                    row_names = self._enter_adapter(names, group_tokens.get(names[0], 0))
                     output_mask = inputs["output_mask"]  # BatchFeature.to moves in place: keep the CPU mask
                     out = self(**inputs.to(self.device, non_blocking=True), return_multivector=return_multivector,
                                adapter_names=row_names)
@@ -589,7 +589,7 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
             return [row[mask] for row, mask in zip(rows, row_masks)]
         return [vectors[row][masks[row]] for row in range(len(lengths))]
 
-    def _enter_adapter(self, names: list[str], group_tokens: int, packed: bool) -> list[str] | None:
+    def _enter_adapter(self, names: list[str], group_tokens: int) -> list[str] | None:
         """Make the model compute with this batch's adapter(s); returns per-row names when rows differ.
 
         One adapter per batch: merged into the weights when the call has enough of its tokens (PEFT's merge,
