@@ -15,12 +15,11 @@ import base64
 import binascii
 import functools
 import io
-import math
 import os
 import threading
 import urllib.request
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -76,7 +75,6 @@ class TokenizedItem:
     output_mask: list[bool]  # tokens returned as multi vectors
     image_grid_thw: tuple[int, int, int] | None = None
     truncated: bool = False
-    extras: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -295,7 +293,7 @@ class NovaEmbeddingsV1Processor(Qwen2_5_VLProcessor):
 
     # ------------------------------------------------------------------ tokens -> batch tensors
     def collate(
-        self, tokenized: Sequence[TokenizedItem], *, min_pixels: int, max_pixels: int, pad_to_multiple_of: int | None = None
+        self, tokenized: Sequence[TokenizedItem], *, min_pixels: int, max_pixels: int
     ) -> BatchFeature:
         """Right-pad a batch and process its images.
 
@@ -304,8 +302,6 @@ class NovaEmbeddingsV1Processor(Qwen2_5_VLProcessor):
         (images given precomputed) with image_is_precomputed telling which is which.
         """
         length = max(len(t) for t in tokenized)
-        if pad_to_multiple_of:
-            length = math.ceil(length / pad_to_multiple_of) * pad_to_multiple_of
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = torch.full((len(tokenized), length), pad_id, dtype=torch.long)
         masks = {name: torch.zeros((len(tokenized), length), dtype=torch.bool) for name in ("attention_mask", "pooling_mask", "output_mask")}
