@@ -17,7 +17,7 @@ import threading
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -29,6 +29,9 @@ from transformers import AttentionInterface, Qwen2_5_VLModel
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLPreTrainedModel
 
+from .adapters_nova_embeddings_v1 import (
+    BASE, AdapterManager, lora_layers, module_index, repository_adapter_folders, rows_routed,
+)
 from .configuration_nova_embeddings_v1 import NovaEmbeddingsV1Config
 from .processing_nova_embeddings_v1 import TASK_ADAPTER, EmbeddingItem, ItemError, NovaEmbeddingsV1Processor, TokenizedItem
 
@@ -36,9 +39,6 @@ OUTPUT_FORMATS = ("torch", "numpy", "list", "base64")
 # transformers routes attention through its AttentionInterface registry; the name contains "flash" so that the
 # vision tower hands over its cu_seqlens (one call per layer instead of one per window).
 PACKED_ATTENTION = "nova_flash_varlen"
-BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-MERGE_MIN_TOKENS = 4096  # below this, merging (two weight copies of ~5.5 GB at full size) costs more than unmerged LoRA
 PREFETCH_BATCHES = 3  # batches collated ahead by worker threads
 
 
@@ -68,21 +68,22 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         self.multi_vector_projector = nn.Linear(config.text_config.hidden_size, config.multi_vector_projector_dim)
         self._processor: NovaEmbeddingsV1Processor | None = None
         self._adapter_lock = threading.RLock()  # no batch ever runs while adapters are being loaded or removed
-        self._adapters: dict[str, str] = {}  # adapter name -> where it was loaded from
+        self.adapter_manager = AdapterManager(self)  # reads PEFT's state; keeps none of its own
         self.adapter_batching = "group"  # "group": one adapter per batch; "mixed": PEFT mixed-adapter batches
         self.attention_packing = "auto"  # "auto": packed variable-length attention on CUDA in half precision; "on"; "off"
-        self.adapter_merging = "auto"  # "auto": merge a batch group's adapter into the weights on CUDA when it pays; "on"; "off"
-        self._route: tuple | None = None  # current LoRA layer state: ("base",), ("active", name), ("merged", name), ("mixed",)
-        self._merge_backup: dict = {}
+        self._dropout_pinned = False  # True while encode holds every module in eval mode
         self.post_init()
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, load_task_adapters: bool = True, **kwargs):
-        """Load the backbone, then the task adapters found under ``adapters/<task>/`` of the same repository."""
+        """Load the backbone, then the adapters saved under ``adapters/<name>/`` of the same repository.
+
+        The model comes back in eval mode, adapters included (PEFT creates its layers in training mode).
+        """
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         if load_task_adapters:
             model.load_task_adapters(pretrained_model_name_or_path)
-        return model
+        return model.eval()
 
     # ------------------------------------------------------------------ processor
     @property
@@ -123,13 +124,17 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         item back to back, ``cu_seqlens`` marking where each starts; attention stays inside each item.
         Without ``pooling_mask`` every token is pooled; without ``output_mask`` every token is kept as a
         multi vector. ``adapter_names`` (one per row, ``"__base__"`` for none) routes rows to LoRA adapters
-        through PEFT's mixed-batch forward; without it PEFT's active adapter applies.
-        Single vectors are (items, hidden); multi vectors keep the input layout, zero outside output_mask.
+        through PEFT's mixed-batch forward; without it the adapter selected with ``set_adapter`` (PEFT's or ours)
+        applies, and none after ``from_pretrained``: the bare backbone.
+        Dropout follows the root module: only ``model.train()`` trains; in eval mode no submodule applies dropout,
+        whatever mode it was left in. Single vectors are (items, hidden); multi vectors keep the input layout, zero
+        outside output_mask.
         """
         kwargs.pop("mm_token_type_ids", None)
         if attention_mask is None and cu_seqlens is None:
             attention_mask = torch.ones_like(input_ids)
-        with self._route_rows(adapter_names):
+        modes_are_right = self.training or self._dropout_pinned
+        with (nullcontext() if modes_are_right else self.dropout_disabled()), rows_routed(self, adapter_names):
             inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw, image_embeds, image_is_precomputed)
             if cu_seqlens is not None:
                 hidden = self._language_model_packed(inputs_embeds, input_ids, cu_seqlens, max_seqlen, image_grid_thw,
@@ -301,126 +306,127 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         projected = self.multi_vector_projector(hidden).to(torch.float32)
         return F.normalize(projected, dim=-1) * output_mask.unsqueeze(-1)
 
-    # ------------------------------------------------------------------ adapters (PEFT LoRA)
+    # ------------------------------------------------------------------ adapters (PEFT LoRA; adapters_nova_embeddings_v1)
     def load_task_adapters(self, repo: str | os.PathLike) -> None:
-        """Load ``adapters/<task>/`` for every task of the config; warn about the ones without weights."""
-        missing = []
-        for task in self.config.task_names:
-            folder = _resolve_adapter_folder(str(repo), f"{self.config.adapters_dir}/{task}")
-            if folder is None:
-                missing.append(task)
-                continue
-            self.load_adapter(folder, adapter_name=task)
+        """Load every adapter saved under ``adapters/<name>/`` of the repository: task adapters, then custom ones."""
+        folders = repository_adapter_folders(repo, self.config.adapters_dir, self.config.task_names)
+        for name, folder in folders.items():
+            self.load_adapter(folder, adapter_name=name, as_task_adapter=name in self.config.task_names)
+        missing = [task for task in self.config.task_names if task not in folders]
         if missing and len(missing) == len(self.config.task_names):
             warnings.warn(f"no task adapter weights under {repo}/{self.config.adapters_dir}/: every task runs on the "
-                          "bare backbone (run scripts/convert_jina_v4.py to bring jina's adapters)", stacklevel=3)
+                          "bare backbone (run `nova-embeddings convert` to bring jina's adapters)", stacklevel=3)
         elif missing:
             warnings.warn(f"task adapters without weights: {missing}; items of these tasks will be refused "
                           "unless they pass adapter=None", stacklevel=3)
 
-    def load_adapter(self, peft_model_id: str | os.PathLike, adapter_name: str | None = None, **kwargs: Any) -> None:
+    def load_adapter(self, peft_model_id: str | os.PathLike, adapter_name: str | None = None, *,
+                     as_task_adapter: bool = False, **kwargs: Any) -> None:
         """Load a standard PEFT LoRA adapter (a local folder, a Hub repo id, or its adapter_model.safetensors).
 
-        All or nothing: a failed load (bad path, wrong targets, rank or shapes, name clash) raises and leaves the
-        loaded adapters exactly as they were.
+        All or nothing: a failed load (bad path, wrong targets, rank or shapes, NaN weights, name clash) raises and
+        leaves the loaded adapters exactly as they were. A task's name (e.g. "retrieval") is refused unless
+        ``as_task_adapter=True``: items of that task would then route to this adapter. Loading never changes
+        which adapter a plain ``forward`` uses.
         """
-        from peft import LoraConfig, PeftConfig, inject_adapter_in_model, set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        name = adapter_name or "default"
-        folder = _adapter_folder(peft_model_id, **kwargs)
         with self._adapter_lock:
-            if name in self._adapters:
-                raise ValueError(f"an adapter named {name!r} is already loaded (from {self._adapters[name]}); unload it first")
-            if not name or "." in name or name in (BASE, TASK_ADAPTER):
-                raise ValueError(f"invalid adapter name {name!r}")
-            config = PeftConfig.from_pretrained(folder)
-            if not isinstance(config, LoraConfig):
-                raise ValueError(f"{folder}: only LoRA adapters are supported, got {type(config).__name__}")
-            config.inference_mode = True
-            state = {_strip_peft_prefix(k): v for k, v in load_file(os.path.join(folder, ADAPTER_WEIGHTS)).items()}
-            try:
-                inject_adapter_in_model(config, self, adapter_name=name)
-                result = set_peft_model_state_dict(self, state, adapter_name=name)
-                self._check_adapter_fully_loaded(name, state, result)
-            except Exception as error:
-                self._remove_adapter_layers(name)
-                self._forget_route()
-                raise ValueError(f"could not load adapter {name!r} from {folder}: {error}") from error
-            self.peft_config[name] = config
-            self._adapters[name] = str(peft_model_id)
-            self._forget_route()
-            self.to(self.device)  # new LoRA weights follow the model (dtype is kept per PEFT: fp32 LoRA on bf16 is fine)
-
-    def _check_adapter_fully_loaded(self, name: str, state: dict, result) -> None:
-        unexpected = [k for k in result.unexpected_keys if "lora_" in k]
-        missing = [k for k in result.missing_keys if f".{name}." in k and "lora_" in k]
-        if unexpected or missing:
-            raise ValueError(f"{len(missing)} missing LoRA tensors (e.g. {missing[:3]}), "
-                             f"{len(unexpected)} unexpected ones (e.g. {unexpected[:3]})")
-        if not state:
-            raise ValueError("the adapter file holds no tensors")
+            self.adapter_manager.load(peft_model_id, adapter_name or "default", as_task_adapter=as_task_adapter, **kwargs)
 
     def unload_adapter(self, adapter_name: str) -> None:
-        """Remove a custom adapter. Task adapters are refused: items of their task route to them."""
+        """Remove an adapter. After removing a task adapter, items of its task are refused while other task
+        adapters remain (pass adapter=None for the bare backbone), and run on the bare backbone once none remain."""
         with self._adapter_lock:
-            if adapter_name not in self._adapters:
-                raise ValueError(f"no adapter named {adapter_name!r}; loaded adapters: {self.list_adapters()}")
-            if adapter_name in self.config.task_names:
-                raise ValueError(f"{adapter_name!r} is a task adapter: items of task {adapter_name!r} route to it, "
-                                 "so it cannot be unloaded")
-            self._remove_adapter_layers(adapter_name)
-            del self._adapters[adapter_name]
-            self._forget_route()
+            self.adapter_manager.unload(adapter_name)
 
     def list_adapters(self) -> list[str]:
-        """Names of the loaded adapters (task adapters first)."""
-        tasks = [t for t in self.config.task_names if t in self._adapters]
-        return tasks + sorted(n for n in self._adapters if n not in tasks)
+        """Names of the loaded adapters (task adapters first), read from PEFT's LoRA layers."""
+        return self.adapter_manager.names()
 
-    def _remove_adapter_layers(self, name: str) -> None:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        with warnings.catch_warnings():  # PEFT notes which adapter becomes "active": routing never uses that
-            warnings.filterwarnings("ignore", message=".*was active which is now deleted.*")
-            for module in self.modules():
-                if isinstance(module, BaseTunerLayer) and name in module.lora_A:
-                    module.delete_adapter(name)
-        getattr(self, "peft_config", {}).pop(name, None)
+    def custom_adapters(self) -> list[str]:
+        """Loaded adapters that are not a task's adapter."""
+        return self.adapter_manager.custom_adapters()
 
     def resolve_adapter(self, item: EmbeddingItem, call_adapter: str | None = TASK_ADAPTER) -> str:
-        """The adapter an item runs with: its own ``adapter``, else the call's, else its task's."""
-        chosen = item.adapter if item.adapter != TASK_ADAPTER else call_adapter
-        if chosen is None:
-            return BASE
-        if chosen != TASK_ADAPTER:
-            if chosen not in self._adapters:
-                raise ItemError(item.index, f"unknown adapter {chosen!r}; loaded adapters: {self.list_adapters()}")
-            return chosen
-        task_adapter = self.config.adapter_task(item.task)
-        if task_adapter in self._adapters:
-            return task_adapter
-        if not self._adapters:
-            return BASE  # a model without any adapter weights (warned about at load time)
-        raise ItemError(item.index, f"task {item.task!r} routes to adapter {task_adapter!r}, which is not loaded; "
-                                    f"loaded adapters: {self.list_adapters()} (pass adapter=None for the bare backbone)")
+        """The adapter an item runs with: its own ``adapter``, else the call's, else its task's (``"__base__"``: none)."""
+        return self.adapter_manager.resolve(item, call_adapter)
 
-    @contextmanager
-    def _route_rows(self, adapter_names: list[str] | None):
-        """Route each row to its adapter with PEFT's own mixed-batch pre-forward hook on every LoRA layer."""
-        if adapter_names is None or not self._adapters:
-            yield
-            return
-        from peft.tuners.lora.layer import LoraLayer
-        from peft.tuners.lora.model import _adapter_names_pre_forward_hook
+    @property
+    def adapter_merging(self) -> str:
+        """"auto": a single-adapter group of 4096+ tokens runs on merged weights on CUDA (restored exactly); "on"; "off"."""
+        return self.adapter_manager.merging
 
-        hook = functools.partial(_adapter_names_pre_forward_hook, adapter_names=list(adapter_names))
-        handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in self.modules() if isinstance(m, LoraLayer)]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
+    @adapter_merging.setter
+    def adapter_merging(self, value: str) -> None:
+        if value not in ("auto", "on", "off"):
+            raise ValueError(f"adapter_merging must be 'auto', 'on' or 'off', got {value!r}")
+        self.adapter_manager.merging = value
+
+    # transformers' adapter API (PeftAdapterMixin), answered from PEFT's state so that it works with every PEFT
+    # version we support (transformers' own implementation asks for a newer PEFT than exists for 5.2x).
+    def add_adapter(self, adapter_config: Any, adapter_name: str | None = None) -> None:
+        """Add a new, freshly initialised LoRA adapter (e.g. to train it), as transformers' ``add_adapter``."""
+        with self._adapter_lock:
+            name = adapter_name or "default"
+            self.adapter_manager._check_new_name(name, as_task_adapter=False)
+            self.adapter_manager.add(adapter_config, name)
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Select the adapter(s) a plain ``forward`` uses (``encode`` routes per item regardless)."""
+        from peft.functional import set_adapter
+
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [n for n in names if n not in self.list_adapters()]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; loaded adapters: {self.list_adapters()}")
+        with self._adapter_lock:
+            set_adapter(self, names)
+            self.enable_adapters()
+
+    def active_adapters(self) -> list[str]:
+        """Adapters a plain ``forward`` uses ([] when adapters are disabled or none is selected)."""
+        layers = lora_layers(self)
+        if not layers or layers[0].disable_adapters:
+            return []
+        return list(layers[0].active_adapters)
+
+    def disable_adapters(self) -> None:
+        """A plain ``forward`` runs the bare backbone (``encode`` is unaffected: it routes per item)."""
+        for layer in lora_layers(self):
+            layer.enable_adapters(False)
+
+    def enable_adapters(self) -> None:
+        for layer in lora_layers(self):
+            layer.enable_adapters(True)
+
+    def delete_adapter(self, adapter_names: str | list[str]) -> None:
+        """transformers' name for ``unload_adapter``."""
+        for name in [adapter_names] if isinstance(adapter_names, str) else adapter_names:
+            self.unload_adapter(name)
+
+    def get_adapter_state_dict(self, adapter_name: str | None = None, state_dict: dict | None = None) -> dict:
+        """One adapter's LoRA tensors under PEFT's key names (transformers' ``get_adapter_state_dict``)."""
+        from peft import get_peft_model_state_dict
+
+        names = self.list_adapters()
+        name = adapter_name or (self.active_adapters() or names or [None])[0]
+        if name not in names:
+            raise ValueError(f"no adapter named {name!r}; loaded adapters: {names}")
+        return get_peft_model_state_dict(self, state_dict=state_dict, adapter_name=name)
+
+    # ------------------------------------------------------------------ save
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """Write the repository layout ``from_pretrained`` reads: base weights under their original names, every
+        adapter as a standard PEFT folder under ``adapters/<name>/``, config, processor (tokenizer, image processor,
+        chat template) and the remote-code modules. ``push_to_hub`` goes through here too."""
+        if kwargs.get("state_dict") is not None:
+            raise ValueError("save_pretrained writes the model's own weights; state_dict= is not supported")
+        with self._adapter_lock:
+            kwargs["state_dict"] = self.adapter_manager.base_state_dict()
+            kwargs.setdefault("save_original_format", False)  # our key names are the 5.x ones from_pretrained reads
+            super().save_pretrained(save_directory, *args, **kwargs)
+            if kwargs.get("is_main_process", True):
+                self.adapter_manager.save(save_directory)
+                self.processor.save_pretrained(save_directory)
 
     # ------------------------------------------------------------------ encode
     @torch.inference_mode()
@@ -461,25 +467,22 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         Returns single vectors as one (N, D) tensor/array (a list for "list"/"base64"), multi vectors as a
         list of (tokens_i, dim) tensors/arrays, in input order.
         """
-        self._check_encode_args(return_multivector, dimensions, batch_size, max_batch_tokens, output)
+        self._check_encode_args(return_multivector, dimensions, batch_size, max_batch_tokens, output, truncate)
+        if isinstance(items, (list, tuple)) and not items:
+            return self._empty_result(return_multivector, dimensions, output)
         processor, config = self.processor, self.config
         limits = processor.pixel_limits(config, min_pixels, max_pixels)
         normalized = processor.normalize_items(items, task=task, instructions=instructions, config=config)
-        adapters = [self.resolve_adapter(item, adapter) for item in normalized]
+        with self._adapter_lock:  # adapters cannot change between routing and running
+            names = self.list_adapters()
+            adapters = [self.adapter_manager.resolve(item, adapter, names) for item in normalized]
         tokenized = processor.tokenize_items(
             normalized, config=config, min_pixels=limits[0], max_pixels=limits[1], truncate=truncate
         )
         packed = self.use_packed_attention()
         groups = adapters if (packed or self.adapter_batching == "group") else None  # a packed row has one adapter
         batches = self.plan_batches(tokenized, batch_size, max_batch_tokens, groups=groups, padded=not packed)
-        was_training = self.training
-        if was_training:
-            self.eval()
-        try:
-            outputs = self._run_batches(tokenized, batches, adapters, limits, return_multivector, packed, show_progress_bar)
-        finally:
-            if was_training:
-                self.train()
+        outputs = self._run_batches(tokenized, batches, adapters, limits, return_multivector, packed, show_progress_bar)
         results: list[torch.Tensor | None] = [None] * len(tokenized)
         for batch, vectors in outputs:
             for index, vector in zip(batch, vectors):
@@ -494,16 +497,45 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         """``encode`` with the retrieval passage prompt (the task can still be given per item)."""
         return self.encode(items, task=kwargs.pop("task", "retrieval.passage"), **kwargs)
 
-    def _check_encode_args(self, return_multivector, dimensions, batch_size, max_batch_tokens, output) -> None:
-        if output not in OUTPUT_FORMATS:
+    def _check_encode_args(self, return_multivector, dimensions, batch_size, max_batch_tokens, output, truncate) -> None:
+        if not isinstance(output, str) or output not in OUTPUT_FORMATS:
             raise ValueError(f"output must be one of {OUTPUT_FORMATS}, got {output!r}")
+        for name, value in (("return_multivector", return_multivector), ("truncate", truncate)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be True or False, got {value!r}")
         if dimensions is not None:
             if return_multivector:
                 raise ValueError("dimensions applies to single vectors only (return_multivector=False)")
-            if dimensions not in self.config.matryoshka_dims:
-                raise ValueError(f"dimensions={dimensions} is not allowed; choose one of {self.config.matryoshka_dims}")
-        if batch_size < 1 or max_batch_tokens < 1:
-            raise ValueError(f"batch_size and max_batch_tokens must be positive, got {batch_size}, {max_batch_tokens}")
+            if not _is_int(dimensions) or dimensions not in self.config.matryoshka_dims:
+                raise ValueError(f"dimensions={dimensions!r} is not allowed; choose one of {self.config.matryoshka_dims}")
+        for name, value in (("batch_size", batch_size), ("max_batch_tokens", max_batch_tokens)):
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+    def _empty_result(self, return_multivector: bool, dimensions: int | None, output: str):
+        """What ``encode([])`` returns: no vectors, in the requested type and width (as sentence-transformers)."""
+        if return_multivector:
+            return []
+        width = dimensions or self.config.embedding_dim
+        return _convert(torch.zeros(0, width), False, output)
+
+    @contextmanager
+    def dropout_disabled(self):
+        """Every submodule in eval mode for a while, then each back in its own mode.
+
+        PEFT creates LoRA layers (dropout 0.1 in jina's adapters) in training mode, and users may call
+        ``get_peft_model`` or ``train()`` on parts of the model: inference must not depend on any of that.
+        """
+        training = [module for module in module_index(self).modules if module.training]
+        for module in training:
+            module.training = False
+        pinned, self._dropout_pinned = self._dropout_pinned, True
+        try:
+            yield
+        finally:
+            self._dropout_pinned = pinned
+            for module in training:
+                module.training = True
 
     @staticmethod
     def plan_batches(
@@ -545,21 +577,19 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         for batch in batches:
             group_tokens[adapters[batch[0]]] = group_tokens.get(adapters[batch[0]], 0) + sum(len(tokenized[i]) for i in batch)
         device_outputs = []
-        with self._adapter_lock, _Prefetcher(self._prepare_batch, tokenized, batches, limits, packed) as prepared:
-            for name in set(adapters):
-                if name != BASE and name not in self._adapters:
-                    raise ValueError(f"adapter {name!r} was unloaded while the call ran")
-            try:
-                for batch, inputs in _progress(prepared, show_progress_bar, len(tokenized), total=len(batches)):
-                    names = [adapters[i] for i in batch]
-                    row_names = self._enter_adapter(names, group_tokens.get(names[0], 0))
-                    output_mask = inputs["output_mask"]  # BatchFeature.to moves in place: keep the CPU mask
-                    out = self(**inputs.to(self.device, non_blocking=True), return_multivector=return_multivector,
-                               adapter_names=row_names)
-                    vectors = out.multi_vector if return_multivector else out.single_vector
-                    device_outputs.append((batch, vectors, output_mask))
-            finally:
-                self._set_route(("active", self._route[1]) if self._route and self._route[0] == "merged" else self._route)
+        with self._adapter_lock, _Prefetcher(self._prepare_batch, tokenized, batches, limits, packed) as prepared, \
+                self.dropout_disabled(), self.adapter_manager.call_scope() as router:
+            missing = sorted(set(adapters) - set(self.list_adapters()) - {BASE})
+            if missing:
+                raise ValueError(f"adapter(s) {missing} were unloaded while the call was being prepared")
+            for batch, inputs in _progress(prepared, show_progress_bar, len(tokenized), total=len(batches)):
+                names = [adapters[i] for i in batch]
+                row_names = router.enter(names, group_tokens.get(names[0], 0))
+                output_mask = inputs["output_mask"]  # BatchFeature.to moves in place: keep the CPU mask
+                out = self(**inputs.to(self.device, non_blocking=True), return_multivector=return_multivector,
+                           adapter_names=row_names)
+                vectors = out.multi_vector if return_multivector else out.single_vector
+                device_outputs.append((batch, vectors, output_mask))
         return [(batch, self._split_vectors(vectors, masks, [len(tokenized[i]) for i in batch], return_multivector, packed))
                 for batch, vectors, masks in device_outputs]
 
@@ -589,70 +619,6 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
             return [row[mask] for row, mask in zip(rows, row_masks)]
         return [vectors[row][masks[row]] for row in range(len(lengths))]
 
-    def _enter_adapter(self, names: list[str], group_tokens: int) -> list[str] | None:
-        """Make the model compute with this batch's adapter(s); returns per-row names when rows differ.
-
-        One adapter per batch: merged into the weights when the call has enough of its tokens (PEFT's merge,
-        the originals kept to restore exactly), else made PEFT's active adapter; the bare backbone disables
-        the LoRA layers. Rows with different adapters go through PEFT's mixed-batch forward.
-        """
-        name = names[0]
-        if len(set(names)) > 1:
-            self._set_route(("mixed",))
-            return names
-        if not self._adapters:
-            return None
-        if name != BASE and self._should_merge(group_tokens):
-            self._set_route(("merged", name))
-        else:
-            self._set_route(("base",) if name == BASE else ("active", name))
-        return None
-
-    def _set_route(self, route: tuple) -> None:
-        """Switch the LoRA layers' state (only when it changes: it touches every layer)."""
-        if route == self._route:
-            return
-        from peft.tuners.lora.layer import LoraLayer
-
-        self._restore_merged_adapter()
-        layers = [m for m in self.modules() if isinstance(m, LoraLayer)]
-        kind = route[0]
-        for layer in layers:  # PEFT's own switches, called only where the state differs (each walks every adapter)
-            if layer.disable_adapters != (kind == "base"):
-                layer.enable_adapters(kind != "base")
-            if kind in ("active", "merged") and route[1] in layer.lora_A and layer.active_adapters != [route[1]]:
-                layer.set_adapter(route[1], inference_mode=True)
-        if kind == "merged":
-            self._merge_adapter(route[1], layers)
-        self._route = route
-
-    def _forget_route(self) -> None:
-        """Adapters changed: the cached layer state no longer holds."""
-        self._restore_merged_adapter()
-        self._route = None
-
-    def _should_merge(self, group_tokens: int) -> bool:
-        if self.adapter_merging == "on":
-            return True
-        if self.adapter_merging == "off":
-            return False
-        return self.device.type == "cuda" and group_tokens >= MERGE_MIN_TOKENS
-
-    def _merge_adapter(self, name: str, layers: list) -> None:
-        for module in layers:
-            if name in module.lora_A:
-                self._merge_backup[module] = module.get_base_layer().weight.detach().clone()
-                module.merge(adapter_names=[name])
-
-    def _restore_merged_adapter(self) -> None:
-        """Put the exact original weights back (subtracting the delta again would drift in bf16)."""
-        for module, weight in self._merge_backup.items():
-            module.get_base_layer().weight.data.copy_(weight)
-            module.merged_adapters.clear()
-        self._merge_backup = {}
-        if self._route and self._route[0] == "merged":
-            self._route = None
-
     def _finish(self, results: list[torch.Tensor], return_multivector: bool, dimensions: int | None):
         if return_multivector:
             return results
@@ -681,7 +647,7 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
                 images=[item.image for item in chunk], size={"shortest_edge": low, "longest_edge": high}, return_tensors="pt"
             )
             grid = pixels["image_grid_thw"].to(self.device)
-            with self._adapter_lock:  # one GPU user at a time, as encode
+            with self._adapter_lock, self.dropout_disabled():  # one GPU user at a time, as encode
                 features = self.vision_tower(pixels["pixel_values"].to(self.device), grid)
             for embeds, thw in zip(features, grid.cpu()):
                 results.append({"image_embeds": embeds.cpu(), "image_grid_thw": thw})
@@ -774,37 +740,8 @@ AttentionInterface.register(PACKED_ATTENTION, packed_attention_forward)
 
 
 # ---------------------------------------------------------------------- helpers
-def _strip_peft_prefix(key: str) -> str:
-    return key.removeprefix("base_model.model.")
-
-
-def _adapter_folder(source: str | os.PathLike, **kwargs: Any) -> str:
-    """A local folder holding adapter_config.json and the weights, from a folder, a weights file or a Hub id."""
-    source = str(source)
-    if os.path.isfile(source) and os.path.basename(source) == ADAPTER_WEIGHTS:
-        source = os.path.dirname(source) or "."
-    if os.path.isdir(source):
-        for needed in ("adapter_config.json", ADAPTER_WEIGHTS):
-            if not os.path.isfile(os.path.join(source, needed)):
-                raise ValueError(f"{source}: not a PEFT adapter folder (missing {needed})")
-        return source
-    if os.path.exists(source) or source.startswith((".", "/")) or source.count("/") != 1:
-        raise ValueError(f"{source}: no such adapter folder or {ADAPTER_WEIGHTS} file")
-    from huggingface_hub import snapshot_download
-
-    return snapshot_download(source, allow_patterns=["adapter_config.json", ADAPTER_WEIGHTS], **kwargs)
-
-
-def _resolve_adapter_folder(repo: str, subfolder: str) -> str | None:
-    """``repo/subfolder`` if it holds adapter weights (local folder or Hub repo), else None."""
-    local = os.path.join(repo, subfolder)
-    if os.path.isdir(repo):
-        return local if os.path.isfile(os.path.join(local, ADAPTER_WEIGHTS)) else None
-    from huggingface_hub import snapshot_download
-
-    root = snapshot_download(repo, allow_patterns=[f"{subfolder}/*"])
-    folder = os.path.join(root, subfolder)
-    return folder if os.path.isfile(os.path.join(folder, ADAPTER_WEIGHTS)) else None
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def _progress(batches: Iterable, show: bool | None, n_items: int, total: int) -> Iterable:

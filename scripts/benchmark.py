@@ -820,7 +820,7 @@ def load_bench_adapters(bench: Bench, w: Workload) -> None:
     start = time.perf_counter()
     for index, name in enumerate(ADAPTERS):
         folder = write_random_adapter(bench, targets, bench.workdir / "adapters" / name, seed=bench.seed + 100 + index)
-        model.load_adapter(str(folder), adapter_name=name)
+        model.load_adapter(str(folder), adapter_name=name, as_task_adapter=name in model.config.task_names)
     sync(bench.device)
     lora = next(p for n, p in model.named_parameters() if "lora_A" in n)
     w.notes.append(f"4 adapters written and loaded in {time.perf_counter() - start:.1f} s; "

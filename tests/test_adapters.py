@@ -9,6 +9,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModel
+from peft.tuners.lora.layer import LoraLayer
 
 TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$|.*multi_vector_projector$"
 ITEMS = ["hello world", {"text": "def f(): pass", "task": "code.passage"}, {"text": "same meaning", "task": "text-matching"},
@@ -16,7 +17,7 @@ ITEMS = ["hello world", {"text": "def f(): pass", "task": "code.passage"}, {"tex
 
 
 def load(tiny_nova_dir, **kwargs):
-    return AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True, **kwargs).eval()
+    return AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True, **kwargs)
 
 
 def write_random_adapter(tiny_nova_dir, folder, seed: int, rank: int = 4) -> str:
@@ -96,8 +97,6 @@ def test_unknown_and_unloaded_adapters_are_errors(model):
     assert "custom" not in model.list_adapters()
     with pytest.raises(ValueError, match="item 0: unknown adapter 'custom'"):
         model.encode([{"text": "x", "adapter": "custom"}])
-    with pytest.raises(ValueError, match="'retrieval' is a task adapter"):
-        model.unload_adapter("retrieval")
     with pytest.raises(ValueError, match="no adapter named 'ghost'"):
         model.unload_adapter("ghost")
 
@@ -194,7 +193,7 @@ def test_merged_adapter_groups_equal_unmerged_and_restore_weights_exactly(model)
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    assert model._merge_backup == {} and (model._route is None or model._route[0] != "merged")
+    assert not any(m.merged_adapters for m in model.modules() if isinstance(m, LoraLayer))
     model.adapter_merging, model.attention_packing = "auto", "auto"
 
 

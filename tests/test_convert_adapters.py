@@ -33,7 +33,7 @@ def merged_reference(tiny_nova_dir: Path, tiny_jina_dir: Path, task: str):
     """Stock Qwen2.5-VL plus a projector, with the task's LoRA merged by hand into every target weight."""
     config = Qwen2_5_VLConfig.from_dict(AutoConfig.from_pretrained(tiny_nova_dir, trust_remote_code=True).to_dict())
     reference = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_nova_dir, config=config).eval()
-    nova = AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True, load_task_adapters=False).eval()
+    nova = AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True, load_task_adapters=False)
     projector = nova.multi_vector_projector
     tensors, scaling = jina_lora(tiny_jina_dir)
     modules = dict(reference.named_modules()) | {"multi_vector_projector": projector}
@@ -52,7 +52,7 @@ def merged_reference(tiny_nova_dir: Path, tiny_jina_dir: Path, task: str):
 
 @pytest.fixture(scope="module")
 def converted(tiny_nova_dir):
-    return AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True).eval()
+    return AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True)
 
 
 def test_one_standard_peft_adapter_per_task(tiny_nova_dir, tiny_jina_dir):

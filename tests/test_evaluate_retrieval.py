@@ -183,7 +183,7 @@ def beir_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def model(tiny_nova_dir):
-    return AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True).eval()
+    return AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True)
 
 
 def cli(beir_dir: Path, *extra: str) -> list[str]:
@@ -221,7 +221,7 @@ def test_adapter_folder_is_loaded_and_used(tiny_nova_dir, beir_dir, tmp_path):
     base = AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True, load_task_adapters=False)
     get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=DEFAULT_TARGET_MODULES,
                                     init_lora_weights=False)).save_pretrained(str(tmp_path / "legal"))
-    fresh = AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True).eval()
+    fresh = AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True)
     record = run(build_parser().parse_args(cli(beir_dir, "--adapter", str(tmp_path / "legal"))), model=fresh)
     assert record["adapter"] == "legal" and "legal" in fresh.list_adapters()
     for kind in ("single", "multi"):

@@ -37,7 +37,7 @@ LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_p
 # ---------------------------------------------------------------------- fixtures and helpers
 @pytest.fixture(scope="module")
 def model(tiny_nova_dir):
-    return AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True).eval()
+    return AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True)
 
 
 def make_image(seed: int, width: int = 40, height: int = 30) -> Image.Image:

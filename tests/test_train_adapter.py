@@ -87,7 +87,7 @@ def trained(tiny_nova_dir, train_file, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bare_model(tiny_nova_dir):
-    return AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True, load_task_adapters=False).eval()
+    return AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True, load_task_adapters=False)
 
 
 def expected_adapted_modules(n_layers: int) -> set[str]:
@@ -147,7 +147,7 @@ def test_stock_peft_loads_it_with_no_missing_or_unexpected_keys(trained, tiny_no
 
 
 def test_load_adapter_reproduces_the_trained_model_and_changes_embeddings(trained, tiny_nova_dir, train_file):
-    model = AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True).eval()
+    model = AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True)
     model.load_adapter(str(trained.output_dir), adapter_name="mine")
     assert "mine" in model.list_adapters()
     items = QUERIES[:3] + [{"image": str(train_file.parent / "images" / "page.png")}]

@@ -333,6 +333,9 @@ class NovaServer:
             if name not in self.adapters():
                 raise ApiError(404, f"no adapter named {name!r}; loaded adapters: {self.adapters()}",
                                param="lora_name", code="adapter_not_found")
+            if name in getattr(self.model.config, "task_names", ()):
+                raise ApiError(400, f"{name!r} is a task adapter: requests of task {name!r} route to it, so the server "
+                                    "does not unload it", param="lora_name", code="adapter_unload_refused")
             loop = asyncio.get_running_loop()
             try:
                 await loop.run_in_executor(self.encode_executor, self.model.unload_adapter, name)

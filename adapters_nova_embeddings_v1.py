@@ -1,0 +1,430 @@
+"""Adapter management of nova-embeddings-v1: PEFT LoRA adapters loaded, listed, routed per batch and saved.
+
+PEFT's own state is the only record kept:
+- which adapters exist: the keys of the LoRA layers' ``lora_A`` (configs in ``model.peft_config``);
+- what a plain ``forward`` computes: each LoRA layer's active adapter(s) and disabled flag.
+Adapters added or removed through PEFT or transformers' API therefore show up here at once. ``encode`` states
+every row's adapter explicitly for each batch (vLLM's rule: a batch carries its row -> adapter mapping) and puts
+the layers back as they were when the call ends, so nothing depends on an earlier call and whatever the user
+selected (``set_adapter``, ``disable_adapters``) is what a bare ``forward`` uses.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .processing_nova_embeddings_v1 import TASK_ADAPTER, EmbeddingItem, ItemError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from peft.tuners.lora.layer import LoraLayer
+
+BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+MERGE_MIN_TOKENS = 4096  # below this, merging (two weight copies of ~5.5 GB at full size) costs more than unmerged LoRA
+PEFT_PREFIX = "base_model.model."  # how PeftModel.save_pretrained prefixes adapter keys
+LOADED_MARK = "_nova_lora_base"  # set on each projection that one of our adapters wraps
+
+
+class AdapterStateError(RuntimeError):
+    """The LoRA layers are in a state that per-item routing cannot honour (e.g. merged into the weights)."""
+
+
+# Walking the ~5,000 modules of the full-size model costs milliseconds, more than a short query's forward pass.
+# Every change of the module tree that matters here (PEFT injecting or unloading LoRA layers, a user replacing a
+# module) goes through nn.Module registration, so one process-wide counter of registrations tells when a cached
+# walk is stale. Adapter names are still read live from the layers (deleting an adapter only empties dicts).
+_registrations = 0
+
+
+def _count_registration(module: nn.Module, name: str, submodule: nn.Module | None) -> None:
+    global _registrations
+    _registrations += 1
+
+
+torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
+
+
+@dataclass
+class ModuleIndex:
+    """One walk of a model's module tree: every module, its LoRA layers, and the projections we wrapped."""
+
+    version: int
+    modules: list[nn.Module]
+    lora_layers: list["LoraLayer"]
+    unwrapped: int  # projections that held one of our adapters and lost their LoRA layer (PEFT's unload/merge_and_unload)
+
+
+def module_index(model: nn.Module) -> ModuleIndex:
+    """The model's ``ModuleIndex``, walked again only when a module was registered anywhere since the last walk."""
+    from peft.tuners.lora.layer import LoraLayer
+
+    cached = getattr(model, "_nova_module_index", None)
+    if cached is not None and cached.version == _registrations:
+        return cached
+    version = _registrations
+    modules = list(model.modules())
+    layers = [module for module in modules if isinstance(module, LoraLayer)]
+    wrapped = {id(layer.get_base_layer()) for layer in layers}
+    unwrapped = sum(getattr(m, LOADED_MARK, False) and id(m) not in wrapped for m in modules)
+    index = ModuleIndex(version, modules, layers, unwrapped)
+    object.__setattr__(model, "_nova_module_index", index)  # a plain attribute, not a submodule
+    return index
+
+
+def lora_layers(model: nn.Module) -> list["LoraLayer"]:
+    """Every PEFT LoRA layer of the model, in module order."""
+    return module_index(model).lora_layers
+
+
+def layer_adapter_names(layers: Sequence["LoraLayer"]) -> set[str]:
+    """Adapters present in the LoRA layers (PEFT's per-layer ``lora_A`` keys)."""
+    return {name for layer in layers for name in layer.lora_A.keys()}
+
+
+def _set_layer_state(layer: "LoraLayer", active: list[str], disabled: bool) -> None:
+    """Write the two per-layer fields PEFT's ``set_adapter``/``enable_adapters`` write, without their side
+    effect on ``requires_grad`` (an inference call must not freeze or unfreeze the user's trainable weights)."""
+    layer._active_adapter = list(active)
+    layer._disable_adapters = disabled
+
+
+def _base_key(key: str) -> str | None:
+    """A model state-dict key without PEFT's wrapping, or None for an adapter tensor."""
+    if ".lora_" in key:
+        return None
+    return key.replace(".base_layer.", ".")
+
+
+class AdapterManager:
+    """Loads, lists, unloads, routes and saves the model's LoRA adapters, reading PEFT's state each time."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.merging = "auto"  # "auto": merge a big single-adapter group into the weights on CUDA; "on"; "off"
+        self._merge_backup: dict[nn.Module, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ what exists
+    def names(self) -> list[str]:
+        """Loaded adapters: task adapters in the config's order, then the others sorted."""
+        present = layer_adapter_names(lora_layers(self.model))
+        tasks = [t for t in self.model.config.task_names if t in present]
+        return tasks + sorted(present - set(tasks))
+
+    def task_adapters(self) -> list[str]:
+        present = set(self.names())
+        return [t for t in self.model.config.task_names if t in present]
+
+    def custom_adapters(self) -> list[str]:
+        tasks = set(self.model.config.task_names)
+        return [name for name in self.names() if name not in tasks]
+
+    def check_routable(self, layers: Sequence["LoraLayer"], unwrapped: int) -> None:
+        """Refuse the states in which per-item routing would silently compute something else."""
+        if unwrapped:
+            raise AdapterStateError(
+                f"{unwrapped} projections lost their LoRA layers outside unload_adapter: the adapters were merged into "
+                "the weights and unloaded (PEFT's merge_and_unload) or unloaded (PEFT's unload), so per-task routing "
+                "is no longer possible on these weights. Reload the model (AutoModel.from_pretrained) to route again, "
+                "or remove adapters with model.unload_adapter(name).")
+        merged = sorted({name for layer in layers if layer not in self._merge_backup for name in layer.merged_adapters})
+        if merged:
+            raise AdapterStateError(
+                f"adapter(s) {merged} are merged into the base weights (PEFT's merge_adapter/merge); encode routes each "
+                "item to its own adapter and cannot honour a merge: call model.unmerge_adapter() (PEFT) first")
+
+    # ------------------------------------------------------------------ routing
+    def resolve(self, item: EmbeddingItem, call_adapter: str | None = TASK_ADAPTER, names: Sequence[str] | None = None) -> str:
+        """The adapter an item runs with: its own ``adapter``, else the call's, else its task's.
+
+        A task whose adapter is not loaded runs on the bare backbone when the model holds no task adapter at all
+        (a base model, or one that only has custom adapters); when other task adapters are loaded, a missing one
+        is an error rather than a silent change of model.
+        """
+        names = self.names() if names is None else names
+        chosen = item.adapter if item.adapter != TASK_ADAPTER else call_adapter
+        if chosen is None:
+            return BASE
+        if chosen != TASK_ADAPTER:
+            if chosen not in names:
+                raise ItemError(item.index, f"unknown adapter {chosen!r}; loaded adapters: {list(names)}")
+            return chosen
+        task_adapter = self.model.config.adapter_task(item.task)
+        if task_adapter in names:
+            return task_adapter
+        tasks = set(self.model.config.task_names)
+        if not any(name in tasks for name in names):
+            return BASE
+        raise ItemError(item.index, f"task {item.task!r} routes to adapter {task_adapter!r}, which is not loaded; "
+                                    f"loaded adapters: {list(names)} (pass adapter=None for the bare backbone)")
+
+    @contextmanager
+    def call_scope(self) -> Iterator["BatchRouter"]:
+        """One encode call: check the state, route batch by batch, then put every layer back as it was."""
+        index = module_index(self.model)
+        layers = index.lora_layers
+        self.check_routable(layers, index.unwrapped)
+        saved = [(layer, list(layer.active_adapters), layer.disable_adapters) for layer in layers]
+        router = BatchRouter(self, layers)
+        try:
+            yield router
+        finally:
+            self.restore_merged()
+            for layer, active, disabled in saved:
+                _set_layer_state(layer, active, disabled)
+
+    def should_merge(self, group_tokens: int) -> bool:
+        if self.merging == "on":
+            return True
+        if self.merging == "off":
+            return False
+        return self.model.device.type == "cuda" and group_tokens >= MERGE_MIN_TOKENS
+
+    def merge(self, name: str, layers: Sequence["LoraLayer"]) -> None:
+        """PEFT's merge of one adapter into the base weights, keeping the originals to restore exactly."""
+        for layer in layers:
+            if name in layer.lora_A and layer not in self._merge_backup:
+                self._merge_backup[layer] = layer.get_base_layer().weight.detach().clone()
+                _set_layer_state(layer, [name], False)
+                layer.merge(adapter_names=[name])
+
+    def restore_merged(self) -> None:
+        """Put the exact original weights back (subtracting the delta again would drift in bf16)."""
+        for layer, weight in self._merge_backup.items():
+            layer.get_base_layer().weight.data.copy_(weight)
+            layer.merged_adapters.clear()
+        self._merge_backup = {}
+
+    # ------------------------------------------------------------------ load / unload
+    def load(self, source: str | os.PathLike, name: str, *, as_task_adapter: bool = False, **hub_kwargs: Any) -> None:
+        """Load a standard PEFT LoRA adapter under ``name``; all or nothing."""
+        from peft import LoraConfig, PeftConfig
+        from safetensors.torch import load_file
+
+        self._check_new_name(name, as_task_adapter)
+        folder = adapter_folder(source, **hub_kwargs)
+        config = PeftConfig.from_pretrained(folder)
+        if not isinstance(config, LoraConfig):
+            raise ValueError(f"{folder}: only LoRA adapters are supported, got {type(config).__name__}")
+        config.inference_mode = True
+        try:
+            state = load_file(os.path.join(folder, ADAPTER_WEIGHTS))
+        except Exception as error:
+            raise ValueError(f"{folder}/{ADAPTER_WEIGHTS}: unreadable safetensors file ({error})") from None
+        _check_finite(state, f"{folder}/{ADAPTER_WEIGHTS}")
+        self.add(config, name, state={k.removeprefix(PEFT_PREFIX): v for k, v in state.items()}, source=str(folder))
+
+    def add(self, config: Any, name: str, state: dict[str, torch.Tensor] | None = None, source: str = "config") -> None:
+        """Inject an adapter's LoRA layers (PEFT's ``inject_adapter_in_model``) and, if given, its weights.
+
+        Which adapters are active for a plain ``forward`` does not change; a failure removes what was injected.
+        """
+        from peft import inject_adapter_in_model, set_peft_model_state_dict
+
+        saved = {layer: (list(layer.active_adapters), layer.disable_adapters) for layer in lora_layers(self.model)}
+        # a new layer computes what the model computed before: the others' active adapters, or none at all
+        new_layer_state = next(iter(saved.values())) if saved else ([], False)
+        try:
+            with warnings.catch_warnings():  # PEFT warns that peft_config exists: we keep it in step on purpose
+                warnings.filterwarnings("ignore", message=".*Already found a `peft_config` attribute.*")
+                inject_adapter_in_model(config, self.model, adapter_name=name)
+            if state is not None:
+                result = set_peft_model_state_dict(self.model, state, adapter_name=name)
+                _check_fully_loaded(name, state, result)
+        except Exception as error:
+            self.remove(name)
+            raise ValueError(f"could not load adapter {name!r} from {source}: {error}") from error
+        self.model.peft_config[name] = config
+        for layer in lora_layers(self.model):
+            _set_layer_state(layer, *saved.get(layer, new_layer_state))
+            setattr(layer.get_base_layer(), LOADED_MARK, True)
+            layer.train(self.model.training)  # injected modules start in training mode: dropout would leak into eval
+        self.model.to(self.model.device)
+
+    def remove(self, name: str) -> None:
+        """Delete an adapter from every layer (PEFT's ``delete_adapter``) and from ``peft_config``."""
+        from peft.functional import delete_adapter
+
+        with warnings.catch_warnings():  # PEFT notes which adapter becomes "active": routing never relies on that
+            warnings.filterwarnings("ignore", message=".*was active which is now deleted.*")
+            delete_adapter(self.model, adapter_name=name, prefix="lora_")
+        getattr(self.model, "peft_config", {}).pop(name, None)
+
+    def unload(self, name: str) -> None:
+        names = self.names()
+        if name not in names:
+            raise ValueError(f"no adapter named {name!r}; loaded adapters: {names}")
+        layers = lora_layers(self.model)
+        if any(name in layer.merged_adapters for layer in layers):
+            raise AdapterStateError(f"adapter {name!r} is merged into the weights; unmerge it first")
+        self.remove(name)
+
+    def _check_new_name(self, name: Any, as_task_adapter: bool) -> None:
+        if not isinstance(name, str) or not name or "." in name or name in (BASE, TASK_ADAPTER):
+            raise ValueError(f"invalid adapter name {name!r}: a non-empty string without '.', not {BASE!r}")
+        if name in self.names():
+            raise ValueError(f"an adapter named {name!r} is already loaded; unload it first")
+        if name in self.model.config.task_names and not as_task_adapter:
+            raise ValueError(f"{name!r} is a task name: items of task {name!r} would route to this adapter. Pick another "
+                             f"name, or pass as_task_adapter=True to make it the {name!r} task's adapter")
+
+    # ------------------------------------------------------------------ save
+    def save(self, root: str | os.PathLike) -> list[str]:
+        """Write every adapter as a standard PEFT folder ``root/<adapters_dir>/<name>/``; returns the names."""
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        names = self.names()
+        for name in names:
+            folder = os.path.join(root, self.model.config.adapters_dir, name)
+            os.makedirs(folder, exist_ok=True)
+            state = get_peft_model_state_dict(self.model, adapter_name=name)
+            state = {PEFT_PREFIX + key: value.detach().cpu().contiguous() for key, value in state.items()}
+            save_file(state, os.path.join(folder, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+            self.model.peft_config[name].save_pretrained(folder)
+        return names
+
+    def base_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's weights under their original names, without LoRA tensors or PEFT's ``base_layer`` wrapping."""
+        layers = lora_layers(self.model)
+        merged = sorted({n for layer in layers for n in layer.merged_adapters})
+        if merged:
+            raise AdapterStateError(f"adapter(s) {merged} are merged into the base weights: unmerge before saving, or the "
+                                    "saved base weights would carry them")
+        state = {}
+        for key, value in self.model.state_dict().items():
+            base = _base_key(key)
+            if base is not None:
+                state[base] = value
+        return state
+
+
+class BatchRouter:
+    """Sets the LoRA layers for one batch at a time within an encode call (see ``AdapterManager.call_scope``)."""
+
+    def __init__(self, manager: AdapterManager, layers: list["LoraLayer"]):
+        self.manager = manager
+        self.layers = layers
+        self.merged: str | None = None
+
+    def enter(self, row_adapters: Sequence[str], group_tokens: int = 0) -> list[str] | None:
+        """Make the layers compute this batch's adapters; returns per-row names when the rows differ.
+
+        One adapter: that adapter active on every layer (merged into the weights when the call has enough of its
+        tokens on CUDA); the bare backbone: adapters disabled; rows that differ: PEFT's mixed-batch forward.
+        """
+        if not self.layers:
+            return None
+        names = set(row_adapters)
+        name = next(iter(names))
+        if len(names) == 1 and name != BASE and self.manager.should_merge(group_tokens):
+            if self.merged != name:
+                self.manager.restore_merged()
+                self.manager.merge(name, self.layers)
+                self.merged = name
+            return None
+        if self.merged is not None:
+            self.manager.restore_merged()
+            self.merged = None
+        if len(names) > 1:
+            for layer in self.layers:
+                _set_layer_state(layer, layer.active_adapters, False)
+            return list(row_adapters)
+        for layer in self.layers:  # a layer without this adapter computes the bare projection
+            _set_layer_state(layer, [name] if name != BASE else [], False)
+        return None
+
+
+@contextmanager
+def rows_routed(model: nn.Module, adapter_names: Sequence[str] | None):
+    """Route each row to its adapter with PEFT's own mixed-batch pre-forward hook on every LoRA layer."""
+    if adapter_names is None:
+        yield
+        return
+    from peft.tuners.lora.model import _adapter_names_pre_forward_hook
+
+    layers = lora_layers(model)
+    known = layer_adapter_names(layers) | {BASE}
+    unknown = sorted(set(adapter_names) - known)
+    if unknown:
+        raise ValueError(f"adapter_names: unknown adapter(s) {unknown}; loaded: {sorted(known - {BASE})} "
+                         f"({BASE!r} for the bare backbone)")
+    if not layers:
+        yield
+        return
+    hook = functools.partial(_adapter_names_pre_forward_hook, adapter_names=list(adapter_names))
+    saved = [(layer, layer.active_adapters, layer.disable_adapters) for layer in layers]
+    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
+    for layer in layers:  # a disabled layer ignores adapter_names: enable for this call
+        _set_layer_state(layer, layer.active_adapters, False)
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for layer, active, disabled in saved:
+            _set_layer_state(layer, active, disabled)
+
+
+# ---------------------------------------------------------------------- files
+def adapter_folder(source: str | os.PathLike, **kwargs: Any) -> str:
+    """A local folder holding adapter_config.json and the weights, from a folder, a weights file or a Hub id."""
+    source = str(source)
+    if os.path.isfile(source) and os.path.basename(source) == ADAPTER_WEIGHTS:
+        source = os.path.dirname(source) or "."
+    if os.path.isdir(source):
+        for needed in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+            if not os.path.isfile(os.path.join(source, needed)):
+                hint = " (adapter_model.bin is not supported: save it as safetensors)" if needed == ADAPTER_WEIGHTS and \
+                    os.path.isfile(os.path.join(source, "adapter_model.bin")) else ""
+                raise ValueError(f"{source}: not a PEFT adapter folder (missing {needed}){hint}")
+        return source
+    if os.path.exists(source) or source.startswith((".", "/")) or source.count("/") != 1:
+        raise ValueError(f"{source}: no such adapter folder or {ADAPTER_WEIGHTS} file")
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(source, allow_patterns=[ADAPTER_CONFIG, ADAPTER_WEIGHTS], **kwargs)
+
+
+def repository_adapter_folders(repo: str | os.PathLike, adapters_dir: str, task_names: Sequence[str]) -> dict[str, str]:
+    """Adapter folders under ``repo/adapters_dir/`` (local or Hub) that hold weights: task adapters first."""
+    repo = str(repo)
+    if os.path.isdir(repo):
+        root = os.path.join(repo, adapters_dir)
+    else:
+        from huggingface_hub import snapshot_download
+
+        root = os.path.join(snapshot_download(repo, allow_patterns=[f"{adapters_dir}/*/*"]), adapters_dir)
+    if not os.path.isdir(root):
+        return {}
+    found = sorted(n for n in os.listdir(root) if os.path.isfile(os.path.join(root, n, ADAPTER_WEIGHTS)))
+    ordered = [t for t in task_names if t in found] + [n for n in found if n not in task_names]
+    return {name: os.path.join(root, name) for name in ordered}
+
+
+def _check_fully_loaded(name: str, state: dict, result: Any) -> None:
+    unexpected = [k for k in result.unexpected_keys if "lora_" in k]
+    missing = [k for k in result.missing_keys if f".{name}." in k and "lora_" in k]
+    if unexpected or missing:
+        raise ValueError(f"{len(missing)} missing LoRA tensors (e.g. {missing[:3]}), "
+                         f"{len(unexpected)} unexpected ones (e.g. {unexpected[:3]})")
+    if not state:
+        raise ValueError("the adapter file holds no tensors")
+
+
+def _check_finite(state: dict[str, torch.Tensor], where: str) -> None:
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{where}: tensor {key!r} holds NaN or infinite values")
+
+
+__all__ = ["AdapterManager", "AdapterStateError", "BASE", "lora_layers", "rows_routed"]
