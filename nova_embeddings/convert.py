@@ -13,7 +13,7 @@ jina's multi-task adapters/ (one file, per-task LoRA matrices) are split into on
 per task under adapters/<task>/, with the same rank, alpha and targets.
 
 Usage:
-    python scripts/convert_jina_v4.py --jina-dir SRC --out DST [--dtype keep|float32|bfloat16]
+    nova-embeddings convert --jina-dir SRC --out DST [--dtype keep|float32|bfloat16]
 """
 
 from __future__ import annotations

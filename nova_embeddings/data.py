@@ -1,4 +1,4 @@
-"""Helpers shared by train_adapter.py and evaluate_retrieval.py: JSONL files, image paths, model loading.
+"""Helpers shared by train.py and evaluate.py: JSONL files, image paths, model loading.
 
 Why a module: both scripts read JSONL files whose errors must name the line, both resolve image paths
 against the data file's folder (not the working directory), and both load the model the same way.

@@ -1,7 +1,7 @@
 """Encode mixed items and show what comes back.
 
-    python scripts/demo.py                      # builds a tiny random checkpoint (seconds, CPU, no download)
-    python scripts/demo.py --model PATH --device cuda --dtype bfloat16   # a converted nova repository
+    nova-embeddings demo                      # builds a tiny random checkpoint (seconds, CPU, no download)
+    nova-embeddings demo --model PATH --device cuda --dtype bfloat16   # a converted nova repository
 
 The tiny checkpoint has random weights: its similarities are meaningless, but every code path
 (chat template, instructions, images, adapters, Matryoshka, multi vectors) is the real one.
@@ -19,14 +19,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
-
-
 def tiny_model_dir(workdir: Path) -> Path:
     """Write a tiny jina-layout checkpoint and convert it, exactly as a user converts jina's repository."""
-    from scripts.convert_jina_v4 import convert
-    from scripts.make_tiny_checkpoint import make_tiny_checkpoint
+    from .convert import convert
+    from .tiny import make_tiny_checkpoint
 
     jina = make_tiny_checkpoint(workdir / "tiny-jina", layout="4x", seed=0, adapters=True)
     out = workdir / "tiny-nova"

@@ -12,7 +12,7 @@ shows "no instruction" beside "with instruction" when --instructions (or per-que
 so the instruction gains claimed for the model can be checked on one's own data.
 
 Usage:
-    python scripts/evaluate_retrieval.py --model DIR_OR_ID --data BEIR_DIR [--adapter NAME|DIR|none]
+    nova-embeddings evaluate --model DIR_OR_ID --data BEIR_DIR [--adapter NAME|DIR|none]
         [--instructions "..."] [--doc-instructions "..."] [--vectors single multi] [--output-json results.json]
 """
 
@@ -30,11 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # run as a script: make `scripts.*` importable
-    sys.path.insert(0, str(REPO_ROOT))
-
-from scripts.nova_data import DataError, item_problem, iter_jsonl, load_model, resolve_image  # noqa: E402
+from .data import DataError, item_problem, iter_jsonl, load_model, resolve_image
 
 NO_INSTRUCTION = "no instruction"
 WITH_INSTRUCTION = "with instruction"

@@ -1,7 +1,7 @@
 """Serve nova-embeddings-v1 over an OpenAI-compatible HTTP API (FastAPI + uvicorn).
 
-    pip install -r requirements-server.txt
-    python scripts/serve.py [MODEL] [--host 127.0.0.1] [--port 8000] [--device auto] [--dtype auto]
+    pip install -e ".[server]"
+    nova-embeddings serve [MODEL] [--host 127.0.0.1] [--port 8000] [--device auto] [--dtype auto]
         [--chat-template PATH] [--load-lora NAME=PATH ...] [--max-loras N] [--max-batch-tokens N]
         [--max-wait-ms MS] [--api-key KEY] [--admin-token TOKEN] [--allow-image-urls] ...
 
@@ -23,12 +23,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # run as a script: make `scripts.*` importable
-    sys.path.insert(0, str(REPO_ROOT))
-
-from scripts.nova_server import ServerSettings, create_app  # noqa: E402
-from scripts.nova_server.settings import MIB  # noqa: E402
+from .server import ServerSettings, create_app
+from .server.settings import MIB
 
 logger = logging.getLogger("nova_server")
 
@@ -103,8 +99,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 # ---------------------------------------------------------------------- model
 def build_tiny_checkpoint(workdir: str | Path) -> Path:
     """The tiny random-weight jina checkpoint, converted: a servable nova repository in ``workdir/nova``."""
-    from scripts.convert_jina_v4 import convert
-    from scripts.make_tiny_checkpoint import make_tiny_checkpoint
+    from .convert import convert
+    from .tiny import make_tiny_checkpoint
 
     workdir = Path(workdir)
     jina = make_tiny_checkpoint(workdir / "jina", seed=0, dtype="float32")
@@ -196,7 +192,7 @@ def serve_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0, log_level:
                     startup_timeout_s: float = 120.0) -> Iterator[str]:
     """Run ``app`` under uvicorn in a background thread; yields its base URL; stops (and drains) on exit.
 
-    Port 0 picks a free port. Used by tests and scripts/load_test.py.
+    Port 0 picks a free port. Used by tests and nova_embeddings/bench/load_test.py.
     """
     import uvicorn
 

@@ -7,7 +7,7 @@ Every size is tiny, but every name, format and structural rule (M-RoPE sections,
 tied embeddings, LoRA scaling alpha/r != 1) is the real one, so format bugs show up here.
 
 Usage:
-    python scripts/make_tiny_checkpoint.py --out DIR [--layout 4x|5x] [--seed N]
+    nova-embeddings tiny --out DIR [--layout 4x|5x] [--seed N]
         [--dtype float32|bfloat16] [--no-adapters]
 """
 

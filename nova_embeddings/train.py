@@ -12,9 +12,9 @@ adapter's weights with --init-from-task) and is saved as a standard PEFT adapter
 ``model.load_adapter(dir, adapter_name=...)`` and ``peft.PeftModel.from_pretrained`` load.
 
 Usage:
-    python scripts/train_adapter.py --model DIR_OR_ID --train-file train.jsonl --output-dir my-adapter [options]
-    accelerate launch scripts/train_adapter.py ...          (several GPUs, mixed precision)
-    python scripts/train_adapter.py --config train.json     (any option as a JSON key; flags override it)
+    nova-embeddings train --model DIR_OR_ID --train-file train.jsonl --output-dir my-adapter [options]
+    accelerate launch -m nova_embeddings train ...          (several GPUs, mixed precision)
+    nova-embeddings train --config train.json     (any option as a JSON key; flags override it)
 """
 
 from __future__ import annotations
@@ -32,11 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # run as a script: make `scripts.*` importable
-    sys.path.insert(0, str(REPO_ROOT))
-
-from scripts.nova_data import DataError, item_problem, iter_jsonl, load_model, resolve_item_images  # noqa: E402
+from .data import DataError, item_problem, iter_jsonl, load_model, resolve_item_images
 
 # Every q/k/v/o/gate/up/down projection of the language model and the multi-vector projector; never the
 # vision tower (its module names hold "visual", not "language_model"). Same targets as jina's task adapters.

@@ -1,7 +1,7 @@
 """Shared fixtures: tiny jina-embeddings-v4 checkpoints and their nova conversion, built once per session.
 
-Tests import the scripts as ``scripts.make_tiny_checkpoint`` / ``scripts.convert_jina_v4`` with the
-repository root on sys.path (also where ``configuration_nova_embeddings_v1`` lives).
+Tests import the tools as ``nova_embeddings.tiny`` / ``nova_embeddings.convert`` with the repository root
+on sys.path (also where ``configuration_nova_embeddings_v1`` lives), installed or not.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from scripts.convert_jina_v4 import convert  # noqa: E402
-from scripts.make_tiny_checkpoint import make_tiny_checkpoint  # noqa: E402
+from nova_embeddings.convert import convert  # noqa: E402
+from nova_embeddings.tiny import make_tiny_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""scripts/benchmark.py on a CPU: the tiny run end to end, OOM reporting, and the full-size set-up on the meta device.
+"""`nova-embeddings bench` on a CPU: the tiny run end to end, OOM reporting, and the full-size set-up on the meta device.
 
 The GPU run is what the benchmark is for; these tests make sure that run will not fail for a reason a CPU can
 catch (a workload that crashes, a table that is missing, a reference that does not compute the same vectors,
@@ -17,14 +17,14 @@ from pathlib import Path
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = REPO_ROOT / "scripts" / "benchmark.py"
 TABLE_HEADER = "| path | tokens/s | items/s | p50 ms | p99 ms | peak GiB | vs ref | cos min | cos mean |"
 
 
 def run_benchmark(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
-    """Run the script as the GPU machine will (python scripts/benchmark.py from the repository root, $OUT set)."""
+    """Run the script as the GPU machine will (python -m nova_embeddings bench from the repository root, $OUT set)."""
     env = dict(os.environ, OUT=str(tmp_path))
-    done = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--dtype", "float32", *args],
+    command = [sys.executable, "-m", "nova_embeddings", "bench", "--tiny", "--device", "cpu", "--dtype", "float32"]
+    done = subprocess.run([*command, *args],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     results = tmp_path / "benchmark.json"
     data = json.loads(results.read_text()) if results.is_file() else {}
@@ -89,7 +89,7 @@ def test_full_size_setup_on_meta_device(tmp_path):
     """config.json's model: 3.75B parameters, a reference that shares every tensor, jina-sized adapters."""
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
-    from scripts import benchmark
+    from nova_embeddings.bench import benchmark
 
     model_cls, _ = benchmark.load_classes()
     tokenizer = benchmark.bench_tokenizer(tmp_path)
@@ -114,7 +114,7 @@ def test_texts_have_exact_token_counts(tmp_path):
         sys.path.insert(0, str(REPO_ROOT))
     import numpy as np
 
-    from scripts import benchmark
+    from nova_embeddings.bench import benchmark
 
     tokenizer = benchmark.bench_tokenizer(tmp_path)
     rng, words = np.random.default_rng(0), benchmark.corpus_words()

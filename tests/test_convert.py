@@ -1,4 +1,4 @@
-"""The tiny jina checkpoint and the jina -> nova converter (scripts/make_tiny_checkpoint.py, scripts/convert_jina_v4.py)."""
+"""The tiny jina checkpoint and the jina -> nova converter (nova_embeddings/tiny.py, nova_embeddings/convert.py)."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from transformers import (
     Qwen2_5_VLModel,
 )
 
-from scripts import convert_jina_v4 as conv
-from scripts import make_tiny_checkpoint as tiny
+from nova_embeddings import convert as conv
+from nova_embeddings import tiny
 
 JINA_DROPPED = ("single_vector_pool_strategy", "truncate_dim", "processor_class", "_attn_implementation")
 

@@ -105,7 +105,7 @@ def test_converted_adapters_compute_jinas_multi_task_lora(tiny_nova_dir, tiny_ji
 def test_bad_adapter_files_are_refused_before_writing(tiny_jina_dir, tmp_path, damage, message):
     import shutil
 
-    from scripts.convert_jina_v4 import ConversionError, convert
+    from nova_embeddings.convert import ConversionError, convert
 
     source = tmp_path / "src"
     shutil.copytree(tiny_jina_dir, source)

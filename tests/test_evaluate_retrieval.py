@@ -1,4 +1,4 @@
-"""scripts/evaluate_retrieval.py: metric functions on hand-made rankings, BEIR loading, and an end-to-end run on
+"""nova_embeddings/evaluate.py: metric functions on hand-made rankings, BEIR loading, and an end-to-end run on
 a tiny synthetic BEIR folder whose answers are known by construction."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from peft import LoraConfig, get_peft_model
 from PIL import Image
 from transformers import AutoModel
 
-from scripts.evaluate_retrieval import (
+from nova_embeddings.evaluate import (
     NO_INSTRUCTION,
     WITH_INSTRUCTION,
     EvalSettings,
@@ -31,8 +31,8 @@ from scripts.evaluate_retrieval import (
     recall_at_k,
     run,
 )
-from scripts.nova_data import DataError
-from scripts.train_adapter import DEFAULT_TARGET_MODULES
+from nova_embeddings.data import DataError
+from nova_embeddings.train import DEFAULT_TARGET_MODULES
 
 DOCUMENTS = ["apples are a red fruit", "the ocean is deep and blue", "python code runs on an interpreter",
              "mountains keep snow on their peaks", "cats sleep most of the day", "trains run on steel rails"]

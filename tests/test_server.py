@@ -26,8 +26,8 @@ from transformers import AutoModel
 pytest.importorskip("fastapi", reason="the server's optional extra (requirements-server.txt) is not installed")
 httpx = pytest.importorskip("httpx", reason="the server's optional extra (requirements-server.txt) is not installed")
 
-from scripts.nova_server import ServerSettings, create_app  # noqa: E402
-from scripts.nova_server.images import is_public_address  # noqa: E402
+from nova_embeddings.server import ServerSettings, create_app  # noqa: E402
+from nova_embeddings.server.images import is_public_address  # noqa: E402
 
 MODEL_NAME = "tiny"
 ATOL = 1e-5
@@ -848,7 +848,7 @@ def test_openai_async_client_in_process(model):
 def test_openai_sync_client_against_uvicorn_on_loopback(model):
     openai = pytest.importorskip("openai")
     pytest.importorskip("uvicorn")
-    from scripts.serve import serve_in_thread
+    from nova_embeddings.serve import serve_in_thread
 
     app = app_for(lambda: model, api_key="k")  # loaded in the background, as serve.py does
     with serve_in_thread(app, host="127.0.0.1", port=0) as url:
@@ -868,7 +868,7 @@ def test_openai_sync_client_against_uvicorn_on_loopback(model):
 
 # ---------------------------------------------------------------------- command line
 def test_serve_command_line_maps_to_settings():
-    from scripts.serve import build_parser, settings_from_args
+    from nova_embeddings.serve import build_parser, settings_from_args
 
     args = build_parser().parse_args([
         "some/model", "--api-key", "k", "--admin-token", "a", "--load-lora", "mine=/x/adapter_model.safetensors",
@@ -889,7 +889,7 @@ def test_serve_command_line_maps_to_settings():
 
 
 def test_startup_adapters_from_the_command_line(model, lora_dir, clean_adapters):
-    from scripts.serve import load_startup_adapters
+    from nova_embeddings.serve import load_startup_adapters
 
     with pytest.raises(ValueError, match="over --max-loras 1"):
         load_startup_adapters(model, [("a", lora_dir), ("b", lora_dir)], max_loras=1)

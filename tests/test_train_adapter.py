@@ -1,4 +1,4 @@
-"""scripts/train_adapter.py on the tiny checkpoint.
+"""nova_embeddings/train.py (`nova-embeddings train`) on the tiny checkpoint.
 
 A few steps on a small synthetic set (texts, one image, a hard negative, instructions) lower the loss; the
 saved adapter is stock PEFT layout, loads with ``model.load_adapter`` and with ``PeftModel.from_pretrained``,
@@ -23,8 +23,8 @@ from accelerate.state import AcceleratorState
 from transformers import AutoModel
 
 from configuration_nova_embeddings_v1 import DEFAULT_TASK_PROMPTS
-from scripts.nova_data import DataError
-from scripts.train_adapter import (
+from nova_embeddings.data import DataError
+from nova_embeddings.train import (
     DEFAULT_TARGET_MODULES,
     DataSettings,
     contrastive_loss,

@@ -10,7 +10,7 @@ results is a bug).
 
 The model is the full-size one (the repository's ``config.json``) with random weights made directly on the
 device (N(0, 0.02), norms 1): nothing is downloaded or read from disk but the config. The tokenizer
-is the tiny byte-level BPE of ``scripts/make_tiny_checkpoint.py`` (Qwen's added tokens, a small vocabulary);
+is the tiny byte-level BPE of ``nova_embeddings/tiny.py`` (Qwen's added tokens, a small vocabulary);
 the config's special-token ids are set to that tokenizer's ids. Texts are cut to exact token counts with it.
 
 Workloads (``--workloads``, run in the order 1,2,3,5,6,4: loading adapters for 4 wraps the model's layers):
@@ -24,8 +24,8 @@ Workloads (``--workloads``, run in the order 1,2,3,5,6,4: loading adapters for 4
     6  16 texts of 8192 tokens, plus a single-text memory probe at 1k-8k tokens
 
 Usage (repository root; results also go to $OUT/benchmark.json when $OUT is set):
-    python scripts/benchmark.py [--workloads 1,2,3,4,5,6] [--repeats 3] [--profile]
-    python scripts/benchmark.py --tiny --device cpu --dtype float32     # seconds on a CPU (tests)
+    nova-embeddings bench [--workloads 1,2,3,4,5,6] [--repeats 3] [--profile]
+    nova-embeddings bench --tiny --device cpu --dtype float32     # seconds on a CPU (tests)
 
 Exit status: 0 when every workload ran (OOMs are reported as rows, not failures) and every cosine is
 >= 0.999; 1 otherwise.
@@ -55,11 +55,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # run as a script: make scripts.* importable
-    sys.path.insert(0, str(REPO_ROOT))
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 
-from scripts.make_tiny_checkpoint import (  # noqa: E402
+from ..tiny import (
     CLIP_MEAN,
     CLIP_STD,
     TINY_CORPUS,
@@ -81,7 +79,7 @@ RUN_ORDER = (1, 2, 3, 5, 6, 4)
 MODEL_KNOBS = ("adapter_batching", "attention_packing")  # recorded in the JSON when the model has them
 GIB = 1024**3
 
-# The tiny checkpoint's numbers (scripts/make_tiny_checkpoint.py): every structural rule of Qwen2.5-VL, tiny sizes.
+# The tiny checkpoint's numbers (nova_embeddings/tiny.py): every structural rule of Qwen2.5-VL, tiny sizes.
 # The full-size model reads the repository's config.json instead.
 TINY_TEXT = dict(
     vocab_size=600, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -4,9 +4,9 @@ By default it starts the server in-process on 127.0.0.1 (a free port) with the g
 number of requests with bounded concurrency, stops at a time cap whatever happens, and also times a direct
 ``encode()`` of the same items, so the server's overhead can be read off beside the model's own speed.
 
-    python scripts/load_test.py [--model PATH|none|random-full] [--device cuda] [--dtype bfloat16]
+    nova-embeddings load-test [--model PATH|none|random-full] [--device cuda] [--dtype bfloat16]
         [--requests 500] [--concurrency 32] [--items-per-request 4] [--words 48] [--image-fraction 0]
-    python scripts/load_test.py --url http://127.0.0.1:8000 [--api-key KEY] ...   # a running server
+    nova-embeddings load-test --url http://127.0.0.1:8000 [--api-key KEY] ...   # a running server
 
 ``--model none`` (the default) is the tiny checkpoint; ``random-full`` is the full-size architecture
 (jina-embeddings-v4 = Qwen2.5-VL-3B) with random weights made on the device, on the tiny tokenizer: nothing
@@ -31,12 +31,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
+import httpx
+import numpy as np
 
 WORDS = ("vector search index query passage model token image batch server latency retrieval document embedding "
          "matrix layer adapter cache memory network signal river mountain city garden history science music").split()
@@ -79,7 +75,7 @@ def random_full_size_model(tiny_dir: Path, device: str, dtype: Any) -> Any:
 
 def load_model(spec: str | None, device: str, dtype: str, workdir: Path) -> tuple[Any, str]:
     """(model, description) for --model PATH | none | random-full."""
-    from scripts.serve import build_tiny_checkpoint, load_model as load_repository, resolve_device, resolve_dtype
+    from ..serve import build_tiny_checkpoint, load_model as load_repository, resolve_device, resolve_dtype
 
     if spec not in (None, "none", "random-full"):
         return load_repository(spec, device=device, dtype=dtype), spec
@@ -271,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_loopback(url: str) -> None:
-    from scripts.serve import is_loopback
+    from ..serve import is_loopback
 
     host = urlsplit(url).hostname or ""
     if not is_loopback(host):
@@ -327,8 +323,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_in_process(args: argparse.Namespace, headers: dict) -> dict:
     """Load the model, serve it on 127.0.0.1 in a thread, measure, then time encode() on the same items."""
-    from scripts.nova_server import ServerSettings, create_app
-    from scripts.serve import serve_in_thread
+    from ..server import ServerSettings, create_app
+    from ..serve import serve_in_thread
 
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="nova-load-") as workdir:

@@ -1,7 +1,7 @@
 """OpenAI-compatible embeddings server for nova-embeddings-v1 (FastAPI; see the README's "Serving" section).
 
-    from scripts.nova_server import ServerSettings, create_app
-    app = create_app(model, ServerSettings(api_key="..."))  # any ASGI server runs it; scripts/serve.py uses uvicorn
+    from nova_embeddings.server import ServerSettings, create_app
+    app = create_app(model, ServerSettings(api_key="..."))  # any ASGI server runs it; `nova-embeddings serve` uses uvicorn
 """
 
 from .app import NovaServer, create_app

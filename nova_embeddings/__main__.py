@@ -1,0 +1,7 @@
+"""``python -m nova_embeddings ...`` is ``nova-embeddings ...``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Benchmarks: encode() against jina's reference path (``benchmark``) and the server under load (``load_test``)."""
