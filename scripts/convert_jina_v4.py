@@ -6,14 +6,20 @@ flash-attention in config.json, and points auto_map at its own classes. The conv
 our config (same backbone fields + our embedding fields), weights under transformers 5.x names,
 our remote code, the tokenizer and our processor, so it loads with stock transformers.
 
-Stages (each a small function below): read jina's config + preprocessor config -> build our config;
-scan the weight files' headers -> rename keys -> check names and shapes against transformers'
-Qwen2_5_VLModel before writing anything; then write weights, config, code files, tokenizer, processor.
+Stages (each a small function below): plan_conversion checks everything it can without writing: read
+jina's config + preprocessor config -> build our config; scan the weight files' headers -> rename keys ->
+check names, shapes and dtypes against transformers' Qwen2_5_VLModel; load jina's tokenizer and check the
+special token ids and vocabulary size; check the adapters. write_repository then writes config, code
+files, tokenizer, processor, adapters and (last, the slow part) the weights into a temporary folder
+beside the target, which is renamed into place only when all of it succeeded.
 jina's multi-task adapters/ (one file, per-task LoRA matrices) are split into one standard PEFT adapter
 per task under adapters/<task>/, with the same rank, alpha and targets.
 
 Usage:
-    python scripts/convert_jina_v4.py --jina-dir SRC --out DST [--dtype keep|float32|bfloat16]
+    python scripts/convert_jina_v4.py --jina-dir SRC --out DST [--dtype keep|float32|bfloat16] [--overwrite]
+
+Nothing is ever half-written: the repository is written into a temporary folder beside DST and renamed
+into place at the end; on any failure DST is left as it was.
 """
 
 from __future__ import annotations
@@ -22,10 +28,14 @@ import argparse
 import copy
 import dataclasses
 import json
+import os
 import re
 import shutil
 import sys
+import uuid
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +79,11 @@ TOKENIZER_FILES = (
 )
 CODE_GLOB = "*_nova_embeddings_v1*.py"
 CHAT_TEMPLATE_FILE = "chat_template.json"
+STAGING_PREFIX = "_converting_"  # temporary folders beside --out while a conversion is written
+SPECIAL_TOKENS = {  # config field -> the token it must be the id of
+    "image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
+    "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>",
+}
 TOKENIZER_PROBE = "Query: hello world <|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|><|im_end|>"
 
 
@@ -500,25 +515,62 @@ def drop_duplicate_template(out_dir: Path, chat_template: str) -> None:
     jinja.unlink()
 
 
+def _one_line(error: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def load_source_tokenizer(jina_dir: Path):
+    """jina's tokenizer, loaded without running any of jina's code; a missing or broken one is an error."""
+    from transformers import AutoTokenizer
+
+    if not any((jina_dir / name).is_file() for name in ("tokenizer.json", "vocab.json")):
+        raise ConversionError(f"no tokenizer in {jina_dir} (neither tokenizer.json nor vocab.json)")
+    try:
+        return AutoTokenizer.from_pretrained(str(jina_dir), trust_remote_code=False)
+    except Exception as error:  # tokenizers, json and transformers each raise their own types for a broken file
+        raise ConversionError(f"the tokenizer in {jina_dir} cannot be loaded ({_one_line(error)})") from error
+
+
+def check_token_ids(tokenizer, config: NovaEmbeddingsV1Config, where: str) -> None:
+    """The config's special token ids must be the tokenizer's, and the vocabulary must hold every token."""
+    for field, token in SPECIAL_TOKENS.items():
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is None:
+            raise ConversionError(f"{where} has no {token} token (config.{field} is {getattr(config, field)})")
+        if token_id != getattr(config, field):
+            raise ConversionError(f"{where} gives {token} id {token_id}, but config.{field} is {getattr(config, field)}")
+    for field in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        token_id = getattr(tokenizer, field)
+        for holder, name in ((config, "config"), (config.text_config, "config.text_config")):
+            value = getattr(holder, field, None)
+            if token_id is not None and value is not None and value != token_id:
+                token = tokenizer.convert_ids_to_tokens(token_id)
+                raise ConversionError(f"{where} has {field.removesuffix('_id')} {token} (id {token_id}), "
+                                      f"but {name}.{field} is {value}")
+    vocab = config.text_config.vocab_size
+    if len(tokenizer) > vocab:
+        raise ConversionError(f"{where} has {len(tokenizer)} tokens, more than the model's vocab_size {vocab}")
+
+
+def check_source_tokenizer(jina_dir: Path, config: NovaEmbeddingsV1Config) -> None:
+    """Before writing: jina's tokenizer loads and agrees with the config (token ids, vocabulary size)."""
+    check_token_ids(load_source_tokenizer(jina_dir), config, f"the tokenizer in {jina_dir}")
+
+
 def check_tokenizer(jina_dir: Path, out_dir: Path, config: NovaEmbeddingsV1Config) -> None:
     """The converted tokenizer must tokenise like jina's and agree with the config's special token ids."""
     from transformers import AutoTokenizer
 
     # jina's code is never run (trust_remote_code=False); ours is what users load with trust_remote_code=True.
-    source = AutoTokenizer.from_pretrained(str(jina_dir), trust_remote_code=False)
+    source = load_source_tokenizer(jina_dir)
     converted = AutoTokenizer.from_pretrained(str(out_dir), trust_remote_code=True)
     ids_src = source(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
     ids_out = converted(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
     if ids_src != ids_out:
         raise ConversionError(f"converted tokenizer differs from jina's on {TOKENIZER_PROBE!r}: {ids_out} vs {ids_src}")
-    for token, field in (("<|image_pad|>", "image_token_id"), ("<|video_pad|>", "video_token_id"),
-                         ("<|vision_start|>", "vision_start_token_id"), ("<|vision_end|>", "vision_end_token_id")):
-        token_id = converted.convert_tokens_to_ids(token)
-        if token_id != getattr(config, field):
-            raise ConversionError(f"tokenizer gives {token} id {token_id}, config.{field} is {getattr(config, field)}")
-    if len(converted) > config.text_config.vocab_size:
-        vocab = config.text_config.vocab_size
-        raise ConversionError(f"tokenizer has {len(converted)} tokens, more than the model's vocab_size {vocab}")
+    check_token_ids(converted, config, "the converted tokenizer")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -542,25 +594,131 @@ class ConversionSummary:
                 f"into {self.out_dir} ({', '.join(self.weight_files)})")
 
 
-def _check_dirs(jina_dir: Path, out_dir: Path) -> None:
-    """Source must be a directory; the destination must not exist or be empty (no stale shards mixed in)."""
+def _is_nova_repository(folder: Path) -> bool:
+    """Whether ``folder`` holds a config.json of our model type (what a previous conversion wrote)."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(config, dict) and config.get("model_type") == NovaEmbeddingsV1Config.model_type
+
+
+def _first_existing(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_dirs(jina_dir: Path, out_dir: Path, overwrite: bool = False) -> None:
+    """Refuse, before any work, a target the conversion must not replace or cannot be published into.
+
+    The target may be absent or an empty folder; a non-empty one only with ``overwrite``, and then only a
+    previous conversion (never a folder holding the source, never some other folder: --overwrite deletes).
+    """
     if not jina_dir.is_dir():
         raise ConversionError(f"--jina-dir {jina_dir} is not a directory")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ConversionError(f"--out {out_dir} exists and is not an empty directory; remove it or choose another")
-    if out_dir.resolve() == jina_dir.resolve():
-        raise ConversionError("--out must differ from --jina-dir")
+    if out_dir.is_symlink():
+        raise ConversionError(f"--out {out_dir} is a symbolic link; give the folder it points to")
+    if not out_dir.exists():
+        ancestor = _first_existing(out_dir.parent)
+        if not ancestor.is_dir():
+            raise ConversionError(f"cannot create --out {out_dir}: {ancestor} is not a folder")
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise ConversionError(f"cannot create --out {out_dir}: {ancestor} is not writable")
+        return
+    if not out_dir.is_dir():
+        raise ConversionError(f"--out {out_dir} is a file; give a folder path")
+    source, target = jina_dir.resolve(), out_dir.resolve()
+    if target == source or target in source.parents:
+        raise ConversionError(f"--out {out_dir} holds --jina-dir {jina_dir} (or is it): choose another folder")
+    if not os.access(out_dir.parent, os.W_OK | os.X_OK):
+        raise ConversionError(f"cannot write --out {out_dir}: its parent folder is not writable")
+    if not any(out_dir.iterdir()):
+        return
+    if not overwrite:
+        raise ConversionError(f"--out {out_dir} is not empty: choose a new folder, "
+                              "or pass --overwrite to replace a previous conversion there")
+    if not _is_nova_repository(out_dir):
+        raise ConversionError(
+            f"--out {out_dir} is not empty and is not a nova-embeddings-v1 repository (no config.json with "
+            f"model_type {NovaEmbeddingsV1Config.model_type!r}): --overwrite replaces only a previous conversion"
+        )
 
 
-def convert(
-    jina_dir: str | Path, out_dir: str | Path, dtype: str = "keep", max_shard_bytes: int = MAX_SHARD_BYTES
-) -> ConversionSummary:
-    """Convert jina-embeddings-v4 at ``jina_dir`` into a nova-embeddings-v1 repository at ``out_dir``.
+def _make_parents(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing ancestors; return those created, outermost first."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        path.mkdir()
+    return missing[::-1]
 
-    Everything is checked (config, tensor names and shapes) before anything is written.
+
+def _remove_created(staging: Path, created: list[Path]) -> None:
+    """Undo a failed conversion: the staging folder, then the parents made for it while they are empty."""
+    shutil.rmtree(staging, ignore_errors=True)
+    if staging.exists():
+        print(f"warning: could not remove the temporary folder {staging}; delete it by hand", file=sys.stderr)
+    for folder in reversed(created):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+@contextmanager
+def _staging_folder(out_dir: Path) -> Iterator[Path]:
+    """A fresh folder beside ``out_dir`` to write into, removed again if anything fails (even Ctrl-C).
+
+    Beside the target means on the same filesystem, so publishing it is one atomic rename. Its name is a
+    valid Python identifier because transformers imports the remote code from it while checking.
     """
-    jina_dir, out_dir = Path(jina_dir), Path(out_dir)
-    _check_dirs(jina_dir, out_dir)
+    created = _make_parents(out_dir.parent)
+    safe = re.sub(r"\W", "_", out_dir.name)
+    staging = out_dir.parent / f"{STAGING_PREFIX}{safe}_{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        _remove_created(staging, created)
+        raise
+
+
+def _publish(staging: Path, out_dir: Path) -> None:
+    """Move the finished repository into place by renaming; a replaced previous conversion is deleted after."""
+    if out_dir.is_dir() and not any(out_dir.iterdir()):
+        out_dir.rmdir()
+    if not out_dir.exists():
+        staging.rename(out_dir)
+        return
+    old = out_dir.parent / f"{STAGING_PREFIX}replaced_{uuid.uuid4().hex[:8]}"
+    out_dir.rename(old)
+    try:
+        staging.rename(out_dir)
+    except BaseException:
+        old.rename(out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if old.exists():
+        print(f"warning: could not remove the replaced conversion {old}; delete it by hand", file=sys.stderr)
+
+
+@dataclass
+class ConversionPlan:
+    """Everything checked and decided before the first byte is written."""
+
+    config: NovaEmbeddingsV1Config
+    sources: dict[str, SourceTensor]
+    expected: dict[str, tuple[int, ...]]
+    out_dtype: torch.dtype
+    write_dtype: torch.dtype | None  # None: every tensor keeps its dtype
+    chat_template: str
+    task_adapters: dict[str, TaskAdapter]
+
+
+def plan_conversion(jina_dir: Path, dtype: str = "keep") -> ConversionPlan:
+    """Read and check the whole source (weights' headers, config, tokenizer, adapters) without writing."""
     sources = read_source_tensors(find_weight_files(jina_dir))
     drop_tied_lm_head(sources)
     out_dtype = resolve_dtype(sources, dtype)
@@ -568,24 +726,49 @@ def convert(
     config = build_config(jina_config, load_json(jina_dir / "preprocessor_config.json"), out_dtype)
     expected = expected_shapes(config)
     check_tensors({k: s.shape for k, s in sources.items()}, expected)
+    check_source_tokenizer(jina_dir, config)
     chat_template = load_chat_template()
     task_adapters = split_task_adapters(jina_dir / "adapters", config, expected)
-
-    out_dir.mkdir(parents=True, exist_ok=True)
     write_dtype = None if dtype == "keep" else out_dtype  # keep: every tensor as it is, even in a mixed checkpoint
-    files, total = write_weights(sources, list(expected), out_dir, write_dtype, max_shard_bytes)
-    config.save_pretrained(str(out_dir))
+    return ConversionPlan(config, sources, expected, out_dtype, write_dtype, chat_template, task_adapters)
+
+
+def write_repository(plan: ConversionPlan, jina_dir: Path, out_dir: Path, max_shard_bytes: int) -> tuple[list[str], int]:
+    """Write the converted repository into ``out_dir``: small files and their checks first, the weights last."""
+    plan.config.save_pretrained(str(out_dir))
     copy_code_files(out_dir)
     copy_tokenizer_files(jina_dir, out_dir)
-    write_processor(jina_dir, out_dir, chat_template)
+    write_processor(jina_dir, out_dir, plan.chat_template)
     fix_processor_files(out_dir)
-    drop_duplicate_template(out_dir, chat_template)
-    check_tokenizer(jina_dir, out_dir, config)
-    write_task_adapters(task_adapters, out_dir / config.adapters_dir)
-    adapters_skipped = not task_adapters
+    drop_duplicate_template(out_dir, plan.chat_template)
+    check_tokenizer(jina_dir, out_dir, plan.config)
+    write_task_adapters(plan.task_adapters, out_dir / plan.config.adapters_dir)
+    return write_weights(plan.sources, list(plan.expected), out_dir, plan.write_dtype, max_shard_bytes)
+
+
+def convert(
+    jina_dir: str | Path, out_dir: str | Path, dtype: str = "keep", max_shard_bytes: int = MAX_SHARD_BYTES,
+    overwrite: bool = False,
+) -> ConversionSummary:
+    """Convert jina-embeddings-v4 at ``jina_dir`` into a nova-embeddings-v1 repository at ``out_dir``.
+
+    Everything that can be checked is checked before anything is written; the repository is then written
+    into a temporary folder beside ``out_dir`` and renamed into place, so a failure at any point leaves
+    ``out_dir`` as it was (absent, empty, or with ``overwrite`` the previous conversion).
+    """
+    jina_dir, out_dir = Path(jina_dir), Path(out_dir)
+    _check_dirs(jina_dir, out_dir, overwrite)
+    plan = plan_conversion(jina_dir, dtype)
+    with _staging_folder(out_dir) as staging:
+        try:
+            files, total = write_repository(plan, jina_dir, staging, max_shard_bytes)
+            _publish(staging, out_dir)
+        except OSError as error:
+            raise ConversionError(f"writing the repository failed: {error}; nothing was written to --out {out_dir}") from error
+    adapters_skipped = not plan.task_adapters
     if adapters_skipped:
         print(f"note: {jina_dir} has no adapters/: the converted model will run every task on the bare backbone")
-    return ConversionSummary(out_dir, len(expected), out_dtype, total, files, adapters_skipped)
+    return ConversionSummary(out_dir, len(plan.expected), plan.out_dtype, total, files, adapters_skipped)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -679,9 +862,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jina-dir", required=True, type=Path, help="local copy of jinaai/jina-embeddings-v4")
     parser.add_argument("--out", required=True, type=Path, help="new directory for the nova-embeddings-v1 repository")
     parser.add_argument("--dtype", choices=list(DTYPES), default="keep", help="weight dtype (default: keep jina's)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out if it holds a previous conversion (default: refuse a non-empty --out)")
     args = parser.parse_args(argv)
     try:
-        summary = convert(args.jina_dir, args.out, dtype=args.dtype)
+        summary = convert(args.jina_dir, args.out, dtype=args.dtype, overwrite=args.overwrite)
     except ConversionError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
