@@ -214,10 +214,15 @@ def _check_embedding_fields(config: dict[str, Any], hidden: int) -> None:
 def _check_token_ids(config: NovaEmbeddingsV1Config) -> None:
     """Every special token id of the config (top level and text_config) must lie inside the vocabulary."""
     vocab = config.text_config.vocab_size
+    if not _is_positive_int(vocab):
+        raise ConversionError(f"config.json: text_config.vocab_size must be a positive int, got {vocab!r}")
     for holder, name in ((config, "config"), (config.text_config, "config.text_config")):
         for field in TOKEN_ID_FIELDS:
             value = getattr(holder, field, None)
-            if value is not None and not 0 <= value < vocab:
+            ids = value if isinstance(value, list) else [] if value is None else [value]  # eos may be a list
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+                raise ConversionError(f"{name}.{field} must be an int token id, got {value!r}")
+            if not all(0 <= i < vocab for i in ids):
                 raise ConversionError(f"{name}.{field} {value} is outside the vocabulary (vocab_size {vocab})")
 
 
@@ -650,7 +655,7 @@ def check_token_ids(tokenizer, config: NovaEmbeddingsV1Config, where: str) -> No
         token_id = getattr(tokenizer, field)
         for holder, name in ((config, "config"), (config.text_config, "config.text_config")):
             value = getattr(holder, field, None)
-            if token_id is not None and value is not None and value != token_id:
+            if token_id is not None and value is not None and token_id not in (value if isinstance(value, list) else [value]):
                 token = tokenizer.convert_ids_to_tokens(token_id)
                 raise ConversionError(f"{where} has {field.removesuffix('_id')} {token} (id {token_id}), "
                                       f"but {name}.{field} is {value}")

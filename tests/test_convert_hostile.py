@@ -221,6 +221,8 @@ HOSTILE = [  # (case, how to break the copy, what the one-line message must say)
      "gives <|image_pad|> id 588, but config.image_token_id is 587"),
     ("image_token_id a string", jsonfix("config.json", lambda c: c.update(image_token_id="588")),
      "image_token_id"),
+    ("eos_token_id list outside the vocabulary", both_levels(eos_token_id=[578, 9999]),
+     "config.eos_token_id [578, 9999] is outside the vocabulary (vocab_size 600)"),
     ("eos_token_id disagrees", both_levels(eos_token_id=577), "has eos_token <|im_end|> (id 578), but config.eos_token_id is 577"),
     ("task_names repeated", jsonfix("config.json", lambda c: c.update(task_names=["retrieval", "retrieval", "code"])),
      "task_names must be distinct"),
