@@ -540,6 +540,16 @@ def resolve_dtype(sources: dict[str, SourceTensor], dtype: str) -> torch.dtype:
 # Code, tokenizer, processor
 
 
+def note_mixed_dtypes(sources: dict[str, SourceTensor], main_dtype: torch.dtype) -> None:
+    """Say so when --dtype keep writes tensors of another dtype than the config's (a mixed checkpoint)."""
+    other = [src for src in sources.values() if src.dtype != main_dtype]
+    if other:
+        name = str(main_dtype).removeprefix("torch.")
+        remedy = f"--dtype {name}" if name in DTYPES else f"--dtype ({'|'.join(k for k in DTYPES if k != 'keep')})"
+        print(f"note: {len(other)} tensor(s) are not {name}, e.g. {other[0].key} "
+              f"({str(other[0].dtype).removeprefix('torch.')}): kept as they are; pass {remedy} to cast them")
+
+
 def copy_code_files(out_dir: Path, repo_root: Path = REPO_ROOT) -> list[str]:
     """Copy our remote-code modules (``*_nova_embeddings_v1*.py``) and chat_template.json into the repository."""
     names = []
@@ -842,6 +852,8 @@ def plan_conversion(jina_dir: Path, dtype: str = "keep") -> ConversionPlan:
     chat_template = load_chat_template()
     task_adapters = split_task_adapters(jina_dir / "adapters", config, expected)
     write_dtype = None if dtype == "keep" else out_dtype  # keep: every tensor as it is, even in a mixed checkpoint
+    if write_dtype is None:
+        note_mixed_dtypes(sources, out_dtype)
     return ConversionPlan(config, sources, expected, out_dtype, write_dtype, chat_template, task_adapters)
 
 

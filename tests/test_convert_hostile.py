@@ -276,3 +276,11 @@ def test_corrupt_input_is_refused_with_one_clear_line(damage, expected, tiny_jin
     message = refused(source, tmp_path / "out", capsys)
     assert expected in message
     assert leftovers(tmp_path) == []
+
+
+def test_a_mixed_dtype_checkpoint_is_kept_with_a_note(tiny_jina_dir, tmp_path, capsys):
+    source = copy_source(tiny_jina_dir, tmp_path)
+    edit_tensors(source / SHARD_2, lambda t: t.update({"model.norm.weight": t["model.norm.weight"].half()}))
+    conv.convert(source, tmp_path / "out")
+    assert load_file(str(tmp_path / "out" / "model.safetensors"))["model.language_model.norm.weight"].dtype == torch.float16
+    assert "note: 1 tensor(s) are not float32, e.g. model.norm.weight (float16): kept as they are" in capsys.readouterr().out
