@@ -318,11 +318,13 @@ def check_index(jina_dir: Path, sources: dict[str, SourceTensor]) -> None:
         return
     listed = index_weight_map(index_path)
     held = {src.key: src.file.name for src in sources.values()}
-    wrong = [f"{key} listed in {listed[key]}, found in {held[key]}" for key in listed if key in held and listed[key] != held[key]]
-    wrong += [f"{key} listed in {listed[key]}, found in no shard" for key in listed if key not in held]
-    wrong += [f"{key} in {held[key]}, not listed" for key in held if key not in listed]
+    wrong = [f"{key} listed in {file}, found in {held[key]}" for key, file in listed.items()
+             if key in held and file != held[key]]
+    wrong += [f"{key} listed in {file}, found in no shard" for key, file in listed.items() if key not in held]
+    wrong += [f"{key} in {file}, not listed" for key, file in held.items() if key not in listed]
     if wrong:
-        raise ConversionError(f"{INDEX_FILE} disagrees with the shards ({len(wrong)} entries): {_listing(sorted(wrong), 3)}")
+        raise ConversionError(f"{INDEX_FILE} disagrees with the shards ({len(wrong)} entries): "
+                              + _listing(sorted(wrong), 3))
 
 
 def rename_key(key: str) -> str:
@@ -375,8 +377,8 @@ def check_float_dtypes(tensors: dict[str, SourceTensor]) -> None:
     """Weights are floating point; an integer or bool tensor means a damaged or foreign checkpoint."""
     for src in tensors.values():
         if src.dtype not in FLOAT_DTYPES:
-            raise ConversionError(f"tensor {src.key} in {src.file.name} has dtype {str(src.dtype).removeprefix('torch.')}; "
-                                  "weights must be floating point")
+            name = str(src.dtype).removeprefix("torch.")
+            raise ConversionError(f"tensor {src.key} in {src.file.name} has dtype {name}; weights must be floating point")
 
 
 def check_finite(tensor: torch.Tensor, key: str, file_name: str) -> None:
@@ -660,12 +662,14 @@ def check_token_ids(tokenizer, config: NovaEmbeddingsV1Config, where: str) -> No
         if token_id is None:
             raise ConversionError(f"{where} has no {token} token (config.{field} is {getattr(config, field)})")
         if token_id != getattr(config, field):
-            raise ConversionError(f"{where} gives {token} id {token_id}, but config.{field} is {getattr(config, field)}")
+            raise ConversionError(f"{where} gives {token} id {token_id}, "
+                                  f"but config.{field} is {getattr(config, field)}")
     for field in ("bos_token_id", "eos_token_id", "pad_token_id"):
         token_id = getattr(tokenizer, field)
         for holder, name in ((config, "config"), (config.text_config, "config.text_config")):
             value = getattr(holder, field, None)
-            if token_id is not None and value is not None and token_id not in (value if isinstance(value, list) else [value]):
+            allowed = value if isinstance(value, list) else [value]  # eos may be a list
+            if token_id is not None and value is not None and token_id not in allowed:
                 token = tokenizer.convert_ids_to_tokens(token_id)
                 raise ConversionError(f"{where} has {field.removesuffix('_id')} {token} (id {token_id}), "
                                       f"but {name}.{field} is {value}")
@@ -857,7 +861,9 @@ def plan_conversion(jina_dir: Path, dtype: str = "keep") -> ConversionPlan:
     return ConversionPlan(config, sources, expected, out_dtype, write_dtype, chat_template, task_adapters)
 
 
-def write_repository(plan: ConversionPlan, jina_dir: Path, out_dir: Path, max_shard_bytes: int) -> tuple[list[str], int]:
+def write_repository(
+    plan: ConversionPlan, jina_dir: Path, out_dir: Path, max_shard_bytes: int
+) -> tuple[list[str], int]:
     """Write the converted repository into ``out_dir``: small files and their checks first, the weights last."""
     plan.config.save_pretrained(str(out_dir))
     copy_code_files(out_dir)
@@ -888,7 +894,9 @@ def convert(
             files, total = write_repository(plan, jina_dir, staging, max_shard_bytes)
             _publish(staging, out_dir)
         except OSError as error:
-            raise ConversionError(f"writing the repository failed: {error}; nothing was written to --out {out_dir}") from error
+            raise ConversionError(
+                f"writing the repository failed: {error}; nothing was written to --out {out_dir}"
+            ) from error
     adapters_skipped = not plan.task_adapters
     if adapters_skipped:
         print(f"note: {jina_dir} has no adapters/: the converted model will run every task on the bare backbone")
@@ -936,7 +944,8 @@ def split_task_adapters(adapter_dir: Path, config: NovaEmbeddingsV1Config,
                               "adapter_model.safetensors)")
     config_path = adapter_dir / ADAPTER_CONFIG
     if not config_path.is_file():
-        raise ConversionError(f"{adapter_dir} has no {ADAPTER_CONFIG} (remove the folder to convert without task adapters)")
+        raise ConversionError(f"{adapter_dir} has no {ADAPTER_CONFIG} "
+                              "(remove the folder to convert without task adapters)")
     jina_config = load_json(config_path)
     check_adapter_config(jina_config, config_path)
     rank = jina_config["r"]
@@ -1030,7 +1039,9 @@ def task_adapter_config(jina_config: dict[str, Any]) -> dict[str, Any]:
             base_model_name_or_path="nova-embeddings-v1",
         )
     except (TypeError, ValueError) as error:
-        raise ConversionError(f"jina's adapter_config.json does not make a valid LoraConfig: {_one_line(error)}") from error
+        raise ConversionError(
+            f"jina's adapter_config.json does not make a valid LoraConfig: {_one_line(error)}"
+        ) from error
     return config.to_dict()
 
 
