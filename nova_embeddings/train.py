@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ LORA_DEFAULTS = {"lora_r": 32, "lora_alpha": 32, "lora_dropout": 0.1, "target_mo
 EXAMPLE_KEYS = ("query", "positive", "negative", "instructions", "task")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+# What a run writes into --output-dir (PEFT's save_pretrained writes README.md too); --overwrite replaces these.
+RUN_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "README.md", "training_args.json", "training_log.jsonl")
 
 
 # ---------------------------------------------------------------------- data
@@ -328,6 +331,45 @@ def enable_checkpointing(model: nn.Module) -> None:
         language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def _first_existing(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_output_dir(output_dir: Path, overwrite: bool) -> None:
+    """Refuse, before the model is even loaded, an --output-dir the adapter cannot be saved into or would clobber.
+
+    Why: the adapter is saved only after training; a bad path used to fail there and lose the run. The
+    script does not resume runs, so a folder holding files is refused unless it holds a previous adapter
+    and --overwrite says to replace it (never an unrelated folder: PEFT writes README.md there too).
+    """
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"--output-dir {output_dir} is a file; give a folder path")
+    if not output_dir.exists():
+        ancestor = _first_existing(output_dir.parent)
+        if not ancestor.is_dir():
+            raise ValueError(f"cannot create --output-dir {output_dir}: {ancestor} is not a folder")
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise ValueError(f"cannot create --output-dir {output_dir}: {ancestor} is not writable")
+        return
+    if not os.access(output_dir, os.W_OK | os.X_OK):
+        raise ValueError(f"--output-dir {output_dir} is not writable")
+    entries = sorted(p.name for p in output_dir.iterdir())
+    if not entries:
+        return
+    if ADAPTER_CONFIG not in entries:
+        raise ValueError(f"--output-dir {output_dir} is not empty and holds no adapter ({ADAPTER_CONFIG}): "
+                         "choose a new or empty folder")
+    if not overwrite:
+        raise ValueError(f"--output-dir {output_dir} already holds an adapter: pass --overwrite to replace it, "
+                         "or choose a new folder")
+    kept = [name for name in entries if name not in RUN_FILES]
+    if kept:
+        warnings.warn(f"--overwrite: {output_dir} keeps files of an earlier run that this run does not rewrite: {kept}")
+
+
 def save_adapter(peft_model, output_dir: Path, args: argparse.Namespace, history: list[dict]) -> None:
     """Standard PEFT files (adapter_config.json, adapter_model.safetensors) plus the run's arguments and log."""
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -375,6 +417,7 @@ def train(args: argparse.Namespace) -> TrainResult:
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
+    check_output_dir(Path(args.output_dir), args.overwrite)
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps
     )
@@ -524,7 +567,10 @@ def build_parser() -> argparse.ArgumentParser:
     io = parser.add_argument_group("data and output")
     io.add_argument("--model", help="nova-embeddings-v1 folder or Hub id (required)")
     io.add_argument("--train-file", type=Path, help="JSONL training examples (required)")
-    io.add_argument("--output-dir", type=Path, help="where the adapter is saved (required)")
+    io.add_argument("--output-dir", type=Path, help="where the adapter is saved (required): a new or empty folder, "
+                    "or with --overwrite one holding an earlier adapter")
+    io.add_argument("--overwrite", action="store_true",
+                    help="replace the adapter already in --output-dir (other files there are kept)")
     io.add_argument("--query-task", default="retrieval.query", help="task of query sides that set none")
     io.add_argument("--document-task", default="retrieval.passage", help="task of positive/negative sides that set none")
     io.add_argument("--instructions-side", choices=("query", "both"), default="query",

@@ -318,7 +318,7 @@ def test_config_errors(tiny_jina_dir: Path, tmp_path: Path) -> None:
         conv.build_config(jina, no_limits)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "stale.txt").write_text("x")
-    with pytest.raises(conv.ConversionError, match="not an empty directory"):
+    with pytest.raises(conv.ConversionError, match="is not empty: choose a new folder, or pass --overwrite"):
         conv.convert(tiny_jina_dir, tmp_path / "out")
 
 

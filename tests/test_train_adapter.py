@@ -282,6 +282,50 @@ def test_command_line_reports_bad_data_without_a_traceback(tiny_nova_dir, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+def output_dir_cases(tmp_path: Path) -> list[tuple[Path, list[str], str]]:
+    """(--output-dir, extra flags, expected error) for outputs that can never be saved, or would be clobbered."""
+    (tmp_path / "a_file").write_text("x")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "README.md").write_text("mine")
+    previous = tmp_path / "previous"
+    previous.mkdir()
+    (previous / "adapter_config.json").write_text("{}")
+    return [
+        (tmp_path / "a_file", [], "is a file; give a folder path"),
+        (tmp_path / "a_file" / "adapter", [], "a_file is not a folder"),
+        (notes, [], "is not empty and holds no adapter (adapter_config.json)"),
+        (notes, ["--overwrite"], "is not empty and holds no adapter (adapter_config.json)"),
+        (previous, [], "already holds an adapter: pass --overwrite to replace it"),
+    ]
+
+
+def test_output_dir_is_checked_before_the_model_is_loaded(tiny_nova_dir, train_file, tmp_path, capsys, monkeypatch):
+    import nova_embeddings.train as train_adapter
+
+    monkeypatch.setattr(train_adapter, "load_model", lambda *a, **k: pytest.fail("model loaded before the check"))
+    for output_dir, extra, message in output_dir_cases(tmp_path):
+        code = main(["--model", str(tiny_nova_dir), "--train-file", str(train_file), "--output-dir", str(output_dir), *extra])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert err.startswith("error: ") and f"--output-dir {output_dir}" in err and message in err, err
+        assert err.count("\n") == 1, err
+    assert (tmp_path / "a_file").read_text() == "x" and (tmp_path / "notes" / "README.md").read_text() == "mine"
+
+
+def test_overwrite_replaces_a_previous_adapter(trained, tiny_nova_dir, train_file, tmp_path):
+    previous = shutil.copytree(trained.output_dir, tmp_path / "previous")
+    (previous / "checkpoint-3").mkdir()  # from the earlier run: kept, and the warning says so
+    old = load_file(str(previous / "adapter_model.safetensors"))
+    args = parse_args(["--model", str(tiny_nova_dir), "--train-file", str(train_file), "--output-dir", str(previous),
+                       "--overwrite", "--max-steps", "1", "--seed", "7", *FAST])
+    with pytest.warns(UserWarning, match=r"keeps files of an earlier run that this run does not rewrite: \['checkpoint-3'\]"):
+        train(args)
+    new = load_file(str(previous / "adapter_model.safetensors"))
+    assert new.keys() == old.keys() and any(not torch.equal(new[k], old[k]) for k in new)
+    assert json.loads((previous / "training_args.json").read_text())["max_steps"] == 1
+
+
 def test_fewer_examples_than_a_batch_is_an_error(tiny_nova_dir, train_file, tmp_path):
     args = parse_args(["--model", str(tiny_nova_dir), "--train-file", str(train_file), "--output-dir", str(tmp_path),
                        "--batch-size", "16", "--no-progress"])
