@@ -241,6 +241,31 @@ def _without_remote_code(data: dict) -> dict:
     return cleaned
 
 
+# ---------------------------------------------------------------------- transformers 4.x readers
+def add_transformers4_fields(folder: Path) -> None:
+    """Let transformers 4.x (which vLLM requires at times: ``transformers<5``) read what 5.x wrote.
+
+    4.x takes M-RoPE's sections from ``rope_scaling`` (5.x writes ``rope_parameters``; without them 4.x would
+    silently run 1D rope) and the dtype from ``torch_dtype``; its tokenizer needs the special tokens as
+    ``additional_special_tokens`` (it crashes on 5.x's ``extra_special_tokens`` list). 5.x accepts both forms.
+    """
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    for section in (config, config.get("text_config", {})):
+        rope = section.get("rope_parameters") or config["text_config"].get("rope_parameters")
+        if rope and "mrope_section" in rope:
+            section["rope_scaling"] = {"type": "default", "rope_type": "default", "mrope_section": rope["mrope_section"]}
+            section["rope_theta"] = rope["rope_theta"]
+        if "dtype" in section:
+            section["torch_dtype"] = section["dtype"]
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tokenizer_path = folder / "tokenizer_config.json"
+    tokenizer = json.loads(tokenizer_path.read_text())
+    if isinstance(tokenizer.get("extra_special_tokens"), list):
+        tokenizer["additional_special_tokens"] = tokenizer.pop("extra_special_tokens")
+        tokenizer_path.write_text(json.dumps(tokenizer, indent=2, ensure_ascii=False) + "\n")
+
+
 # ---------------------------------------------------------------------- README
 def readme_text(name: str, label: str, nova_config, task: str | None) -> str:
     """The export's README: how to serve it and how to turn vLLM's output into nova vectors."""
@@ -303,6 +328,7 @@ def export_vllm(source: str | os.PathLike, output: str | os.PathLike, *, task: s
         save_stock_model(merged, config, target_dtype, staging)
         save_projector(merged, staging, label)
         save_processor_files(nova_processor, nova_config, staging)
+        add_transformers4_fields(staging)
         _record_export(staging, source, label, task, target_dtype)
         (staging / "README.md").write_text(readme_text(output.name, label, nova_config, task))
         if output.exists():
