@@ -279,31 +279,37 @@ and pools them into nova's single vectors and multi vectors. Tasks served: {', '
 ## Serve
 
 ```bash
-vllm serve ./{name} --runner pooling --served-model-name {name} \\
-    --chat-template-content-format openai --pooler-config '{{"pooling_type": "ALL", "normalize": false}}'
+vllm serve ./{name} --runner pooling --served-model-name {name} --chat-template-content-format openai \\
+    --pooler-config '{{"tok_pooling_type": "ALL", "use_activation": false}}'
 ```
 
-(older vLLM: `--task embed --override-pooler-config '{{"pooling_type": "ALL", "normalize": false}}'`)
+The token states must not be normalised: older vLLM takes
+`--override-pooler-config '{{"pooling_type": "ALL", "normalize": false}}'` instead (the client refuses states that
+all have norm 1). The image limits are in `preprocessor_config.json`; do not override them with
+`mm_processor_kwargs`, or the tokens no longer match the client's masks (the client checks the count).
 
 ## Request (one per item; POST /pooling)
 
 ```python
+import requests, torch
 from nova_embeddings.vllm_client import NovaVllmClient
+
 client = NovaVllmClient("./{name}")
-prompts = client.build_prompts(["what is late interaction?", {{"image": "page.png"}}], task="{tasks[0]}")
+prompts = client.build_prompts(["what is late interaction?", {{"image": "page.png"}}], task="{tasks[-1]}")
 bodies = [p.pooling_request("{name}") for p in prompts]
-# each body: {{"model": "{name}", "task": "token_embed", "messages": [{{"role": "user", "content": [
-#     {{"type": "text", "text": "<rendered prompt up to the image>"}},
+# a body: {{"model": "{name}", "task": "token_embed", "use_activation": false, "add_special_tokens": false,
+#   "messages": [{{"role": "user", "content": [{{"type": "text", "text": "<rendered prompt up to the image>"}},
 #     {{"type": "image_url", "image_url": {{"url": "data:image/png;base64,..."}}}},
-#     {{"type": "text", "text": "<rendered prompt after the image>"}}]}}], "add_special_tokens": false}}
-token_states = [torch.tensor(requests.post(URL + "/pooling", json=b).json()["data"][0]["data"]) for b in bodies]
-single = client.single_vectors(prompts, token_states)        # (items, {nova_config.text_config.hidden_size}), L2-normalised
-multi = client.multi_vectors(prompts, token_states)          # per item (tokens, {nova_config.multi_vector_projector_dim})
+#     {{"type": "text", "text": "<rendered prompt after the image>"}}]}}]}}
+states = [torch.tensor(requests.post("http://localhost:8000/pooling", json=b).json()["data"][0]["data"]) for b in bodies]
+single = client.single_vectors(prompts, states)  # (items, {nova_config.text_config.hidden_size}), L2-normalised
+multi = client.multi_vectors(prompts, states)    # per item: (tokens, {nova_config.multi_vector_projector_dim}), L2-normalised
 ```
 
-Offline: `LLM(model="./{name}", runner="pooling")` and
-`llm.encode([p.offline_prompt() for p in prompts], pooling_task="token_embed")`; pass
-`[o.outputs.data for o in outputs]` to the same two methods.
+Offline: `llm = LLM(model="./{name}", runner="pooling", pooler_config=PoolerConfig(use_activation=False))`,
+`outputs = llm.encode([p.offline_prompt() for p in prompts], pooling_task="token_embed")`, then the same two
+methods on `[o.outputs.data for o in outputs]` (pass `token_ids=[o.prompt_token_ids for o in outputs]` to check
+the tokens too).
 """
 
 

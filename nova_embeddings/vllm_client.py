@@ -68,9 +68,13 @@ class VllmPrompt:
         return [{"role": "user", "content": content}]
 
     def pooling_request(self, model: str) -> dict:
-        """Body of a POST to vLLM's ``/pooling`` endpoint for this item."""
+        """Body of a POST to vLLM's ``/pooling`` endpoint for this item.
+
+        ``use_activation: false`` keeps the token states un-normalised (vLLM >= 0.11 removed ``normalize``; older
+        versions ignore the field and take ``normalize: false`` from the server's pooler config instead).
+        """
         return {"model": model, "task": "token_embed", "messages": self.messages(), "add_special_tokens": False,
-                "encoding_format": "float"}
+                "use_activation": False, "encoding_format": "float"}
 
 
 class NovaVllmClient:

@@ -109,6 +109,11 @@ def test_export_is_a_stock_qwen2_5_vl_checkpoint(exports):
             assert "auto_map" not in path.read_text() and "NovaEmbeddings" not in path.read_text(), path.name
         _, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, output_loading_info=True)
         assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+        # what transformers 4.x (pinned by some vLLM releases) reads: M-RoPE sections, the tokenizer's special tokens
+        assert config["text_config"]["rope_scaling"]["mrope_section"] == config["text_config"]["rope_parameters"]["mrope_section"]
+        tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+        assert "<|image_pad|>" in tokenizer_config["additional_special_tokens"] and "extra_special_tokens" not in tokenizer_config
+        assert json.loads((folder / "preprocessor_config.json").read_text())["image_processor_type"] == "Qwen2VLImageProcessor"
         projector = load_file(str(folder / "multi_vector_projector.safetensors"))
         assert set(projector) == {"weight", "bias"}
         assert "vllm serve" in (folder / "README.md").read_text()
@@ -169,7 +174,7 @@ def test_offline_prompt_and_request_body(exports):
     assert offline["prompt"].count("<|image_pad|>") == 1
     assert offline["multi_modal_data"]["image"].tobytes() == image.tobytes()
     body = image_prompt.pooling_request("nova-code")
-    assert body["task"] == "token_embed" and body["model"] == "nova-code"
+    assert body["task"] == "token_embed" and body["model"] == "nova-code" and body["use_activation"] is False
     parts = body["messages"][0]["content"]
     assert [p["type"] for p in parts] == ["text", "image_url", "text"]
     assert parts[1]["image_url"]["url"].startswith("data:image/png;base64,")
