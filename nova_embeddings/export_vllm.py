@@ -36,7 +36,7 @@ import json
 import os
 import shutil
 import sys
-import tempfile
+import uuid
 from pathlib import Path
 
 import torch
@@ -69,6 +69,13 @@ class ExportError(ValueError):
 
 
 # ---------------------------------------------------------------------- validation
+def check_source(source: str) -> None:
+    """A local path must be a repository folder; anything else is taken as a Hub id."""
+    looks_local = os.path.exists(source) or source.startswith((".", "/", "~")) or source.count("/") != 1
+    if looks_local and not os.path.isfile(os.path.join(source, "config.json")):
+        raise ExportError(f"source {source}: not a nova-embeddings-v1 repository folder (no config.json)")
+
+
 def check_output_dir(output: Path) -> None:
     """Refuse to write into an existing non-empty folder (or over a file)."""
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
@@ -320,6 +327,7 @@ def export_vllm(source: str | os.PathLike, output: str | os.PathLike, *, task: s
     from transformers import AutoConfig, AutoProcessor
 
     source, output = str(source), Path(output)
+    check_source(source)
     check_output_dir(output)
     nova_config = AutoConfig.from_pretrained(source, trust_remote_code=True)
     adapter_folder, label = resolve_adapter(source, nova_config, task, None if adapter is None else str(adapter))
@@ -328,7 +336,8 @@ def export_vllm(source: str | os.PathLike, output: str | os.PathLike, *, task: s
     merged = load_merged_model(source, adapter_folder)
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    staging = output.parent / f".{output.name}.partial-{uuid.uuid4().hex[:8]}"  # same filesystem: rename is atomic
+    staging.mkdir()
     try:
         config = stock_config(merged.config, target_dtype)
         save_stock_model(merged, config, target_dtype, staging)

@@ -59,6 +59,8 @@ class VllmPrompt:
         The export's chat template writes text parts as they are and an image part as the placeholder, so vLLM
         renders exactly ``prompt``.
         """
+        if self.image is None:
+            return [{"role": "user", "content": [{"type": "text", "text": self.prompt}]}]
         content: list[dict] = []
         for position, text in enumerate(self.prompt.split(self.image_token)):
             if position:

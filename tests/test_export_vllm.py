@@ -57,7 +57,8 @@ def custom_adapter(tiny_nova_dir, tmp_path_factory):
 def exports(tiny_nova_dir, custom_adapter, tmp_path_factory):
     root = tmp_path_factory.mktemp("exports")
     out = {task: export_vllm(tiny_nova_dir, root / task, task=task) for task in TASKS}
-    out["custom"] = export_vllm(tiny_nova_dir, root / "custom", adapter=custom_adapter)
+    assert main([str(tiny_nova_dir), str(root / "custom"), "--adapter", str(custom_adapter)]) == 0  # the CLI path
+    out["custom"] = root / "custom"
     return out
 
 
@@ -117,6 +118,18 @@ def test_export_is_a_stock_qwen2_5_vl_checkpoint(exports):
         projector = load_file(str(folder / "multi_vector_projector.safetensors"))
         assert set(projector) == {"weight", "bias"}
         assert "vllm serve" in (folder / "README.md").read_text()
+
+
+def test_dtype_option_casts_after_a_float32_merge(exports, tiny_nova_dir, tmp_path):
+    out = export_vllm(tiny_nova_dir, tmp_path / "bf16", task="code", dtype="bfloat16")
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == config["torch_dtype"] == "bfloat16"
+    weights, reference = load_file(str(out / "model.safetensors")), load_file(str(exports["code"] / "model.safetensors"))
+    assert set(weights) == set(reference)
+    for key, value in weights.items():
+        assert value.dtype == torch.bfloat16 and torch.equal(value, reference[key].to(torch.bfloat16)), key
+    assert load_file(str(out / "multi_vector_projector.safetensors"))["weight"].dtype == torch.float32
+    assert [p.name for p in tmp_path.iterdir()] == ["bf16"]  # the staging folder was renamed, nothing left
 
 
 def test_export_merges_the_adapter(exports, tiny_nova_dir):
@@ -193,6 +206,8 @@ def test_bad_export_input_is_refused(tiny_nova_dir, custom_adapter, tmp_path, ca
         export_vllm(tiny_nova_dir, tmp_path / "d", task="code", adapter=custom_adapter)
     with pytest.raises(ExportError, match="exactly one of"):
         export_vllm(tiny_nova_dir, tmp_path / "e")
+    with pytest.raises(ExportError, match="not a nova-embeddings-v1 repository folder"):
+        export_vllm(tmp_path / "no_repo", tmp_path / "h", task="code")
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "keep.txt").write_text("mine")
@@ -206,7 +221,7 @@ def test_bad_export_input_is_refused(tiny_nova_dir, custom_adapter, tmp_path, ca
         export_vllm(no_weights, tmp_path / "f", task="code")
     assert main([str(tiny_nova_dir), str(tmp_path / "g"), "--task", "search"]) == 2
     assert "unknown task 'search'" in capsys.readouterr().err
-    assert not any(p.name.startswith((".a", ".f", ".g")) for p in tmp_path.iterdir())  # no staging folders left
+    assert not any(".partial-" in p.name for p in tmp_path.iterdir())  # no staging folders left
 
 
 def test_adapter_that_does_not_fit_is_refused(tiny_nova_dir, custom_adapter, tmp_path):
@@ -238,3 +253,15 @@ def test_client_refuses_what_the_export_cannot_serve(exports):
         client.single_vectors(prompts, [states], token_ids=[[0] * len(states)])
     with pytest.raises(ValueError, match="not a nova vLLM export"):
         NovaVllmClient(exports["retrieval"] / "nova")
+
+
+def test_a_failed_write_leaves_nothing_behind(tiny_nova_dir, tmp_path, monkeypatch):
+    import nova_embeddings.export_vllm as export_module
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(export_module, "save_projector", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        export_vllm(tiny_nova_dir, tmp_path / "out", task="code")
+    assert list(tmp_path.iterdir()) == []
