@@ -97,7 +97,8 @@ def resolve_adapter(source: str, config, task: str | None, adapter: str | None) 
     if not folder.is_dir():
         raise ExportError(f"adapter {adapter}: no such folder (give a PEFT LoRA adapter folder)")
     if not (folder / "adapter_config.json").is_file() or not any((folder / f).is_file() for f in ADAPTER_FILES):
-        raise ExportError(f"adapter {adapter}: not a PEFT adapter folder (needs adapter_config.json and {ADAPTER_FILES[0]})")
+        raise ExportError(f"adapter {adapter}: not a PEFT adapter folder "
+                          f"(needs adapter_config.json and {ADAPTER_FILES[0]})")
     return str(folder), folder.resolve().name
 
 
@@ -140,8 +141,9 @@ def _check_adapter_loaded(peft_model, adapter_folder: str, get_state) -> None:
         raise ExportError(f"adapter {adapter_folder}: the weights file holds no tensors")
     missing, unexpected = sorted(loaded - in_file), sorted(in_file - loaded)
     if missing or unexpected:
-        raise ExportError(f"adapter {adapter_folder} does not fit the model: {len(missing)} LoRA tensors without weights "
-                          f"(e.g. {missing[:2]}), {len(unexpected)} tensors that match no layer (e.g. {unexpected[:2]})")
+        raise ExportError(f"adapter {adapter_folder} does not fit the model: {len(missing)} LoRA tensors without "
+                          f"weights (e.g. {missing[:2]}), {len(unexpected)} tensors that match no layer "
+                          f"(e.g. {unexpected[:2]})")
 
 
 def _adapter_file_keys(folder: str) -> list[str]:
@@ -159,8 +161,9 @@ def stock_config(nova_config, dtype: torch.dtype):
     """Qwen2.5-VL's own config with the same backbone fields and none of nova's (no auto_map, no remote code)."""
     from transformers import Qwen2_5_VLConfig
 
-    nova_fields = set(type(nova_config).__annotations__)
-    values = {k: v for k, v in nova_config.to_dict().items() if k not in nova_fields and k not in ("auto_map", "model_type")}
+    nova_fields = set(type(nova_config).__annotations__)  # the fields nova's config class adds (not the inherited ones)
+    dropped = nova_fields | {"auto_map", "model_type"}
+    values = {k: v for k, v in nova_config.to_dict().items() if k not in dropped}
     config = Qwen2_5_VLConfig.from_dict(values)
     config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
     config.dtype = dtype
@@ -178,7 +181,7 @@ def save_stock_model(merged, config, dtype: torch.dtype, folder: Path) -> None:
     if result.unexpected_keys or set(result.missing_keys) - {"lm_head.weight"}:
         raise RuntimeError(f"backbone does not fit stock Qwen2.5-VL: missing {result.missing_keys[:3]}, "
                            f"unexpected {result.unexpected_keys[:3]}")
-    if not config.tie_word_embeddings:  # the stock model has its own lm_head then: the embedding matrix, as jina's
+    if not config.tie_word_embeddings:  # an untied stock model expects its own lm_head (unused for embeddings)
         stock.lm_head.weight = torch.nn.Parameter(stock.get_input_embeddings().weight.detach().clone())
     stock.tie_weights()
     stock.save_pretrained(folder)
@@ -197,7 +200,7 @@ def save_projector(merged, folder: Path, label: str) -> None:
         "out_features": projector.out_features,
         "bias": projector.bias is not None,
         "adapter": label,
-        "applies_to": "final-norm hidden state of each token (vLLM token_embed, normalize=False)",
+        "applies_to": "final-norm hidden state of each token (vLLM token_embed pooling, not normalised)",
         "then": "L2-normalise each token; keep the tokens of the nova processor's output_mask",
     }
     (folder / PROJECTOR_INFO).write_text(json.dumps(info, indent=2) + "\n")
@@ -261,7 +264,8 @@ def add_transformers4_fields(folder: Path) -> None:
     for section in (config, config.get("text_config", {})):
         rope = section.get("rope_parameters") or config["text_config"].get("rope_parameters")
         if rope and "mrope_section" in rope:
-            section["rope_scaling"] = {"type": "default", "rope_type": "default", "mrope_section": rope["mrope_section"]}
+            section["rope_scaling"] = {"type": "default", "rope_type": "default",
+                                       "mrope_section": rope["mrope_section"]}
             section["rope_theta"] = rope["rope_theta"]
         if "dtype" in section:
             section["torch_dtype"] = section["dtype"]
@@ -308,9 +312,10 @@ bodies = [p.pooling_request("{name}") for p in prompts]
 #   "messages": [{{"role": "user", "content": [{{"type": "text", "text": "<rendered prompt up to the image>"}},
 #     {{"type": "image_url", "image_url": {{"url": "data:image/png;base64,..."}}}},
 #     {{"type": "text", "text": "<rendered prompt after the image>"}}]}}]}}
-states = [torch.tensor(requests.post("http://localhost:8000/pooling", json=b).json()["data"][0]["data"]) for b in bodies]
+answers = [requests.post("http://localhost:8000/pooling", json=body).json() for body in bodies]
+states = [torch.tensor(answer["data"][0]["data"]) for answer in answers]
 single = client.single_vectors(prompts, states)  # (items, {nova_config.text_config.hidden_size}), L2-normalised
-multi = client.multi_vectors(prompts, states)    # per item: (tokens, {nova_config.multi_vector_projector_dim}), L2-normalised
+multi = client.multi_vectors(prompts, states)    # per item: (tokens, {nova_config.multi_vector_projector_dim})
 ```
 
 Offline: `llm = LLM(model="./{name}", runner="pooling", pooler_config=PoolerConfig(use_activation=False))`,
@@ -359,14 +364,16 @@ def _record_export(folder: Path, source: str, label: str, task: str | None, dtyp
     """Note in the nova config what was merged, so the client can check items against it."""
     path = folder / NOVA_SUBFOLDER / "config.json"
     data = json.loads(path.read_text())
-    data[EXPORT_INFO_KEY] = {"source": source, "adapter": label, "task": task, "dtype": str(dtype).removeprefix("torch.")}
+    data[EXPORT_INFO_KEY] = {"source": source, "adapter": label, "task": task,
+                             "dtype": str(dtype).removeprefix("torch.")}
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nova-embeddings export-vllm",
-        description="Write a stock Qwen2.5-VL checkpoint with one adapter merged, for `vllm serve` (token_embed pooling).",
+        description="Write a stock Qwen2.5-VL checkpoint with one adapter merged, for `vllm serve` "
+                    "(token_embed pooling).",
     )
     parser.add_argument("source", help="nova-embeddings-v1 repository (local folder or Hub id)")
     parser.add_argument("output", help="new (or empty) folder to write")

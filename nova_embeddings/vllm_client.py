@@ -119,7 +119,8 @@ class NovaVllmClient:
             task = self.export["task"]
         limits = processor.pixel_limits(config, min_pixels, max_pixels)
         if limits != (config.min_pixels, config.max_pixels):
-            raise ValueError(f"pixel limits {limits} differ from the export's {(config.min_pixels, config.max_pixels)}, "
+            exported = (config.min_pixels, config.max_pixels)
+            raise ValueError(f"pixel limits {limits} differ from the export's {exported}, "
                              "which vLLM's image processor applies; export again or pass mm_processor_kwargs to vLLM")
         normalized = processor.normalize_items(items, task=task, instructions=instructions, config=config)
         for item in normalized:

@@ -111,10 +111,13 @@ def test_export_is_a_stock_qwen2_5_vl_checkpoint(exports):
         _, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, output_loading_info=True)
         assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
         # what transformers 4.x (pinned by some vLLM releases) reads: M-RoPE sections, the tokenizer's special tokens
-        assert config["text_config"]["rope_scaling"]["mrope_section"] == config["text_config"]["rope_parameters"]["mrope_section"]
+        text_config = config["text_config"]
+        assert text_config["rope_scaling"]["mrope_section"] == text_config["rope_parameters"]["mrope_section"]
         tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
-        assert "<|image_pad|>" in tokenizer_config["additional_special_tokens"] and "extra_special_tokens" not in tokenizer_config
-        assert json.loads((folder / "preprocessor_config.json").read_text())["image_processor_type"] == "Qwen2VLImageProcessor"
+        assert "<|image_pad|>" in tokenizer_config["additional_special_tokens"]
+        assert "extra_special_tokens" not in tokenizer_config
+        image_config = json.loads((folder / "preprocessor_config.json").read_text())
+        assert image_config["image_processor_type"] == "Qwen2VLImageProcessor"
         projector = load_file(str(folder / "multi_vector_projector.safetensors"))
         assert set(projector) == {"weight", "bias"}
         assert "vllm serve" in (folder / "README.md").read_text()
@@ -124,7 +127,8 @@ def test_dtype_option_casts_after_a_float32_merge(exports, tiny_nova_dir, tmp_pa
     out = export_vllm(tiny_nova_dir, tmp_path / "bf16", task="code", dtype="bfloat16")
     config = json.loads((out / "config.json").read_text())
     assert config["dtype"] == config["torch_dtype"] == "bfloat16"
-    weights, reference = load_file(str(out / "model.safetensors")), load_file(str(exports["code"] / "model.safetensors"))
+    weights = load_file(str(out / "model.safetensors"))
+    reference = load_file(str(exports["code"] / "model.safetensors"))
     assert set(weights) == set(reference)
     for key, value in weights.items():
         assert value.dtype == torch.bfloat16 and torch.equal(value, reference[key].to(torch.bfloat16)), key
