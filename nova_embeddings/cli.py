@@ -38,6 +38,8 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand("load-test", "nova_embeddings.bench.load_test", "load test of the embeddings server (loopback only)"),
     Subcommand("demo", "nova_embeddings.demo", "encode mixed items and show what comes back"),
     Subcommand("tiny", "nova_embeddings.tiny", "write a tiny random-weight checkpoint in jina's layout"),
+    Subcommand("export-vllm", "nova_embeddings.export_vllm",
+               "write a stock Qwen2.5-VL checkpoint with one adapter merged in, for vLLM"),
 )
 BY_NAME = {sub.name: sub for sub in SUBCOMMANDS}
 
