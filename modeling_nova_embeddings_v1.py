@@ -72,6 +72,8 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         self.adapter_batching = "group"  # "group": one adapter per batch; "mixed": PEFT mixed-adapter batches
         self.attention_packing = "auto"  # "auto": packed variable-length attention on CUDA in half precision; "on"; "off"
         self._dropout_pinned = False  # True while encode holds every module in eval mode
+        self.compile_blocks = "auto"  # "auto": torch.compile the blocks on CUDA in half precision; "on"; "off"
+        self._compiled = False
         self.post_init()
 
     @classmethod
@@ -225,13 +227,39 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
 
     def compile_layers(self, vision: bool = True, **compile_kwargs: Any) -> None:
         """Compile each decoder block with ``torch.compile`` (regional compilation: one graph shared by all
-        blocks, dynamic sequence length). Fuses the norms, rotary and activation kernels that eager mode runs
-        one by one; the first calls pay the compilation. Opt-in: ``model.compile_layers()``.
+        blocks, dynamic sequence length, so new lengths do not recompile). Fuses the norms, rotary and activation
+        kernels that eager mode runs one by one; the first calls pay the compilation (see ``warmup``).
+        ``encode`` calls it by default on CUDA in half precision (``model.compile_blocks``).
         """
         compile_kwargs.setdefault("dynamic", True)
         blocks = list(self.model.language_model.layers) + (list(self.model.visual.blocks) if vision else [])
         for block in blocks:
             block.compile(**compile_kwargs)
+        self._compiled = True
+
+    def should_compile(self) -> bool:
+        """Whether ``encode`` compiles the blocks: ``compile_blocks`` "on", or "auto" on CUDA in half precision."""
+        if self.compile_blocks not in ("auto", "on", "off"):
+            raise ValueError(f"compile_blocks must be 'auto', 'on' or 'off', got {self.compile_blocks!r}")
+        if self.compile_blocks == "auto":
+            return self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16)
+        return self.compile_blocks == "on"
+
+    def warmup(self, text_lengths: Sequence[int] = (16, 300), images: int = 1) -> float:
+        """Run ``encode`` on dummy texts (and a dummy page) so that compilation and kernel selection happen now,
+        not in a user's first request; returns the seconds it took. The server calls it at start-up."""
+        import time
+
+        from PIL import Image
+
+        start = time.perf_counter()
+        texts = [" ".join(["warm"] * n) for n in text_lengths]
+        pages = [{"image": Image.new("RGB", (448, 448), "white")} for _ in range(images)]
+        for packed_items in (texts[:1], texts + pages):  # one short call, then a mixed batch
+            self.encode(packed_items)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start
 
     def use_packed_attention(self) -> bool:
         """Whether encode packs batches: ``attention_packing`` "on", or "auto" on CUDA in half precision."""
@@ -577,6 +605,8 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         for batch in batches:
             group_tokens[adapters[batch[0]]] = group_tokens.get(adapters[batch[0]], 0) + sum(len(tokenized[i]) for i in batch)
         device_outputs = []
+        if not self._compiled and self.should_compile():
+            self.compile_layers()
         with self._adapter_lock, _Prefetcher(self._prepare_batch, tokenized, batches, limits, packed) as prepared, \
                 self.dropout_disabled(), self.adapter_manager.call_scope() as router:
             missing = sorted(set(adapters) - set(self.list_adapters()) - {BASE})

@@ -412,3 +412,29 @@ def test_compiled_layers_give_the_same_vectors(tiny_nova_dir, model):
     torch.testing.assert_close(compiled.encode(items), expected, atol=1e-5, rtol=1e-4)
     compiled.attention_packing = "on"
     torch.testing.assert_close(compiled.encode(items), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_compiling_by_default_only_on_cuda_in_half_precision(tiny_nova_dir):
+    model = AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True, load_task_adapters=False)
+    assert model.compile_blocks == "auto" and not model.should_compile()  # CPU float32: eager
+    model.encode(["x"])
+    assert not any(getattr(block, "_compiled_call_impl", None) for block in model.model.language_model.layers)
+    bf16 = AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True, load_task_adapters=False, dtype=torch.bfloat16)
+    assert not bf16.should_compile()  # half precision, but not on CUDA
+    model.compile_blocks = "bogus"
+    with pytest.raises(ValueError, match="compile_blocks must be"):
+        model.should_compile()
+
+
+def test_compile_blocks_on_compiles_once_and_keeps_vectors(tiny_nova_dir, model):
+    items = ["hello world", {"text": "x", "instructions": "Be brief"}]
+    expected = model.encode(items)
+    compiled = AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True, load_task_adapters=False)
+    compiled.compile_blocks = "on"
+    calls = []
+    original = compiled.compile_layers
+    compiled.compile_layers = lambda **kw: (calls.append(kw), original(backend="eager"))[1]
+    assert compiled.warmup(text_lengths=(4, 9), images=1) > 0
+    torch.testing.assert_close(compiled.encode(items), expected, atol=1e-5, rtol=1e-4)
+    assert len(calls) == 1
+    assert all(getattr(block, "_compiled_call_impl", None) for block in compiled.model.language_model.layers)
