@@ -343,7 +343,6 @@ def test_cuda_matches_cpu(tiny_nova_dir, model):
         (["ok", {"text": "x", "instructions": ""}], {}, "item 1: instructions is empty"),
         ([{"image_embeds": torch.zeros(4, 64)}], {}, "item 0: 'image_embeds' needs its 'image_grid_thw'"),
         ([{"image_embeds": torch.zeros(3, 64), "image_grid_thw": [1, 4, 4]}], {}, r"item 0: 'image_embeds' has shape"),
-        ([], {}, "items is empty"),
         (["ok"], {"task": "nope"}, "unknown task 'nope'"),
         (["ok"], {"dimensions": 7}, "dimensions=7 is not allowed"),
         (["ok"], {"dimensions": 16, "return_multivector": True}, "single vectors only"),
