@@ -135,7 +135,7 @@ class NovaEmbeddingsV1Processor(Qwen2_5_VLProcessor):
         elif isinstance(raw, Image.Image):
             raw = {"image": raw}
         if not isinstance(raw, dict):
-            raise ItemError(index, f"expected a str, a dict or a PIL image, got {type(raw).__name__}")
+            raise ItemError(index, f"expected a str or a dict (or a PIL image), got {type(raw).__name__}")
         unknown = set(raw) - ITEM_KEYS
         if unknown:
             raise ItemError(index, f"unknown key(s) {sorted(unknown, key=str)}; valid keys: {sorted(ITEM_KEYS)}")
@@ -210,14 +210,13 @@ class NovaEmbeddingsV1Processor(Qwen2_5_VLProcessor):
 
     def _tokenize_item(self, item: EmbeddingItem, config, limits, truncate: bool, max_length: int) -> TokenizedItem:
         rendered, spans, system_chars = self.render_item(item, config)
-        encoding = self.tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
-        offsets = encoding["offset_mapping"]
+        input_ids, offsets = self._tokenize_rendered(item, config, rendered)
         pooled = [_in_spans(start, end, spans) for start, end in offsets]
         in_system = [end <= system_chars for _, end in offsets]
         keep_system = config.pool_instruction_tokens
         pooling_mask = [p or (keep_system and s) for p, s in zip(pooled, in_system)]
         output_mask = [keep_system or not s for s in in_system]
-        tokenized = TokenizedItem(item, list(encoding["input_ids"]), pooling_mask, output_mask)
+        tokenized = TokenizedItem(item, input_ids, pooling_mask, output_mask)
         if item.has_image:
             tokenized.image_grid_thw = item.image_grid_thw or self.image_grid(item, limits)
             self._expand_image_tokens(tokenized)
@@ -231,19 +230,76 @@ class NovaEmbeddingsV1Processor(Qwen2_5_VLProcessor):
         Returns the text, the character spans to pool, and the length of the system turn (0 without
         instructions), found by rendering the system turn alone: the template stays the only format.
         """
-        content = []
-        if item.has_image:
-            content.append({"type": "image"})
-        if item.text is not None:
-            content.append({"type": "text", "text": item.text})
-        messages = [{"role": "user", "prefix": config.task_prompts[item.task], "content": content}]
-        if item.instructions is not None:
-            messages.insert(0, {"role": "system", "content": item.instructions})
-        rendered, spans = _render(self._template(), messages, config.image_prompt)
+        rendered, spans = _render(self._template(), self._messages(item, config), config.image_prompt)
         system_chars = _system_turn_length(self._template(), item.instructions, config.image_prompt) if item.instructions else 0
         if not rendered.startswith(rendered[:system_chars]) or any(start < system_chars for start, _ in spans):
             raise ValueError("the chat template must render the system turn before the item")
         return rendered, spans, system_chars
+
+    @staticmethod
+    def _messages(item: EmbeddingItem, config, user_string=lambda text: text) -> list[dict]:
+        """The item as a conversation for the template; ``user_string`` maps the strings the user wrote."""
+        content = []
+        if item.has_image:
+            content.append({"type": "image"})
+        if item.text is not None:
+            content.append({"type": "text", "text": user_string(item.text)})
+        messages = [{"role": "user", "prefix": config.task_prompts[item.task], "content": content}]
+        if item.instructions is not None:
+            messages.insert(0, {"role": "system", "content": user_string(item.instructions)})
+        return messages
+
+    def _tokenize_rendered(self, item: EmbeddingItem, config, rendered: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids and character offsets of a rendered item; special-token markup the user wrote is plain text.
+
+        The template's own markup stays special. Markup inside the item's text or instructions (``<|image_pad|>``,
+        ``<|im_end|>``...) is tokenised as the characters it is made of (as transformers' ``apply_chat_template(...,
+        sanitize_control_tokens=True)`` does), so a user string can never add an image placeholder, end a turn or
+        shift an image's rope positions. Without such markup the ids are the tokenizer's own (jina's).
+        """
+        markup = _markup_pattern(tuple(t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special))
+        if not any(markup.search(text) for text in (item.text, item.instructions) if text):
+            encoding = self.tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
+            return list(encoding["input_ids"]), list(encoding["offset_mapping"])
+        input_ids, offsets, position = [], [], 0
+        for start, end in [*self._user_markup(item, config, rendered, markup), (len(rendered), len(rendered))]:
+            if start > position:  # template text and markup-free user text: tokenised normally
+                encoding = self.tokenizer(rendered[position:start], add_special_tokens=False, return_offsets_mapping=True)
+                input_ids += encoding["input_ids"]
+                offsets += [(a + position, b + position) for a, b in encoding["offset_mapping"]]
+            plain = self._plain_token_ids(rendered[start:end])
+            input_ids += plain
+            offsets += [(start, end)] * len(plain)
+            position = end
+        return input_ids, offsets
+
+    def _user_markup(self, item: EmbeddingItem, config, rendered: str, markup: re.Pattern) -> list[tuple[int, int]]:
+        """Character spans, in ``rendered``, of the special-token markup that came from the user's strings.
+
+        Found by rendering again with that markup wrapped in two lone surrogates, which validated user
+        strings never hold (``_check_unicode``), so they mark exactly what the user wrote.
+        """
+        wrap = lambda text: markup.sub(lambda m: f"{_MARK_START}{m.group(0)}{_MARK_END}", text)
+        marked, _ = _render(self._template(), self._messages(item, config, wrap), config.image_prompt)
+        if marked.replace(_MARK_START, "").replace(_MARK_END, "") != rendered:
+            raise ValueError("the chat template must render the item's text and instructions unchanged")
+        spans = []
+        for count, match in enumerate(re.finditer(f"{_MARK_START}([^{_MARK_END}]*){_MARK_END}", marked)):
+            start = match.start() - 2 * count  # the markers before this one take two characters each
+            spans.append((start, start + len(match.group(1))))
+        return spans
+
+    def _plain_token_ids(self, text: str) -> list[int]:
+        """Ids of ``text`` with no added token matched: the backend's normaliser, pre-tokeniser and BPE model.
+
+        Called on the backend's components rather than with ``split_special_tokens=True``, which flips a flag on
+        the shared backend tokenizer and would race with other threads' tokenisation.
+        """
+        backend = self.tokenizer.backend_tokenizer
+        if backend.normalizer is not None:
+            text = backend.normalizer.normalize_str(text)
+        pieces = [piece for piece, _ in backend.pre_tokenizer.pre_tokenize_str(text)] if backend.pre_tokenizer else [text]
+        return [token.id for piece in pieces for token in backend.model.tokenize(piece)]
 
     def _template(self) -> str:
         if self.chat_template is None:
@@ -307,7 +363,7 @@ class NovaEmbeddingsV1Processor(Qwen2_5_VLProcessor):
         image_grid_thw (every image, in order), pixel_values (images given as pictures) and image_embeds
         (images given precomputed) with image_is_precomputed telling which is which.
         """
-        length = max(len(t) for t in tokenized)
+        length = max((len(t) for t in tokenized), default=0)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = torch.full((len(tokenized), length), pad_id, dtype=torch.long)
         masks = {name: torch.zeros((len(tokenized), length), dtype=torch.bool) for name in ("attention_mask", "pooling_mask", "output_mask")}
@@ -331,13 +387,13 @@ class NovaEmbeddingsV1Processor(Qwen2_5_VLProcessor):
         lengths = torch.tensor([len(t) for t in tokenized], dtype=torch.int32)
         cu_seqlens = torch.zeros(len(tokenized) + 1, dtype=torch.int32)
         cu_seqlens[1:] = torch.cumsum(lengths, 0)
-        flat = lambda name: torch.tensor([v for t in tokenized for v in getattr(t, name)]).unsqueeze(0)
+        flat = lambda name: torch.tensor([v for t in tokenized for v in getattr(t, name)], dtype=_DTYPES[name]).unsqueeze(0)
         batch = {
             "input_ids": flat("input_ids"),
             "pooling_mask": flat("pooling_mask"),
             "output_mask": flat("output_mask"),
             "cu_seqlens": cu_seqlens,
-            "max_seqlen": int(lengths.max()),
+            "max_seqlen": int(lengths.max()) if len(lengths) else 0,
         }
         batch.update(self.process_batch_images(tokenized, min_pixels=min_pixels, max_pixels=max_pixels))
         return BatchFeature(batch)
@@ -387,6 +443,7 @@ class NovaEmbeddingsV1Processor(Qwen2_5_VLProcessor):
 
 
 # ---------------------------------------------------------------------- helpers
+_DTYPES = {"input_ids": torch.long, "pooling_mask": torch.bool, "output_mask": torch.bool}
 _DEFAULT_CONFIG: NovaEmbeddingsV1Config | None = None
 
 
@@ -395,6 +452,16 @@ def _default_config() -> NovaEmbeddingsV1Config:
     if _DEFAULT_CONFIG is None:
         _DEFAULT_CONFIG = NovaEmbeddingsV1Config()
     return _DEFAULT_CONFIG
+
+
+# Markers around user-written special-token markup while locating it (lone surrogates: never in validated text).
+_MARK_START, _MARK_END = "\ud800", "\udbff"
+
+
+@functools.lru_cache(maxsize=8)
+def _markup_pattern(special_tokens: tuple[str, ...]) -> re.Pattern:
+    """Matches any special token's text, longest first (a token wins over the tokens it contains)."""
+    return re.compile("|".join(re.escape(t) for t in sorted(special_tokens, key=len, reverse=True)) or "(?!)")
 
 
 _RENDER_LOCK = threading.Lock()  # transformers' {% generation %} tracker is shared and not re-entrant

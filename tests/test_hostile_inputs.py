@@ -157,10 +157,10 @@ def hostile_items(tmp_path) -> list[tuple[str, object, str]]:
     """(name, item placed at index 1 after a good one, message regex)."""
     png = png_bytes(make_image(10))
     return [
-        ("none_item", None, "expected a str, a dict or a PIL image, got NoneType"),
-        ("int_item", 7, "expected a str, a dict or a PIL image, got int"),
-        ("bytes_item", b"text?", "expected a str, a dict or a PIL image, got bytes"),
-        ("nested_list", ["a"], "expected a str, a dict or a PIL image, got list"),
+        ("none_item", None, r"expected a str or a dict \(or a PIL image\), got NoneType"),
+        ("int_item", 7, r"expected a str or a dict \(or a PIL image\), got int"),
+        ("bytes_item", b"text?", r"expected a str or a dict \(or a PIL image\), got bytes"),
+        ("nested_list", ["a"], r"expected a str or a dict \(or a PIL image\), got list"),
         ("empty_dict", {}, "empty item"),
         ("only_task", {"task": "retrieval"}, "empty item"),
         ("mixed_keys", {1: "x", "txt": "y"}, r"unknown key\(s\) \[1, 'txt'\]"),
@@ -169,6 +169,14 @@ def hostile_items(tmp_path) -> list[tuple[str, object, str]]:
         ("missing_path", {"image": tmp_path / "missing.png"}, "no such file"),
         ("empty_image_string", {"image": ""}, "'image' is an empty string"),
         ("empty_image_bytes", {"image": b""}, "'image' is empty"),
+        ("empty_data_uri", {"image": "data:image/png;base64,"}, "'image' is empty"),
+        ("nul_in_image_string", {"image": "a\0b"}, "'image' string is neither"),
+        ("surrogate_image_string", {"image": "a\ud800b"}, "'image' string is neither"),
+        ("numpy_image", {"image": np.zeros((8, 8, 3), np.uint8)}, "'image' must be a PIL image, path, URL"),
+        ("none_text_only", {"text": None}, "empty item"),
+        ("int_embeds", {"image_embeds": torch.zeros(4, 64, dtype=torch.long), "image_grid_thw": [1, 4, 4]},
+         "'image_embeds' must be a tensor of floats"),
+        ("list_adapter", {"text": "x", "adapter": ["a"]}, "'adapter' must be a name or None"),
         ("not_an_image", {"image": b"\x00\x01 definitely not"}, "not an image in a supported format"),
         ("truncated_png", {"image": png[: len(png) // 2]}, "unreadable image"),
         ("bomb_header", {"image": png_with_header_size(100_000, 100_000)}, r"image is over the limit of \d+ pixels \(Image size \(10000000000 pixels\)"),
@@ -250,6 +258,10 @@ def test_no_items_normalise_to_nothing(model):
     assert processor.normalize_items([], config=model.config) == []
     assert processor.normalize_items((), config=model.config) == []
     assert processor.tokenize_items([], config=model.config) == []
+    padded = processor.collate([], min_pixels=model.config.min_pixels, max_pixels=model.config.max_pixels)
+    assert padded["input_ids"].shape == padded["attention_mask"].shape == (0, 0)
+    packed = processor.collate_packed([], min_pixels=model.config.min_pixels, max_pixels=model.config.max_pixels)
+    assert packed["input_ids"].shape == (1, 0) and packed["cu_seqlens"].tolist() == [0]
 
 
 # ---------------------------------------------------------------------- 6. formats
