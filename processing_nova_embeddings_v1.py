@@ -264,7 +264,8 @@ class NovaEmbeddingsV1Processor(Qwen2_5_VLProcessor):
         input_ids, offsets, position = [], [], 0
         for start, end in [*self._user_markup(item, config, rendered, markup), (len(rendered), len(rendered))]:
             if start > position:  # template text and markup-free user text: tokenised normally
-                encoding = self.tokenizer(rendered[position:start], add_special_tokens=False, return_offsets_mapping=True)
+                piece = rendered[position:start]
+                encoding = self.tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
                 input_ids += encoding["input_ids"]
                 offsets += [(a + position, b + position) for a, b in encoding["offset_mapping"]]
             plain = self._plain_token_ids(rendered[start:end])
@@ -298,7 +299,9 @@ class NovaEmbeddingsV1Processor(Qwen2_5_VLProcessor):
         backend = self.tokenizer.backend_tokenizer
         if backend.normalizer is not None:
             text = backend.normalizer.normalize_str(text)
-        pieces = [piece for piece, _ in backend.pre_tokenizer.pre_tokenize_str(text)] if backend.pre_tokenizer else [text]
+        pieces = [text]
+        if backend.pre_tokenizer is not None:
+            pieces = [piece for piece, _ in backend.pre_tokenizer.pre_tokenize_str(text)]
         return [token.id for piece in pieces for token in backend.model.tokenize(piece)]
 
     def _template(self) -> str:
@@ -387,7 +390,9 @@ class NovaEmbeddingsV1Processor(Qwen2_5_VLProcessor):
         lengths = torch.tensor([len(t) for t in tokenized], dtype=torch.int32)
         cu_seqlens = torch.zeros(len(tokenized) + 1, dtype=torch.int32)
         cu_seqlens[1:] = torch.cumsum(lengths, 0)
-        flat = lambda name: torch.tensor([v for t in tokenized for v in getattr(t, name)], dtype=_DTYPES[name]).unsqueeze(0)
+        flat = lambda name: torch.tensor(
+            [v for t in tokenized for v in getattr(t, name)], dtype=_DTYPES[name]
+        ).unsqueeze(0)
         batch = {
             "input_ids": flat("input_ids"),
             "pooling_mask": flat("pooling_mask"),
@@ -518,7 +523,7 @@ def _check_unicode(text: str, where: str) -> None:
 
 
 def _float_tensor(embeds: Any, index: int) -> torch.Tensor:
-    """An item's ``image_embeds`` as a floating-point tensor (a tensor, array or nested list of floats)."""
+    """An item's ``image_embeds`` as a floating-point tensor (a tensor, array or nested list of numbers)."""
     if isinstance(embeds, (torch.Tensor, np.ndarray, list, tuple)):
         try:
             tensor = torch.as_tensor(embeds)
@@ -526,8 +531,10 @@ def _float_tensor(embeds: Any, index: int) -> torch.Tensor:
             tensor = None
         if tensor is not None and tensor.is_floating_point():
             return tensor
+        if tensor is not None and tensor.dtype != torch.bool and not tensor.is_complex():
+            return tensor.float()  # whole numbers (e.g. JSON 0 rather than 0.0) are exact as floats
     kind = f"{type(embeds).__name__} of {embeds.dtype}" if hasattr(embeds, "dtype") else type(embeds).__name__
-    raise ItemError(index, f"'image_embeds' must be a tensor of floats (image_tokens, hidden), got {kind}")
+    raise ItemError(index, f"'image_embeds' must be a tensor of numbers (image_tokens, hidden), got {kind}")
 
 
 def _grid(grid: Any, merge: int, index: int) -> tuple[int, int, int]:
@@ -564,7 +571,10 @@ def load_image(source: Any, index: int, max_image_pixels: int) -> Image.Image:
     Files are decoded only as PNG, JPEG, WebP, GIF (first frame), BMP or TIFF (first page); ``to_rgb`` says
     how other pixel modes become RGB. Every failure is an ``ItemError`` naming the item.
     """
-    image = source if isinstance(source, Image.Image) else _open_image(_image_bytes(source, index), index, max_image_pixels)
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        image = _open_image(_image_bytes(source, index), index, max_image_pixels)
     width, height = image.size
     if width == 0 or height == 0:
         raise ItemError(index, f"image has no pixels ({width}x{height})")
@@ -620,7 +630,9 @@ def _open_image(data: bytes, index: int, max_image_pixels: int) -> Image.Image:
     try:
         return Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except UnidentifiedImageError:
-        raise ItemError(index, f"unreadable image: not an image in a supported format ({SUPPORTED_FORMATS_TEXT})") from None
+        raise ItemError(
+            index, f"unreadable image: not an image in a supported format ({SUPPORTED_FORMATS_TEXT})"
+        ) from None
     except Image.DecompressionBombError as error:
         raise ItemError(index, f"image is over the limit of {max_image_pixels} pixels ({error})") from None
     except Exception as error:  # a header PIL recognises but cannot parse
@@ -676,4 +688,6 @@ def _decode_base64(text: str, index: int) -> bytes:
         raise ItemError(index, "'image' string is neither an existing path, an http(s) URL, nor valid base64") from None
 
 
-__all__ = ["NovaEmbeddingsV1Processor", "EmbeddingItem", "TokenizedItem", "ItemError", "TASK_ADAPTER", "load_image", "to_rgb"]
+__all__ = [
+    "NovaEmbeddingsV1Processor", "EmbeddingItem", "TokenizedItem", "ItemError", "TASK_ADAPTER", "load_image", "to_rgb",
+]

@@ -8,6 +8,7 @@ as items, empty input, and the image formats the loader accepts.
 from __future__ import annotations
 
 import io
+import re
 import struct
 import sys
 import zlib
@@ -55,7 +56,8 @@ def png_with_header_size(width: int, height: int) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+    pixels = zlib.compress(b"\0" * 16)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
 
 
 # ---------------------------------------------------------------------- 1. bit depth, alpha, palettes
@@ -92,7 +94,8 @@ def test_transparency_is_composited_on_white(model):
     white = Image.new("RGB", (90, 60), (255, 255, 255))
     transparent = Image.fromarray(np.dstack([pixels, np.zeros((60, 90), np.uint8)]), "RGBA")
     half = np.dstack([pixels, np.full((60, 90), 128, np.uint8)])
-    expected_half = Image.alpha_composite(Image.new("RGBA", (90, 60), (255, 255, 255, 255)), Image.fromarray(half, "RGBA"))
+    on_white = Image.new("RGBA", (90, 60), (255, 255, 255, 255))
+    expected_half = Image.alpha_composite(on_white, Image.fromarray(half, "RGBA"))
     gray_alpha = Image.fromarray(np.dstack([pixels[..., 0], np.zeros((60, 90), np.uint8)]), "LA")
     palette = make_image(5).quantize(16)
     palette.info["transparency"] = 0
@@ -174,12 +177,13 @@ def hostile_items(tmp_path) -> list[tuple[str, object, str]]:
         ("surrogate_image_string", {"image": "a\ud800b"}, "'image' string is neither"),
         ("numpy_image", {"image": np.zeros((8, 8, 3), np.uint8)}, "'image' must be a PIL image, path, URL"),
         ("none_text_only", {"text": None}, "empty item"),
-        ("int_embeds", {"image_embeds": torch.zeros(4, 64, dtype=torch.long), "image_grid_thw": [1, 4, 4]},
-         "'image_embeds' must be a tensor of floats"),
+        ("bool_embeds", {"image_embeds": torch.zeros(4, 64, dtype=torch.bool), "image_grid_thw": [1, 4, 4]},
+         "'image_embeds' must be a tensor of numbers"),
         ("list_adapter", {"text": "x", "adapter": ["a"]}, "'adapter' must be a name or None"),
         ("not_an_image", {"image": b"\x00\x01 definitely not"}, "not an image in a supported format"),
         ("truncated_png", {"image": png[: len(png) // 2]}, "unreadable image"),
-        ("bomb_header", {"image": png_with_header_size(100_000, 100_000)}, r"image is over the limit of \d+ pixels \(Image size \(10000000000 pixels\)"),
+        ("bomb_header", {"image": png_with_header_size(100_000, 100_000)},
+         r"image is over the limit of \d+ pixels \(Image size \(10000000000 pixels\)"),
         ("big_header", {"image": png_with_header_size(8_000, 8_000)}, "8000x8000 px is over the limit"),
         ("zero_image", {"image": Image.new("RGB", (0, 0))}, "image has no pixels"),
         ("tall_image", {"image": Image.new("RGB", (2, 900))}, "cannot be resized"),
@@ -189,8 +193,8 @@ def hostile_items(tmp_path) -> list[tuple[str, object, str]]:
         ("surrogate_text", {"text": "a\ud800b"}, r"'text' holds a lone surrogate"),
         ("surrogate_instructions", {"text": "a", "instructions": "x\udfffy"}, "instructions holds a lone surrogate"),
         ("list_instructions", {"text": "a", "instructions": ["x"]}, "instructions must be a str or None, got list"),
-        ("string_embeds", {"image_embeds": "abc", "image_grid_thw": [1, 4, 4]}, "'image_embeds' must be a tensor"),
-        ("none_embeds_dict", {"image_embeds": {"image_grid_thw": [1, 4, 4]}}, "'image_embeds' must be a tensor"),
+        ("string_embeds", {"image_embeds": "abc", "image_grid_thw": [1, 4, 4]}, "'image_embeds' must be a tensor of"),
+        ("none_embeds_dict", {"image_embeds": {"image_grid_thw": [1, 4, 4]}}, "'image_embeds' must be a tensor of"),
         ("nan_embeds", {"image_embeds": torch.full((4, 64), float("nan")), "image_grid_thw": [1, 4, 4]},
          "'image_embeds' holds non-finite values"),
         ("inf_embeds", {"image_embeds": torch.full((4, 64), float("inf")), "image_grid_thw": [1, 4, 4]},
@@ -215,7 +219,7 @@ def test_hostile_items_get_a_clear_error_naming_the_item(model, tmp_path):
             model.encode(["fine", item])
             failures.append(f"{name}: no error")
         except item_error as error:
-            if error.index != 1 or not __import__("re").search(message, str(error)):
+            if error.index != 1 or not re.search(message, str(error)):
                 failures.append(f"{name}: {error}")
         except Exception as error:  # noqa: BLE001 (collect every raw exception for one readable failure)
             failures.append(f"{name}: raw {type(error).__name__}: {error}")
@@ -279,3 +283,10 @@ def test_animated_gif_gives_its_first_frame(model):
     frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
     first = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
     assert_same(model.encode([{"image": buffer.getvalue()}])[0], model.encode([{"image": first}])[0])
+
+
+def test_whole_number_image_embeds_are_taken_as_floats(model):
+    grid = [1, 4, 4]
+    as_ints = model.encode([{"image_embeds": torch.ones(4, 64, dtype=torch.long), "image_grid_thw": grid}])
+    as_floats = model.encode([{"image_embeds": torch.ones(4, 64), "image_grid_thw": grid}])
+    assert_same(as_ints[0], as_floats[0])
