@@ -257,7 +257,7 @@ class NovaEmbeddingsV1Processor(Qwen2_5_VLProcessor):
         sanitize_control_tokens=True)`` does), so a user string can never add an image placeholder, end a turn or
         shift an image's rope positions. Without such markup the ids are the tokenizer's own (jina's).
         """
-        markup = _markup_pattern(tuple(t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special))
+        markup = self._special_markup()
         if not any(markup.search(text) for text in (item.text, item.instructions) if text):
             encoding = self.tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
             return list(encoding["input_ids"]), list(encoding["offset_mapping"])
@@ -273,6 +273,15 @@ class NovaEmbeddingsV1Processor(Qwen2_5_VLProcessor):
             offsets += [(start, end)] * len(plain)
             position = end
         return input_ids, offsets
+
+    def _special_markup(self) -> re.Pattern:
+        """Pattern of the tokenizer's special tokens, built once per tokenizer (its added-token table is slow)."""
+        cached = self.__dict__.get("_special_markup_cache")
+        if cached is None or cached[0] != id(self.tokenizer):
+            specials = tuple(t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special)
+            cached = (id(self.tokenizer), _markup_pattern(specials))
+            self.__dict__["_special_markup_cache"] = cached
+        return cached[1]
 
     def _user_markup(self, item: EmbeddingItem, config, rendered: str, markup: re.Pattern) -> list[tuple[int, int]]:
         """Character spans, in ``rendered``, of the special-token markup that came from the user's strings.
