@@ -1,7 +1,7 @@
 """Processor of nova-embeddings-v1: turns embedding items into model inputs.
 
-An *item* is a string (text) or a dict with ``text``, ``image`` or ``image_embeds`` (text and image may be
-fused), plus optional ``task``, ``instructions`` and ``adapter``. Each item is rendered on its own through
+An *item* is a string (text), a PIL image, or a dict with ``text``, ``image`` or ``image_embeds`` (text and image
+may be fused), plus optional ``task``, ``instructions`` and ``adapter``. Each item is rendered on its own through
 the chat template (``chat_template.json``), tokenised, and its image tokens expanded; the processor also
 returns, per token, which tokens are pooled into the single vector (the item's own content, marked by the
 template's ``{% generation %}`` blocks) and which are kept as multi vectors (everything but the
@@ -15,15 +15,18 @@ import base64
 import binascii
 import functools
 import io
+import numbers
 import os
+import re
 import threading
 import urllib.request
 import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from transformers import BatchFeature, Qwen2_5_VLProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 from transformers.utils.chat_template_utils import render_jinja_template
@@ -36,6 +39,10 @@ ITEM_KEYS = frozenset({"text", "image", "image_embeds", "image_grid_thw", "task"
 TASK_ADAPTER = "__task__"
 URL_TIMEOUT_S = 20.0
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
+# Decoders an item's image may use: the formats users send (PIL's JPEG opener also reads MPO, the JPEG variant
+# many cameras write). EPS, PSD, ICO and Pillow's other plugins are not reachable from untrusted input.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+SUPPORTED_FORMATS_TEXT = "PNG, JPEG, WebP, GIF, BMP, TIFF"
 
 
 class ItemError(ValueError):
@@ -95,24 +102,24 @@ class NovaEmbeddingsV1Processor(Qwen2_5_VLProcessor):
     # ------------------------------------------------------------------ items -> validated items
     def normalize_items(
         self,
-        items: Sequence[str | dict] | str | dict,
+        items: Sequence[str | dict | Image.Image] | str | dict | Image.Image,
         *,
         task: str | None = None,
         instructions: str | None = None,
         config: NovaEmbeddingsV1Config | None = None,
         max_image_pixels: int | None = None,
     ) -> list[EmbeddingItem]:
-        """Validate items and resolve each one's task and instructions (item keys override the call's)."""
+        """Validate items and resolve each one's task and instructions (item keys override the call's).
+
+        No items give an empty list (the caller returns an empty result); a bad item raises ``ItemError``.
+        """
         config = config or _default_config()
-        if isinstance(items, (str, dict)):
+        if isinstance(items, (str, dict, Image.Image)):
             items = [items]
         if not isinstance(items, (list, tuple)):
-            raise TypeError(f"items must be a list of str or dict, got {type(items).__name__}")
-        if not items:
-            raise ValueError("items is empty: nothing to encode")
+            raise TypeError(f"items must be a list of str, dict or PIL image, got {type(items).__name__}")
         call_task = config.default_task if task is None else task
-        if call_task not in config.task_prompts:
-            raise ValueError(f"unknown task {call_task!r}; valid tasks: {sorted(config.task_prompts)}")
+        _check_task(call_task, config, where="task")
         _check_instructions(instructions, where="instructions")
         max_image_pixels = config.max_image_pixels if max_image_pixels is None else max_image_pixels
         return [
@@ -125,24 +132,23 @@ class NovaEmbeddingsV1Processor(Qwen2_5_VLProcessor):
     ) -> EmbeddingItem:
         if isinstance(raw, str):
             raw = {"text": raw}
+        elif isinstance(raw, Image.Image):
+            raw = {"image": raw}
         if not isinstance(raw, dict):
-            raise ItemError(index, f"expected a str or a dict, got {type(raw).__name__}")
+            raise ItemError(index, f"expected a str or a dict (or a PIL image), got {type(raw).__name__}")
         unknown = set(raw) - ITEM_KEYS
         if unknown:
-            raise ItemError(index, f"unknown key(s) {sorted(unknown)}; valid keys: {sorted(ITEM_KEYS)}")
+            raise ItemError(index, f"unknown key(s) {sorted(unknown, key=str)}; valid keys: {sorted(ITEM_KEYS)}")
         item_task = raw.get("task", task)
-        if item_task not in config.task_prompts:
-            raise ItemError(index, f"unknown task {item_task!r}; valid tasks: {sorted(config.task_prompts)}")
         item_instructions = raw.get("instructions", instructions)
+        text = raw.get("text")
         try:
+            _check_task(item_task, config, where="'task'")
             _check_instructions(item_instructions, where="instructions")
+            if text is not None:
+                _check_text(text, where="'text'")
         except ValueError as error:
             raise ItemError(index, str(error)) from None
-        text = raw.get("text")
-        if text is not None and not isinstance(text, str):
-            raise ItemError(index, f"'text' must be a str, got {type(text).__name__}")
-        if text is not None and not text.strip():
-            raise ItemError(index, "'text' is empty")
         if "image" in raw and "image_embeds" in raw:
             raise ItemError(index, "give 'image' or 'image_embeds', not both")
         adapter = raw.get("adapter", TASK_ADAPTER)
@@ -167,14 +173,14 @@ class NovaEmbeddingsV1Processor(Qwen2_5_VLProcessor):
             embeds, grid = embeds.get("image_embeds"), embeds.get("image_grid_thw", grid)
         if grid is None:
             raise ItemError(index, "'image_embeds' needs its 'image_grid_thw' (as returned by get_image_embeddings)")
-        embeds = torch.as_tensor(embeds)
-        grid = tuple(int(v) for v in torch.as_tensor(grid).flatten().tolist())
+        embeds = _float_tensor(embeds, index)
         merge = self.image_processor.merge_size
-        if len(grid) != 3 or min(grid) <= 0 or grid[1] % merge or grid[2] % merge:
-            raise ItemError(index, f"'image_grid_thw' must be 3 positive ints (t, h, w), h and w multiples of {merge}; got {grid}")
+        grid = _grid(grid, merge, index)
         expected = (grid[0] * grid[1] * grid[2] // merge**2, config.text_config.hidden_size)
         if tuple(embeds.shape) != expected:
             raise ItemError(index, f"'image_embeds' has shape {tuple(embeds.shape)}, expected {expected} for grid {grid}")
+        if not torch.isfinite(embeds).all():
+            raise ItemError(index, "'image_embeds' holds non-finite values (NaN or inf)")
         return embeds, grid
 
     # ------------------------------------------------------------------ validated items -> tokens
@@ -196,22 +202,21 @@ class NovaEmbeddingsV1Processor(Qwen2_5_VLProcessor):
 
     def pixel_limits(self, config, min_pixels: int | None = None, max_pixels: int | None = None) -> tuple[int, int]:
         """Per-call (min, max) pixels, falling back to the config's defaults; validated."""
-        low = config.min_pixels if min_pixels is None else int(min_pixels)
-        high = config.max_pixels if max_pixels is None else int(max_pixels)
-        if low <= 0 or high < low:
-            raise ValueError(f"need 0 < min_pixels <= max_pixels, got min_pixels={low}, max_pixels={high}")
+        low = config.min_pixels if min_pixels is None else _positive_int(min_pixels, "min_pixels")
+        high = config.max_pixels if max_pixels is None else _positive_int(max_pixels, "max_pixels")
+        if high < low:
+            raise ValueError(f"need min_pixels <= max_pixels, got min_pixels={low}, max_pixels={high}")
         return low, high
 
     def _tokenize_item(self, item: EmbeddingItem, config, limits, truncate: bool, max_length: int) -> TokenizedItem:
         rendered, spans, system_chars = self.render_item(item, config)
-        encoding = self.tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
-        offsets = encoding["offset_mapping"]
+        input_ids, offsets = self._tokenize_rendered(item, config, rendered)
         pooled = [_in_spans(start, end, spans) for start, end in offsets]
         in_system = [end <= system_chars for _, end in offsets]
         keep_system = config.pool_instruction_tokens
         pooling_mask = [p or (keep_system and s) for p, s in zip(pooled, in_system)]
         output_mask = [keep_system or not s for s in in_system]
-        tokenized = TokenizedItem(item, list(encoding["input_ids"]), pooling_mask, output_mask)
+        tokenized = TokenizedItem(item, input_ids, pooling_mask, output_mask)
         if item.has_image:
             tokenized.image_grid_thw = item.image_grid_thw or self.image_grid(item, limits)
             self._expand_image_tokens(tokenized)
@@ -225,19 +230,88 @@ class NovaEmbeddingsV1Processor(Qwen2_5_VLProcessor):
         Returns the text, the character spans to pool, and the length of the system turn (0 without
         instructions), found by rendering the system turn alone: the template stays the only format.
         """
-        content = []
-        if item.has_image:
-            content.append({"type": "image"})
-        if item.text is not None:
-            content.append({"type": "text", "text": item.text})
-        messages = [{"role": "user", "prefix": config.task_prompts[item.task], "content": content}]
-        if item.instructions is not None:
-            messages.insert(0, {"role": "system", "content": item.instructions})
-        rendered, spans = _render(self._template(), messages, config.image_prompt)
+        rendered, spans = _render(self._template(), self._messages(item, config), config.image_prompt)
         system_chars = _system_turn_length(self._template(), item.instructions, config.image_prompt) if item.instructions else 0
         if not rendered.startswith(rendered[:system_chars]) or any(start < system_chars for start, _ in spans):
             raise ValueError("the chat template must render the system turn before the item")
         return rendered, spans, system_chars
+
+    @staticmethod
+    def _messages(item: EmbeddingItem, config, user_string=lambda text: text) -> list[dict]:
+        """The item as a conversation for the template; ``user_string`` maps the strings the user wrote."""
+        content = []
+        if item.has_image:
+            content.append({"type": "image"})
+        if item.text is not None:
+            content.append({"type": "text", "text": user_string(item.text)})
+        messages = [{"role": "user", "prefix": config.task_prompts[item.task], "content": content}]
+        if item.instructions is not None:
+            messages.insert(0, {"role": "system", "content": user_string(item.instructions)})
+        return messages
+
+    def _tokenize_rendered(self, item: EmbeddingItem, config, rendered: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids and character offsets of a rendered item; special-token markup the user wrote is plain text.
+
+        The template's own markup stays special. Markup inside the item's text or instructions (``<|image_pad|>``,
+        ``<|im_end|>``...) is tokenised as the characters it is made of (as transformers' ``apply_chat_template(...,
+        sanitize_control_tokens=True)`` does), so a user string can never add an image placeholder, end a turn or
+        shift an image's rope positions. Without such markup the ids are the tokenizer's own (jina's).
+        """
+        markup = self._special_markup()
+        if not any(markup.search(text) for text in (item.text, item.instructions) if text):
+            encoding = self.tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
+            return list(encoding["input_ids"]), list(encoding["offset_mapping"])
+        input_ids, offsets, position = [], [], 0
+        for start, end in [*self._user_markup(item, config, rendered, markup), (len(rendered), len(rendered))]:
+            if start > position:  # template text and markup-free user text: tokenised normally
+                piece = rendered[position:start]
+                encoding = self.tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
+                input_ids += encoding["input_ids"]
+                offsets += [(a + position, b + position) for a, b in encoding["offset_mapping"]]
+            plain = self._plain_token_ids(rendered[start:end])
+            input_ids += plain
+            offsets += [(start, end)] * len(plain)
+            position = end
+        return input_ids, offsets
+
+    def _special_markup(self) -> re.Pattern:
+        """Pattern of the tokenizer's special tokens, built once per tokenizer (its added-token table is slow)."""
+        cached = self.__dict__.get("_special_markup_cache")
+        if cached is None or cached[0] != id(self.tokenizer):
+            specials = tuple(t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special)
+            cached = (id(self.tokenizer), _markup_pattern(specials))
+            self.__dict__["_special_markup_cache"] = cached
+        return cached[1]
+
+    def _user_markup(self, item: EmbeddingItem, config, rendered: str, markup: re.Pattern) -> list[tuple[int, int]]:
+        """Character spans, in ``rendered``, of the special-token markup that came from the user's strings.
+
+        Found by rendering again with that markup wrapped in two lone surrogates, which validated user
+        strings never hold (``_check_unicode``), so they mark exactly what the user wrote.
+        """
+        wrap = lambda text: markup.sub(lambda m: f"{_MARK_START}{m.group(0)}{_MARK_END}", text)
+        marked, _ = _render(self._template(), self._messages(item, config, wrap), config.image_prompt)
+        if marked.replace(_MARK_START, "").replace(_MARK_END, "") != rendered:
+            raise ValueError("the chat template must render the item's text and instructions unchanged")
+        spans = []
+        for count, match in enumerate(re.finditer(f"{_MARK_START}([^{_MARK_END}]*){_MARK_END}", marked)):
+            start = match.start() - 2 * count  # the markers before this one take two characters each
+            spans.append((start, start + len(match.group(1))))
+        return spans
+
+    def _plain_token_ids(self, text: str) -> list[int]:
+        """Ids of ``text`` with no added token matched: the backend's normaliser, pre-tokeniser and BPE model.
+
+        Called on the backend's components rather than with ``split_special_tokens=True``, which flips a flag on
+        the shared backend tokenizer and would race with other threads' tokenisation.
+        """
+        backend = self.tokenizer.backend_tokenizer
+        if backend.normalizer is not None:
+            text = backend.normalizer.normalize_str(text)
+        pieces = [text]
+        if backend.pre_tokenizer is not None:
+            pieces = [piece for piece, _ in backend.pre_tokenizer.pre_tokenize_str(text)]
+        return [token.id for piece in pieces for token in backend.model.tokenize(piece)]
 
     def _template(self) -> str:
         if self.chat_template is None:
@@ -301,7 +375,7 @@ class NovaEmbeddingsV1Processor(Qwen2_5_VLProcessor):
         image_grid_thw (every image, in order), pixel_values (images given as pictures) and image_embeds
         (images given precomputed) with image_is_precomputed telling which is which.
         """
-        length = max(len(t) for t in tokenized)
+        length = max((len(t) for t in tokenized), default=0)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = torch.full((len(tokenized), length), pad_id, dtype=torch.long)
         masks = {name: torch.zeros((len(tokenized), length), dtype=torch.bool) for name in ("attention_mask", "pooling_mask", "output_mask")}
@@ -325,13 +399,15 @@ class NovaEmbeddingsV1Processor(Qwen2_5_VLProcessor):
         lengths = torch.tensor([len(t) for t in tokenized], dtype=torch.int32)
         cu_seqlens = torch.zeros(len(tokenized) + 1, dtype=torch.int32)
         cu_seqlens[1:] = torch.cumsum(lengths, 0)
-        flat = lambda name: torch.tensor([v for t in tokenized for v in getattr(t, name)]).unsqueeze(0)
+        flat = lambda name: torch.tensor(
+            [v for t in tokenized for v in getattr(t, name)], dtype=_DTYPES[name]
+        ).unsqueeze(0)
         batch = {
             "input_ids": flat("input_ids"),
             "pooling_mask": flat("pooling_mask"),
             "output_mask": flat("output_mask"),
             "cu_seqlens": cu_seqlens,
-            "max_seqlen": int(lengths.max()),
+            "max_seqlen": int(lengths.max()) if len(lengths) else 0,
         }
         batch.update(self.process_batch_images(tokenized, min_pixels=min_pixels, max_pixels=max_pixels))
         return BatchFeature(batch)
@@ -381,6 +457,7 @@ class NovaEmbeddingsV1Processor(Qwen2_5_VLProcessor):
 
 
 # ---------------------------------------------------------------------- helpers
+_DTYPES = {"input_ids": torch.long, "pooling_mask": torch.bool, "output_mask": torch.bool}
 _DEFAULT_CONFIG: NovaEmbeddingsV1Config | None = None
 
 
@@ -389,6 +466,16 @@ def _default_config() -> NovaEmbeddingsV1Config:
     if _DEFAULT_CONFIG is None:
         _DEFAULT_CONFIG = NovaEmbeddingsV1Config()
     return _DEFAULT_CONFIG
+
+
+# Markers around user-written special-token markup while locating it (lone surrogates: never in validated text).
+_MARK_START, _MARK_END = "\ud800", "\udbff"
+
+
+@functools.lru_cache(maxsize=8)
+def _markup_pattern(special_tokens: tuple[str, ...]) -> re.Pattern:
+    """Matches any special token's text, longest first (a token wins over the tokens it contains)."""
+    return re.compile("|".join(re.escape(t) for t in sorted(special_tokens, key=len, reverse=True)) or "(?!)")
 
 
 _RENDER_LOCK = threading.Lock()  # transformers' {% generation %} tracker is shared and not re-entrant
@@ -409,6 +496,13 @@ def _system_turn_length(template: str, instructions: str, image_prompt: str) -> 
     return len(_render(template, [{"role": "system", "content": instructions}], image_prompt)[0])
 
 
+def _check_task(task: Any, config, where: str) -> None:
+    if not isinstance(task, str):
+        raise ValueError(f"{where} must be a str, got {type(task).__name__}")
+    if task not in config.task_prompts:
+        raise ValueError(f"unknown task {task!r}; valid tasks: {sorted(config.task_prompts)}")
+
+
 def _check_instructions(instructions: Any, where: str) -> None:
     if instructions is None:
         return
@@ -416,6 +510,63 @@ def _check_instructions(instructions: Any, where: str) -> None:
         raise ValueError(f"{where} must be a str or None, got {type(instructions).__name__}")
     if not instructions.strip():
         raise ValueError(f"{where} is empty (use None for no instructions)")
+    _check_unicode(instructions, where)
+
+
+def _check_text(text: Any, where: str) -> None:
+    if not isinstance(text, str):
+        raise ValueError(f"{where} must be a str, got {type(text).__name__}")
+    if not text.strip():
+        raise ValueError(f"{where} is empty")
+    _check_unicode(text, where)
+
+
+def _check_unicode(text: str, where: str) -> None:
+    """Refuse lone surrogates (e.g. from a bad JSON escape): they are not text and cannot be encoded as UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"{where} holds a lone surrogate {text[error.start]!r} at position {error.start}: not valid Unicode text"
+        ) from None
+
+
+def _float_tensor(embeds: Any, index: int) -> torch.Tensor:
+    """An item's ``image_embeds`` as a floating-point tensor (a tensor, array or nested list of numbers)."""
+    if isinstance(embeds, (torch.Tensor, np.ndarray, list, tuple)):
+        try:
+            tensor = torch.as_tensor(embeds)
+        except (TypeError, ValueError, RuntimeError):
+            tensor = None
+        if tensor is not None and tensor.is_floating_point():
+            return tensor
+        if tensor is not None and tensor.dtype != torch.bool and not tensor.is_complex():
+            return tensor.float()  # whole numbers (e.g. JSON 0 rather than 0.0) are exact as floats
+    kind = f"{type(embeds).__name__} of {embeds.dtype}" if hasattr(embeds, "dtype") else type(embeds).__name__
+    raise ItemError(index, f"'image_embeds' must be a tensor of numbers (image_tokens, hidden), got {kind}")
+
+
+def _grid(grid: Any, merge: int, index: int) -> tuple[int, int, int]:
+    """An item's ``image_grid_thw``: 3 positive integers (t, h, w), h and w multiples of the merge size."""
+    try:
+        values = torch.as_tensor(grid).flatten().tolist() if not isinstance(grid, (str, bytes)) else None
+    except (TypeError, ValueError, RuntimeError):
+        values = None
+    integral = values is not None and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer() for v in values
+    )
+    if not integral or len(values) != 3 or min(values) <= 0 or values[1] % merge or values[2] % merge:
+        raise ItemError(
+            index, f"'image_grid_thw' must be 3 positive ints (t, h, w), h and w multiples of {merge}; got {grid!r}"
+        )
+    return tuple(int(v) for v in values)
+
+
+def _positive_int(value: Any, name: str) -> int:
+    """An int > 0 (bools and floats are refused rather than silently truncated)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
 
 
 def _in_spans(start: int, end: int, spans: list[tuple[int, int]]) -> bool:
@@ -424,18 +575,76 @@ def _in_spans(start: int, end: int, spans: list[tuple[int, int]]) -> bool:
 
 
 def load_image(source: Any, index: int, max_image_pixels: int) -> Image.Image:
-    """Open an image from a PIL image, local path, http(s) URL, data URI, base64 string or raw bytes, as RGB."""
+    """Open an image from a PIL image, local path, http(s) URL, data URI, base64 string or raw bytes, as 8-bit RGB.
+
+    Files are decoded only as PNG, JPEG, WebP, GIF (first frame), BMP or TIFF (first page); ``to_rgb`` says
+    how other pixel modes become RGB. Every failure is an ``ItemError`` naming the item.
+    """
     if isinstance(source, Image.Image):
         image = source
     else:
-        image = Image.open(io.BytesIO(_image_bytes(source, index)))
+        image = _open_image(_image_bytes(source, index), index, max_image_pixels)
     width, height = image.size
+    if width == 0 or height == 0:
+        raise ItemError(index, f"image has no pixels ({width}x{height})")
     if width * height > max_image_pixels:
         raise ItemError(index, f"image of {width}x{height} px is over the limit of {max_image_pixels} pixels")
     try:
         image.load()
-        return image.convert("RGB")
-    except (OSError, ValueError) as error:
+    except Exception as error:  # PIL raises OSError, SyntaxError, EOFError, struct/zlib errors... for damaged data
+        raise ItemError(index, f"unreadable image: {error}") from None
+    try:
+        return to_rgb(image)
+    except ValueError as error:
+        raise ItemError(index, str(error)) from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """The image as 8-bit RGB, keeping what it shows (PIL's plain ``convert("RGB")`` clips deep images to white).
+
+    - 16-bit grayscale (``I;16``, ``I;16B``, ``I;16L``, ``I;16N``): the top 8 bits (``value >> 8``).
+    - 32-bit integer (``I``): read as 16-bit data (what 16-bit PNG/TIFF files hold), so ``value >> 8``;
+      values outside 0..65535 are refused: scale such an image to 8 or 16 bits first.
+    - float (``F``): values in [0, 1] times 255, rounded; values outside [0, 1], NaN or inf are refused.
+    - transparency (``RGBA``, ``LA``, ``PA``, ``RGBa``, ``La``, or a transparent palette/colour key): composited
+      on white, as transformers' ``convert_to_rgb`` does (jina-embeddings-v4's processor sees the same pixels).
+    - any other mode (``1``, ``L``, ``P``, ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``): PIL's ``convert("RGB")``.
+    """
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        image = Image.fromarray(_deep_pixels_to_uint8(image))
+    if any(band in ("A", "a") for band in image.getbands()) or image.info.get("transparency") is not None:
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _deep_pixels_to_uint8(image: Image.Image) -> np.ndarray:
+    """Grayscale pixels of a 16-bit, 32-bit integer or float image scaled to 0..255 (see ``to_rgb``)."""
+    pixels = np.asarray(image)
+    if image.mode == "F":
+        if not np.isfinite(pixels).all():
+            raise ValueError("float image (mode F) holds values that are not finite (NaN or inf)")
+        if pixels.min() < 0 or pixels.max() > 1:
+            raise ValueError(f"float image (mode F) values must lie in [0, 1], got {pixels.min():g}..{pixels.max():g}; "
+                             "scale it to 8 bits first")
+        return np.round(pixels * 255).astype(np.uint8)
+    if image.mode == "I" and (pixels.min() < 0 or pixels.max() > 65535):
+        raise ValueError(f"32-bit integer image (mode I) values must lie in 0..65535 (16-bit data), got "
+                         f"{pixels.min()}..{pixels.max()}; scale it to 8 or 16 bits first")
+    return (pixels.astype(np.uint32) >> 8).astype(np.uint8)
+
+
+def _open_image(data: bytes, index: int, max_image_pixels: int) -> Image.Image:
+    """Open (not yet decode) an image file in one of the supported formats."""
+    try:
+        return Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except UnidentifiedImageError:
+        raise ItemError(
+            index, f"unreadable image: not an image in a supported format ({SUPPORTED_FORMATS_TEXT})"
+        ) from None
+    except Image.DecompressionBombError as error:
+        raise ItemError(index, f"image is over the limit of {max_image_pixels} pixels ({error})") from None
+    except Exception as error:  # a header PIL recognises but cannot parse
         raise ItemError(index, f"unreadable image: {error}") from None
 
 
@@ -443,8 +652,9 @@ def _image_bytes(source: Any, index: int) -> bytes:
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
     elif isinstance(source, os.PathLike) or (isinstance(source, str) and os.path.exists(source)):
-        with open(source, "rb") as handle:
-            data = handle.read(MAX_IMAGE_BYTES + 1)
+        data = _read_file(source, index)
+    elif isinstance(source, str) and not source.strip():
+        raise ItemError(index, "'image' is an empty string")
     elif isinstance(source, str) and source.startswith(("http://", "https://")):
         data = _fetch_url(source, index)
     elif isinstance(source, str) and source.startswith("data:"):
@@ -453,11 +663,23 @@ def _image_bytes(source: Any, index: int) -> bytes:
         data = _decode_base64(source, index)
     else:
         raise ItemError(index, f"'image' must be a PIL image, path, URL, base64 string or bytes, got {type(source).__name__}")
+    if not data:
+        raise ItemError(index, "'image' is empty (no bytes)")
     if len(data) > MAX_IMAGE_BYTES:
         raise ItemError(index, f"image file is over {MAX_IMAGE_BYTES} bytes")
-    if not _looks_like_image(data):
-        raise ItemError(index, "unreadable image: not a known image format (or a path that does not exist)")
     return data
+
+
+def _read_file(path: str | os.PathLike, index: int) -> bytes:
+    if os.path.isdir(path):
+        raise ItemError(index, f"'image' path {os.fspath(path)!r} is a directory, not an image file")
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(MAX_IMAGE_BYTES + 1)
+    except FileNotFoundError:
+        raise ItemError(index, f"'image' path {os.fspath(path)!r}: no such file") from None
+    except (OSError, ValueError) as error:
+        raise ItemError(index, f"could not read image file {os.fspath(path)!r}: {error}") from None
 
 
 def _fetch_url(url: str, index: int) -> bytes:
@@ -475,13 +697,6 @@ def _decode_base64(text: str, index: int) -> bytes:
         raise ItemError(index, "'image' string is neither an existing path, an http(s) URL, nor valid base64") from None
 
 
-def _looks_like_image(data: bytes) -> bool:
-    try:
-        with Image.open(io.BytesIO(data)) as probe:
-            probe.verify()
-        return True
-    except Exception:  # PIL raises many types for bad data; all mean "not an image we can read"
-        return False
-
-
-__all__ = ["NovaEmbeddingsV1Processor", "EmbeddingItem", "TokenizedItem", "ItemError", "TASK_ADAPTER", "load_image"]
+__all__ = [
+    "NovaEmbeddingsV1Processor", "EmbeddingItem", "TokenizedItem", "ItemError", "TASK_ADAPTER", "load_image", "to_rgb",
+]
