@@ -2,8 +2,9 @@
 
 ``create_app(model, settings)`` takes a loaded model, or a zero-argument callable that loads one (then
 the server answers /health with 503 until loading is done). Work is spread so that the event loop never
-waits on the model: image decoding, tokenisation and response formatting run in a small thread pool;
-``encode()`` and adapter loads run in one single-thread executor, so a load never overlaps a batch.
+waits on the model: tokenisation and response formatting run in a small thread pool; image decoding runs
+in a pool of its own (so a large image never holds up a text request); ``encode()`` and adapter loads run
+in one single-thread executor, so a load never overlaps a batch.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, AsyncIterator, Callable
 
 import torch
@@ -24,8 +26,8 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from .batcher import Batcher, Job, QueueFull, ShuttingDown, Ticket
-from .errors import ApiError, as_item_error, install_error_handlers, item_error
-from .images import ImageFetcher, ImageSourceError, decode_inline_image, is_url
+from .errors import ApiError, as_item_error, install_error_handlers, item_error, item_param
+from .images import ImageFetcher, ImageSourceError, decode_image, decode_inline_image, is_url, open_image_header
 from .metrics import Metrics
 from .schemas import (
     EmbeddingRequest,
@@ -33,6 +35,7 @@ from .schemas import (
     LoraUnloadRequest,
     OutputOptions,
     embedding_response,
+    first_non_finite,
     image_embeds_tensor,
     parse_body,
     request_items,
@@ -62,6 +65,8 @@ class NovaServer:
         self.created = int(time.time())
         self.encode_executor = ThreadPoolExecutor(1, thread_name_prefix="nova-encode")
         self.prep_executor = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="nova-prep")
+        self.decode_executor = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="nova-decode")
+        self._config_image_pixels: int | None = None  # the model config's own limit, restored at shutdown
         self.batcher: Batcher | None = None
         self.fetcher: ImageFetcher | None = None
         self.admin_lock = asyncio.Lock()
@@ -94,6 +99,7 @@ class NovaServer:
     def _become_ready(self, model: Any) -> None:
         s = self.settings
         self.model = model
+        self._apply_image_pixel_limit()
         self.batcher = Batcher(
             self._encode, self.encode_executor, self.metrics, max_batch_tokens=s.max_batch_tokens,
             max_batch_items=s.max_batch_items, max_wait_s=s.max_wait_ms / 1000, max_queue_requests=s.max_queue_requests,
@@ -115,6 +121,15 @@ class NovaServer:
             await self.fetcher.aclose()
         self.encode_executor.shutdown(wait=False)
         self.prep_executor.shutdown(wait=False)
+        self.decode_executor.shutdown(wait=False)
+        if self._config_image_pixels is not None:
+            self.model.config.max_image_pixels = self._config_image_pixels
+
+    def _apply_image_pixel_limit(self) -> None:
+        """One pixel limit: ``--max-image-pixels`` replaces the config's, which ``encode()`` checks again."""
+        if self.settings.max_image_pixels is not None:
+            self._config_image_pixels = self.model.config.max_image_pixels
+            self.model.config.max_image_pixels = self.settings.max_image_pixels
 
     def require_ready(self) -> None:
         if self.phase == "ready":
@@ -210,19 +225,71 @@ class NovaServer:
                 raise result
         return dict(zip(urls, results))
 
+    def open_images(self, raw_items: list[Any], fetched: dict[int, bytes], single: bool) -> dict[int, Any]:
+        """The request's images, opened lazily (prep thread): sizes checked against the per-image limit and the
+        request's budgets from the headers alone, before anything is decoded."""
+        s = self.settings
+        limit = self.model.config.max_image_pixels
+        images: dict[int, Any] = {}
+        pixels = tokens = 0
+        for index, raw in enumerate(raw_items):
+            if not (isinstance(raw, dict) and isinstance(raw.get("image"), str)):
+                continue
+            try:
+                image = open_image_header(fetched[index] if index in fetched else decode_inline_image(raw["image"]))
+            except ImageSourceError as error:
+                raise item_error(index, str(error), single) from None
+            width, height = image.size
+            if width * height > limit:
+                raise item_error(index, f"image of {width}x{height} px is over the limit of {limit} pixels", single)
+            pixels += width * height
+            tokens += self._image_tokens(index, image, single)
+            if pixels > s.max_request_pixels:
+                raise request_budget_error(index, single, f"the request's images come to {pixels} decoded pixels up "
+                                           f"to this one, over the per-request limit of {s.max_request_pixels} decoded "
+                                           "pixels (--max-request-pixels)")
+            if tokens > s.max_request_image_tokens:
+                raise request_budget_error(index, single, f"the request's images come to {tokens} image tokens up to "
+                                           f"this one, over the per-request limit of {s.max_request_image_tokens} "
+                                           "(--max-request-image-tokens)")
+            images[index] = image
+        return images
+
+    def _image_tokens(self, index: int, image: Any, single: bool) -> int:
+        """Image tokens an image of this size becomes, from the processor's own resize rule (header size only)."""
+        processor = self.model.processor
+        try:
+            t, h, w = processor.image_grid(SimpleNamespace(image=image, index=index), processor.pixel_limits(self.model.config))
+        except ValueError as error:
+            raise as_item_error(error, single) or item_error(index, str(error), single) from None
+        return t * h * w // processor.image_processor.merge_size**2
+
+    async def decode_images(self, images: dict[int, Any], single: bool) -> dict[int, Any]:
+        """Decode the request's images in the decode pool (bounded by ``decode_workers``), off the event loop."""
+        loop = asyncio.get_running_loop()
+        results = await asyncio.gather(*(loop.run_in_executor(self.decode_executor, decode_image, image)
+                                         for image in images.values()), return_exceptions=True)
+        for index, result in zip(images, results):
+            if isinstance(result, ImageSourceError):
+                raise item_error(index, str(result), single)
+            if isinstance(result, BaseException):
+                raise result
+        return dict(zip(images, results))
+
     def prepare_items(
-        self, raw_items: list[Any], fetched: dict[int, bytes], request: EmbeddingRequest,
+        self, raw_items: list[Any], images: dict[int, Any], request: EmbeddingRequest,
         adapter: tuple[bool, str | None], single: bool,
     ) -> tuple[list[dict], list[int]]:
         """Validate and tokenise a request's items (prep thread): encode-ready items and their token counts.
 
-        Every per-item problem surfaces here as a 400 naming the item, before the request can join a batch.
+        ``images`` holds the request's decoded images by item index. Every per-item problem surfaces here as
+        a 400 naming the item, before the request can join a batch.
         """
-        items = [self._item_for_processor(i, raw, fetched.get(i), adapter, single) for i, raw in enumerate(raw_items)]
+        items = [self._item_for_processor(i, raw, images.get(i), adapter, single) for i, raw in enumerate(raw_items)]
         processor, config = self.model.processor, self.model.config
         try:
             normalized = processor.normalize_items(items, task=request.task, instructions=request.instructions,
-                                                   config=config, max_image_pixels=self._max_image_pixels())
+                                                   config=config)
             self._check_adapters(normalized)
             low, high = processor.pixel_limits(config)
             tokenized = processor.tokenize_items(normalized, config=config, min_pixels=low, max_pixels=high,
@@ -232,19 +299,13 @@ class NovaServer:
         encode_items = [_encode_item(norm, prepared) for norm, prepared in zip(normalized, items)]
         return encode_items, [len(t) for t in tokenized]
 
-    def _max_image_pixels(self) -> int:
-        return self.settings.max_image_pixels or self.model.config.max_image_pixels
-
     def _item_for_processor(
-        self, index: int, raw: Any, fetched: bytes | None, adapter: tuple[bool, str | None], single: bool
+        self, index: int, raw: Any, image: Any, adapter: tuple[bool, str | None], single: bool
     ) -> dict:
-        """A wire item as the processor takes it: images as bytes or tensors, the request's adapter applied."""
+        """A wire item as the processor takes it: images decoded, embeds as tensors, the request's adapter applied."""
         item = {"text": raw} if isinstance(raw, str) else dict(raw)
-        if isinstance(item.get("image"), str):
-            try:
-                item["image"] = fetched if fetched is not None else decode_inline_image(item["image"])
-            except ImageSourceError as error:
-                raise item_error(index, str(error), single) from None
+        if image is not None:
+            item["image"] = image
         if item.get("image_embeds") is not None:
             item["image_embeds"], item["image_grid_thw"] = image_embeds_tensor(index, item, single)
         if adapter[0] and "adapter" not in item:
@@ -282,7 +343,9 @@ class NovaServer:
         ticket = self.admit()
         try:
             fetched = await self.fetch_image_urls(raw_items, single)
-            items, counts = await self.in_prep_thread(self.prepare_items, raw_items, fetched, request, adapter, single)
+            headers = await self.in_prep_thread(self.open_images, raw_items, fetched, single)
+            images = await self.decode_images(headers, single)
+            items, counts = await self.in_prep_thread(self.prepare_items, raw_items, images, request, adapter, single)
             job = Job(items, sum(counts), options.return_multivector, request.truncate)
             future = self.batcher.submit(job, ticket)
         finally:
@@ -291,6 +354,9 @@ class NovaServer:
             vectors = await future
         except Exception as error:  # noqa: BLE001 - mapped to 400/500 below
             raise self.encode_error(error, single) from None
+        bad = first_non_finite(vectors)
+        if bad is not None:
+            raise non_finite_error(bad, items[bad], single)
         body = await self.in_prep_thread(embedding_response, vectors, options, self.settings.model_name, sum(counts))
         self.metrics.observe_embedding(len(items), sum(counts), time.monotonic() - started)
         return body
@@ -320,9 +386,11 @@ class NovaServer:
                 await loop.run_in_executor(
                     self.encode_executor, functools.partial(self.model.load_adapter, str(folder), adapter_name=name)
                 )
-            except (ValueError, OSError) as error:
-                raise ApiError(400, f"could not load adapter {name!r}: {error}", param="lora_path",
-                               code="adapter_load_failed") from None
+            except Exception as error:  # noqa: BLE001 - corrupt files raise many types (SafetensorError, KeyError...)
+                if is_fatal_device_error(error):
+                    raise
+                raise ApiError(400, f"could not load adapter {name!r}: {type(error).__name__}: {error}",
+                               param="lora_path", code="adapter_load_failed") from None
         logger.info("loaded adapter %s from %s", name, folder)
         return {"status": "loaded", "lora_name": name, "adapters": self.adapters()}
 
@@ -365,6 +433,25 @@ class _ItemProblem(ValueError):
         super().__init__(f"item {index}: {problem}")
         self.index = index
         self.problem = problem
+
+
+def non_finite_error(index: int, item: dict, single: bool) -> ApiError:
+    """NaN or infinity in an output vector: never sent. Out-of-range ``image_embeds`` are the request's fault (400);
+    anything else is the model's (500, logged)."""
+    param = item_param(index, single)
+    if "image_embeds" in item:
+        return ApiError(400, f"{param}: 'image_embeds' values are out of range for the model: its vector came out "
+                             "non-finite (NaN or infinity)", param=param, code="invalid_input")
+    logger.error("encode() returned a non-finite vector for %s", param)
+    return ApiError(500, f"{param}: the model produced a non-finite vector (NaN or infinity) for this item; "
+                         "see the server log (a float16 overflow? try --dtype bfloat16)", param=param,
+                    code="non_finite_output")
+
+
+def request_budget_error(index: int, single: bool, problem: str) -> ApiError:
+    """A 413 naming the item at which the request went over one of its budgets."""
+    error = item_error(index, f"{problem}; send fewer or smaller images per request", single)
+    return ApiError(413, error.message, param=error.param, code="request_too_large")
 
 
 def is_fatal_device_error(error: BaseException) -> bool:
@@ -426,6 +513,40 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+class BodyReadTimeout:
+    """ASGI middleware: a request's whole body must arrive within ``timeout_s`` of the app's first read, or the
+    read fails with a 408 (uvicorn bounds neither the time nor the rate of a body, so one client trickling
+    bytes could hold a connection open for ever)."""
+
+    def __init__(self, app: Any, timeout_s: float):
+        self.app = app
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        deadline: float | None = None
+        complete = False
+
+        async def timed_receive() -> dict:
+            nonlocal deadline, complete
+            if complete:  # after the body, reads only wait for a disconnect: no deadline
+                return await receive()
+            loop = asyncio.get_running_loop()
+            deadline = deadline if deadline is not None else loop.time() + self.timeout_s
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except (asyncio.TimeoutError, TimeoutError):
+                raise ApiError(408, f"the request body did not arrive within {self.timeout_s:g} s "
+                                    "(--request-read-timeout)", code="request_timeout",
+                               headers={"Connection": "close"}) from None
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        await self.app(scope, timed_receive, send)
+
+
 class ResponseCounter:
     """ASGI middleware counting responses per (known) path and status for /metrics."""
 
@@ -454,6 +575,7 @@ def create_app(model: Any, settings: ServerSettings | None = None) -> FastAPI:
     app = FastAPI(title="nova-embeddings-v1", lifespan=server.lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.nova = server
     install_error_handlers(app)
+    app.add_middleware(BodyReadTimeout, timeout_s=settings.request_read_timeout_s)
     app.add_middleware(ResponseCounter, metrics=server.metrics)
 
     async def require_api_key(request: Request) -> None:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, Va
 
 from .errors import ApiError, item_error
 
+MAX_JSON_DEPTH = 32  # the deepest valid body (image_embeds in an item in input) is 5 levels
 ITEM_STRING_KEYS = ("text", "task")  # must be strings when present
 ITEM_NULLABLE_KEYS = ("instructions", "adapter")  # strings, or null (adapter: null = the bare backbone)
 
@@ -67,14 +68,60 @@ def parse_body(body: bytes, schema: type[BaseModel]) -> Any:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ApiError(400, f"request body is not valid JSON: {error}", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, f"request body is nested too deeply (over {MAX_JSON_DEPTH} levels)",
+                       code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+    check_json_strings(data)
     try:
         return schema.model_validate(data)
     except ValidationError as error:
         first = error.errors()[0]
         param = ".".join(str(part) for part in first["loc"]) or None
         raise ApiError(400, f"{param}: {first['msg']}", param=param, code="invalid_value") from None
+
+
+def check_json_strings(data: dict) -> None:
+    """Walk the parsed body once, without recursion: refuse nesting past ``MAX_JSON_DEPTH`` and strings (keys
+    too) holding a lone UTF-16 surrogate, which JSON's ``\\ud800`` escapes allow but no tokenizer or UTF-8
+    encoder takes."""
+    stack: list[tuple[Any, tuple]] = [(data, ())]
+    while stack:
+        value, path = stack.pop()
+        if len(path) > MAX_JSON_DEPTH:
+            raise ApiError(400, f"request body is nested too deeply (over {MAX_JSON_DEPTH} levels)", code="invalid_json")
+        if isinstance(value, str):
+            _check_unicode(value, path, data)
+        elif isinstance(value, dict):
+            for key, child in value.items():
+                _check_unicode(key, path + (key,), data)
+                stack.append((child, path + (key,)))
+        elif isinstance(value, list):
+            stack.extend((child, path + (index,)) for index, child in enumerate(value))
+
+
+def _check_unicode(text: str, path: tuple, data: dict) -> None:
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path).lstrip(".") or "body"
+        message = (f"{where.encode('ascii', 'backslashreplace').decode()}: contains a lone surrogate "
+                   f"({text[error.start]!a} at character {error.start}); text must be valid Unicode")
+        raise ApiError(400, message, param=_param_of(path, data), code="invalid_unicode") from None
+
+
+def _param_of(path: tuple, data: dict) -> str | None:
+    """The ``param`` of a problem at ``path``: the item (``input`` / ``input[i]``) or the top-level field."""
+    if not path or not isinstance(path[0], str) or not path[0].isascii():
+        return None
+    if path[0] == "input" and isinstance(data.get("input"), list) and len(path) > 1:
+        return f"input[{path[1]}]"
+    if path[0] == "input" and isinstance(data.get("input"), dict):
+        return "input[0]"
+    return path[0]
 
 
 def request_items(request: EmbeddingRequest, max_items: int) -> tuple[list[Any], bool]:
@@ -129,6 +176,11 @@ def image_embeds_tensor(index: int, item: dict, single: bool) -> tuple[torch.Ten
         raise item_error(index, "'image_embeds' must be a [tokens, hidden] array of numbers", single) from None
     if embeds.dim() != 2:
         raise item_error(index, f"'image_embeds' must be 2-D [tokens, hidden], got shape {list(embeds.shape)}", single)
+    finite = torch.isfinite(embeds)
+    if not finite.all():
+        row, column = (int(v) for v in (~finite).nonzero()[0])
+        raise item_error(index, f"'image_embeds' is not finite at [{row}][{column}] ({embeds[row, column].item()}); "
+                                "NaN, Infinity and numbers beyond float32's range are refused", single)
     return embeds, grid
 
 
@@ -167,4 +219,12 @@ def embedding_response(
             for index, vector in enumerate(finish_vectors(vectors, options))]
     body = {"object": "list", "data": data, "model": model_name,
             "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
-    return json.dumps(body, separators=(",", ":")).encode("utf-8")
+    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def first_non_finite(vectors: torch.Tensor | list[torch.Tensor]) -> int | None:
+    """Index of the first vector holding NaN or infinity (never sent: JSON has no such numbers), else None."""
+    for index, vector in enumerate(vectors):
+        if not torch.isfinite(vector).all():
+            return index
+    return None
