@@ -71,6 +71,9 @@ class NovaServer:
         self.fetcher: ImageFetcher | None = None
         self.admin_lock = asyncio.Lock()
         self._load_task: asyncio.Task | None = None
+        self.in_flight = 0  # requests past the ready check and not answered yet: what a drain waits for
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     # ------------------------------------------------------------------ lifecycle
     @contextlib.asynccontextmanager
@@ -130,6 +133,27 @@ class NovaServer:
         if self.settings.max_image_pixels is not None:
             self._config_image_pixels = self.model.config.max_image_pixels
             self.model.config.max_image_pixels = self.settings.max_image_pixels
+
+    async def drain(self, timeout_s: float) -> None:
+        """First step of a graceful stop (on SIGTERM): new requests get 503 and /health says "stopping" while the
+        requests under way finish (at most ``timeout_s``); ``shutdown`` then releases everything."""
+        if self.phase == "ready":
+            self.phase = "stopping"
+            logger.info("stopping: %d request(s) in flight", self.in_flight)
+        with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+
+    @contextlib.contextmanager
+    def tracking(self) -> Any:
+        """Count a request as in flight while it is being answered."""
+        self.in_flight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self._idle.set()
 
     def require_ready(self) -> None:
         if self.phase == "ready":
@@ -357,7 +381,8 @@ class NovaServer:
         bad = first_non_finite(vectors)
         if bad is not None:
             raise non_finite_error(bad, items[bad], single)
-        body = await self.in_prep_thread(embedding_response, vectors, options, self.settings.model_name, sum(counts))
+        echoed = request.model if request.model is not None else self.settings.model_name  # as vLLM: the name used
+        body = await self.in_prep_thread(embedding_response, vectors, options, echoed, sum(counts))
         self.metrics.observe_embedding(len(items), sum(counts), time.monotonic() - started)
         return body
 
@@ -417,6 +442,15 @@ class NovaServer:
         if self.model is not None:
             data += [{"id": name, **entry, "parent": self.settings.model_name} for name in self.custom_adapters()]
         return {"object": "list", "data": data}
+
+    def model_entry(self, model_id: str) -> dict:
+        """One entry of the model list (``GET /v1/models/{id}``); 404 for a name that is not served."""
+        for entry in self.models_listing()["data"]:
+            if entry["id"] == model_id:
+                return entry
+        raise ApiError(404, f"model {model_id!r} is not served here; available: "
+                            f"{[entry['id'] for entry in self.models_listing()['data']]}", param="model",
+                       code="model_not_found")
 
     def metrics_text(self) -> str:
         batcher = self.batcher
@@ -559,6 +593,8 @@ class ResponseCounter:
             await self.app(scope, receive, send)
             return
         path = scope["path"] if scope["path"] in KNOWN_PATHS else "other"
+        if scope["path"].startswith("/v1/models/"):
+            path = "/v1/models/{id}"
 
         async def counting_send(message: dict) -> None:
             if message["type"] == "http.response.start":
@@ -598,6 +634,10 @@ def create_app(model: Any, settings: ServerSettings | None = None) -> FastAPI:
     async def models() -> JSONResponse:
         return JSONResponse(server.models_listing())
 
+    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(require_api_key)])
+    async def model_entry(model_id: str) -> JSONResponse:
+        return JSONResponse(server.model_entry(model_id))
+
     @app.get("/metrics", dependencies=[Depends(require_api_key)])
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(server.metrics_text(), media_type="text/plain; version=0.0.4")
@@ -605,19 +645,22 @@ def create_app(model: Any, settings: ServerSettings | None = None) -> FastAPI:
     @app.post("/v1/embeddings", dependencies=[Depends(require_api_key)])
     async def embeddings(request: Request) -> Response:
         server.require_ready()
-        body = parse_body(await read_body(request, settings.max_request_bytes), EmbeddingRequest)
-        return Response(await server.embed(body), media_type="application/json")
+        with server.tracking():
+            body = parse_body(await read_body(request, settings.max_request_bytes), EmbeddingRequest)
+            return Response(await server.embed(body), media_type="application/json")
 
     @app.post("/v1/internal/lora/load", dependencies=[Depends(require_admin)])
     async def lora_load(request: Request) -> JSONResponse:
         server.require_ready()
-        body = parse_body(await read_body(request, ADMIN_BODY_BYTES), LoraLoadRequest)
-        return JSONResponse(await server.load_lora(body.lora_name, body.lora_path))
+        with server.tracking():
+            body = parse_body(await read_body(request, ADMIN_BODY_BYTES), LoraLoadRequest)
+            return JSONResponse(await server.load_lora(body.lora_name, body.lora_path))
 
     @app.post("/v1/internal/lora/unload", dependencies=[Depends(require_admin)])
     async def lora_unload(request: Request) -> JSONResponse:
         server.require_ready()
-        body = parse_body(await read_body(request, ADMIN_BODY_BYTES), LoraUnloadRequest)
-        return JSONResponse(await server.unload_lora(body.lora_name))
+        with server.tracking():
+            body = parse_body(await read_body(request, ADMIN_BODY_BYTES), LoraUnloadRequest)
+            return JSONResponse(await server.unload_lora(body.lora_name))
 
     return app

@@ -18,6 +18,9 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, Va
 
 from .errors import ApiError, item_error
 
+TOKEN_IDS_REFUSED = ("token-id input is not supported (the ids of another tokenizer would embed the wrong "
+                     "text); send the text. LangChain's OpenAIEmbeddings sends tiktoken ids by default: create it "
+                     "with check_embedding_ctx_length=False")
 MAX_JSON_DEPTH = 32  # the deepest valid body (image_embeds in an item in input) is 5 levels
 ITEM_STRING_KEYS = ("text", "task")  # must be strings when present
 ITEM_NULLABLE_KEYS = ("instructions", "adapter")  # strings, or null (adapter: null = the bare backbone)
@@ -128,6 +131,8 @@ def request_items(request: EmbeddingRequest, max_items: int) -> tuple[list[Any],
     """The request's items as a list (a lone string or object is one item), and whether input was a lone string."""
     raw = request.input
     single = isinstance(raw, str)
+    if isinstance(raw, list) and raw and all(type(v) is int for v in raw):
+        raise ApiError(400, f"input: {TOKEN_IDS_REFUSED}", param="input", code="invalid_input")
     items = [raw] if isinstance(raw, (str, dict)) else raw
     if not isinstance(items, list):
         raise ApiError(400, "input must be a string, an object, or a list of them", param="input", code="invalid_value")
@@ -144,7 +149,7 @@ def request_items(request: EmbeddingRequest, max_items: int) -> tuple[list[Any],
 def check_item_types(index: int, item: Any, single: bool) -> None:
     """JSON types the processor cannot be handed (token ids, numbers, lists as task names...)."""
     if isinstance(item, list) and all(isinstance(v, int) for v in item):
-        raise item_error(index, "token-id input is not supported; send the text", single)
+        raise item_error(index, TOKEN_IDS_REFUSED, single)
     if not isinstance(item, (str, dict)):
         raise item_error(index, f"expected a string or an object, got {_json_type(item)}", single)
     if isinstance(item, str):
@@ -204,19 +209,26 @@ def finish_vectors(vectors: torch.Tensor | list[torch.Tensor], options: OutputOp
 
 
 def encode_vector(vector: torch.Tensor, encoding_format: str) -> list | str:
-    """float: nested JSON lists; base64: little-endian float32 bytes, row-major (multi vectors: reshape to
-    [-1, 128])."""
+    """float: nested JSON lists; base64: little-endian float32 bytes, row-major (multi vectors: reshape to the
+    entry's ``shape``)."""
     if encoding_format == "base64":
         return base64.b64encode(np.ascontiguousarray(vector.numpy(), dtype="<f4").tobytes()).decode("ascii")
     return vector.tolist()
+
+
+def embedding_entry(index: int, vector: torch.Tensor, options: OutputOptions) -> dict:
+    """OpenAI's embedding object; a multi vector also carries its ``shape`` [tokens, dim], to reshape base64 bytes."""
+    entry = {"object": "embedding", "index": index, "embedding": encode_vector(vector, options.encoding_format)}
+    if options.return_multivector:
+        entry["shape"] = list(vector.shape)
+    return entry
 
 
 def embedding_response(
     vectors: torch.Tensor | list[torch.Tensor], options: OutputOptions, model_name: str, prompt_tokens: int
 ) -> bytes:
     """The OpenAI response body, serialised (done off the event loop: large float lists are slow to write)."""
-    data = [{"object": "embedding", "index": index, "embedding": encode_vector(vector, options.encoding_format)}
-            for index, vector in enumerate(finish_vectors(vectors, options))]
+    data = [embedding_entry(index, vector, options) for index, vector in enumerate(finish_vectors(vectors, options))]
     body = {"object": "list", "data": data, "model": model_name,
             "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
     return json.dumps(body, separators=(",", ":"), allow_nan=False).encode("utf-8")
