@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dtype", choices=DTYPES, default="auto", help="auto is bfloat16 on GPU, float32 on CPU (default: %(default)s)")
     add("--attn-implementation", default=None, help="sdpa, eager or flash_attention_2 (default: the model's)")
     add("--served-model-name", action="append", default=None,
-        help="a name accepted as `model`, repeatable; the first is the default one (default: MODEL as given)")
+        help="a name accepted as `model`, repeatable; the first is reported when a request names none "
+             "(default: MODEL as given)")
     add("--chat-template", type=Path, default=None,
         help="a chat_template.json (or a Jinja file) replacing the model's (default: the model's)")
     add("--load-lora", type=lora_spec, action="append", default=[], metavar="NAME=PATH",
