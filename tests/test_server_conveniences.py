@@ -145,6 +145,21 @@ def test_multi_vectors_carry_their_shape(model):
     assert all("shape" not in entry for entry in single.json()["data"])
 
 
+def test_the_openai_client_reads_the_shape_as_the_readme_shows(model):
+    app = app_with_alias(model)
+
+    async def scenario():
+        async with app.router.lifespan_context(app):
+            _, client = openai_client(app)
+            return await client.embeddings.create(model=MODEL_NAME, input=["a query"], encoding_format="base64",
+                                                  extra_body={"return_multivector": True})
+
+    entry = run(scenario()).data[0]
+    vectors = np.frombuffer(base64.b64decode(entry.embedding), dtype="<f4").reshape(entry.shape)  # (tokens, dim)
+    expected = model.encode(["a query"], return_multivector=True)[0]
+    torch.testing.assert_close(torch.from_numpy(vectors.copy()), expected, atol=1e-5, rtol=1e-4)
+
+
 # ---------------------------------------------------------------------- one pixel limit
 def test_max_image_pixels_above_the_configs_takes_effect(model, monkeypatch):
     monkeypatch.setattr(model.config, "max_image_pixels", 1000)
