@@ -7,7 +7,6 @@ on 127.0.0.1 only, one of them as a child process of ``scripts/serve.py``.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import os
 import re

@@ -21,26 +21,18 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 from test_server import (
-    MODEL_NAME,
     app_for,
     assert_vectors_equal,
     b64_png,
     make_image,
+    model,  # noqa: F401 - the shared module fixture (loaded once per file)
     post,
     run,
     serving,
     vectors_of,
 )
-from transformers import AutoModel
 
 httpx = pytest.importorskip("httpx")
-
-
-@pytest.fixture(scope="module")
-def model(tiny_nova_dir):
-    # .eval() as in tests/test_server.py: until issue 9 lands, the task adapters' LoRA dropout stays in training
-    # mode after from_pretrained, and encode() is not deterministic without it.
-    return AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True).eval()
 
 
 def encoded(image: Image.Image, fmt: str, **save: object) -> str:

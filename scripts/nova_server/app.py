@@ -283,7 +283,8 @@ class NovaServer:
         """Image tokens an image of this size becomes, from the processor's own resize rule (header size only)."""
         processor = self.model.processor
         try:
-            t, h, w = processor.image_grid(SimpleNamespace(image=image, index=index), processor.pixel_limits(self.model.config))
+            limits = processor.pixel_limits(self.model.config)
+            t, h, w = processor.image_grid(SimpleNamespace(image=image, index=index), limits)  # reads .image.size only
         except ValueError as error:
             raise as_item_error(error, single) or item_error(index, str(error), single) from None
         return t * h * w // processor.image_processor.merge_size**2
