@@ -12,7 +12,9 @@ API can be tried on a laptop (its vectors mean nothing). See the README's "Servi
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import io
 import ipaddress
 import logging
 import os
@@ -20,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -29,6 +32,8 @@ from .server.settings import MIB
 logger = logging.getLogger("nova_server")
 
 TINY_MODEL_NAME = "nova-embeddings-v1-tiny"
+LIBRARY_NOISE = ("got `key=rope_scaling` in kwargs", "Unrecognized keys in `rope_parameters`")
+DRAIN_TIMEOUT_S = 30.0
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -42,43 +47,58 @@ def lora_spec(text: str) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("model", nargs="?", default=None, help="model folder or Hub id (default: the tiny checkpoint)")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to bind (0.0.0.0 exposes the server: set --api-key)")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
-    parser.add_argument("--attn-implementation", default=None, help="sdpa, eager, flash_attention_2 (default: model's)")
-    parser.add_argument("--served-model-name", action="append", default=None,
-                        help="name(s) accepted as `model` (repeatable; default: MODEL as given)")
-    parser.add_argument("--chat-template", type=Path, default=None,
-                        help="chat_template.json (or a Jinja file) replacing the model's")
-    parser.add_argument("--load-lora", type=lora_spec, action="append", default=[], metavar="NAME=PATH",
-                        help="custom adapter to load at start (folder or its adapter_model.safetensors; repeatable)")
-    parser.add_argument("--max-loras", type=int, default=4, help="custom adapters loaded at once (task ones excluded)")
-    parser.add_argument("--max-batch-tokens", type=int, default=16384, help="token budget of one batch")
-    parser.add_argument("--max-batch-items", type=int, default=256, help="item budget of one batch")
-    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
-    parser.add_argument("--max-queue", type=int, default=1024, help="queued requests before 429")
-    parser.add_argument("--max-items-per-request", type=int, default=2048)
-    parser.add_argument("--max-request-mb", type=float, default=64.0, help="largest request body, MiB")
-    parser.add_argument("--api-key", default=os.environ.get("NOVA_API_KEY"),
-                        help="require 'Authorization: Bearer KEY' (default: $NOVA_API_KEY)")
-    parser.add_argument("--admin-token", default=os.environ.get("NOVA_ADMIN_TOKEN"),
-                        help="enable /v1/internal/lora/* for this bearer token (default: $NOVA_ADMIN_TOKEN)")
-    parser.add_argument("--allow-image-urls", action="store_true", help="fetch http(s) image URLs (public hosts only)")
-    parser.add_argument("--allow-private-image-urls", action="store_true",
-                        help="with --allow-image-urls, also fetch from private/loopback/link-local addresses")
-    parser.add_argument("--image-url-timeout", type=float, default=10.0, help="seconds per image download")
-    parser.add_argument("--image-url-max-mb", type=float, default=20.0, help="largest image download, MiB")
-    parser.add_argument("--max-image-pixels", type=int, default=None,
-                        help="decoded pixel cap (default: model config's)")
-    parser.add_argument("--multivector-default", "--is-multi-vector-embeddings", dest="multivector_default",
-                        action="store_true", help="requests that do not say get multi vectors")
-    parser.add_argument("--preprocess-workers", type=int, default=1, help="threads for decoding and tokenising")
-    parser.add_argument("--log-level", default="info")
+    """The command line; every flag's help states its default once (secrets by their variable, not their value)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add = parser.add_argument
+    add("model", nargs="?", default=None, help="model folder or Hub id (default: the tiny random-weight checkpoint)")
+    add("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the server, so set --api-key "
+                                            "(default: %(default)s)")
+    add("--port", type=int, default=8000, help="port to bind (default: %(default)s)")
+    add("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N (default: %(default)s)")
+    add("--dtype", choices=DTYPES, default="auto", help="auto is bfloat16 on GPU, float32 on CPU (default: %(default)s)")
+    add("--attn-implementation", default=None, help="sdpa, eager or flash_attention_2 (default: the model's)")
+    add("--served-model-name", action="append", default=None,
+        help="a name accepted as `model`, repeatable; the first is reported when a request names none "
+             "(default: MODEL as given)")
+    add("--chat-template", type=Path, default=None,
+        help="a chat_template.json (or a Jinja file) replacing the model's (default: the model's)")
+    add("--load-lora", type=lora_spec, action="append", default=[], metavar="NAME=PATH",
+        help="custom adapter to load at start: its folder or adapter_model.safetensors; repeatable (default: none)")
+    add("--max-loras", type=int, default=4,
+        help="custom adapters loaded at once, task adapters not counted (default: %(default)s)")
+    add("--max-batch-tokens", type=int, default=16384, help="token budget of one batch (default: %(default)s)")
+    add("--max-batch-items", type=int, default=256, help="item budget of one batch (default: %(default)s)")
+    add("--max-wait-ms", type=float, default=5.0,
+        help="how long a batch waits for more requests, in ms (default: %(default)s)")
+    add("--max-queue", type=int, default=1024, help="queued requests before a 429 (default: %(default)s)")
+    add("--max-items-per-request", type=int, default=2048,
+        help="items in one request; more get a 400 (default: %(default)s)")
+    add("--max-request-mb", type=float, default=64.0, help="largest request body in MiB (default: %(default)s)")
+    add("--max-request-pixels", type=int, default=ServerSettings.max_request_pixels,
+        help="decoded pixels of all the images of one request, checked from their headers; more get a 413 "
+             "(default: %(default)s)")
+    add("--max-request-image-tokens", type=int, default=ServerSettings.max_request_image_tokens,
+        help="image tokens of all the images of one request; more get a 413 (default: %(default)s)")
+    add("--request-read-timeout", type=float, default=ServerSettings.request_read_timeout_s,
+        help="seconds allowed to receive a request body; slower bodies get a 408 (default: %(default)s)")
+    add("--api-key", default=os.environ.get("NOVA_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on every endpoint but /health (default: $NOVA_API_KEY)")
+    add("--admin-token", default=os.environ.get("NOVA_ADMIN_TOKEN"),
+        help="turn on /v1/internal/lora/* for this bearer token (default: $NOVA_ADMIN_TOKEN)")
+    add("--allow-image-urls", action="store_true", help="fetch http(s) image URLs, public hosts only (default: off)")
+    add("--allow-private-image-urls", action="store_true",
+        help="with --allow-image-urls, also fetch from private, loopback and link-local addresses (default: off)")
+    add("--image-url-timeout", type=float, default=10.0, help="seconds per image download (default: %(default)s)")
+    add("--image-url-max-mb", type=float, default=20.0, help="largest image download in MiB (default: %(default)s)")
+    add("--max-image-pixels", type=int, default=None,
+        help="pixel limit of one decoded image, replacing the config's (default: the config's max_image_pixels)")
+    add("--multivector-default", "--is-multi-vector-embeddings", dest="multivector_default", action="store_true",
+        help="requests that do not set return_multivector get multi vectors (default: off)")
+    add("--preprocess-workers", type=int, default=1,
+        help="threads that tokenise and format responses (default: %(default)s)")
+    add("--decode-workers", type=int, default=ServerSettings.decode_workers,
+        help="threads that decode images, apart from the preprocessing ones (default: %(default)s)")
+    add("--log-level", default="info", help="debug, info, warning or error (default: %(default)s)")
     return parser
 
 
@@ -93,19 +113,53 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         allow_private_image_urls=args.allow_private_image_urls, image_url_timeout_s=args.image_url_timeout,
         image_url_max_bytes=int(args.image_url_max_mb * MIB), max_image_pixels=args.max_image_pixels,
         default_multivector=args.multivector_default, preprocess_workers=args.preprocess_workers,
+        max_request_pixels=args.max_request_pixels, max_request_image_tokens=args.max_request_image_tokens,
+        decode_workers=args.decode_workers, request_read_timeout_s=args.request_read_timeout,
     )
 
 
 # ---------------------------------------------------------------------- model
 def build_tiny_checkpoint(workdir: str | Path) -> Path:
-    """The tiny random-weight jina checkpoint, converted: a servable nova repository in ``workdir/nova``."""
+    """The tiny random-weight jina checkpoint, converted: a servable nova repository in ``workdir/nova``.
+
+    What the converter prints goes to the debug log, not to the server's output.
+    """
     from .convert import convert
     from .tiny import make_tiny_checkpoint
 
     workdir = Path(workdir)
-    jina = make_tiny_checkpoint(workdir / "jina", seed=0, dtype="float32")
-    convert(jina, workdir / "nova")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        jina = make_tiny_checkpoint(workdir / "jina", seed=0, dtype="float32")
+        convert(jina, workdir / "nova")
+    if printed.getvalue().strip():
+        logger.debug("converter output: %s", printed.getvalue().strip())
     return workdir / "nova"
+
+
+class DropMessages(logging.Filter):
+    """Drops log records whose message contains one of ``fragments``."""
+
+    def __init__(self, fragments: tuple[str, ...]):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(fragment in message for fragment in self.fragments)
+
+
+def quiet_library_logs() -> None:
+    """A start-up log without library noise: transformers' RoPE-config warnings (repeated for every config it
+    builds, harmless for Qwen2.5-VL's mrope), its weight-loading progress bar, and PEFT's warning when a second
+    adapter is added to a model (which is what loading several adapters means)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    noise = DropMessages(LIBRARY_NOISE)
+    for handler in hf_logging.get_logger("transformers").handlers:
+        handler.addFilter(noise)
+    warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
 
 
 def resolve_device(device: str) -> str:
@@ -187,16 +241,59 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def serve_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
-                    startup_timeout_s: float = 120.0) -> Iterator[str]:
-    """Run ``app`` under uvicorn in a background thread; yields its base URL; stops (and drains) on exit.
+def draining_server_class() -> type:
+    """``DrainingServer``, defined on first use so that importing this module does not need uvicorn."""
+    import uvicorn
 
-    Port 0 picks a free port. Used by tests and nova_embeddings/bench/load_test.py.
+    class DrainingServer(uvicorn.Server):
+        """uvicorn's server, except that the first SIGINT/SIGTERM drains the app before uvicorn stops.
+
+        uvicorn alone closes its listening socket at once, so a load balancer sees refused connections rather
+        than an answer. Here new requests get 503 and /health says "stopping" while the requests in flight
+        finish (at most ``drain_timeout_s``); then uvicorn stops as usual. A second signal stops at once.
+        """
+
+        def __init__(self, config: uvicorn.Config, nova: Any, drain_timeout_s: float = DRAIN_TIMEOUT_S):
+            super().__init__(config)
+            self.nova = nova
+            self.drain_timeout_s = drain_timeout_s
+            self._loop: asyncio.AbstractEventLoop | None = None
+            self._drain_task: asyncio.Task | None = None
+
+        async def startup(self, sockets: list | None = None) -> None:
+            self._loop = asyncio.get_running_loop()
+            await super().startup(sockets)
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if self._drain_task is not None or self._loop is None or self.should_exit:
+                super().handle_exit(sig, frame)
+                return
+            self._loop.call_soon_threadsafe(self._start_drain, sig, frame)
+
+        def _start_drain(self, sig: int, frame: Any) -> None:
+            if self._drain_task is None:
+                self._drain_task = asyncio.get_running_loop().create_task(self._drain_then_exit(sig, frame))
+            else:
+                super().handle_exit(sig, frame)
+
+        async def _drain_then_exit(self, sig: int, frame: Any) -> None:
+            await self.nova.drain(self.drain_timeout_s)
+            super().handle_exit(sig, frame)
+
+    return DrainingServer
+
+
+@contextlib.contextmanager
+def running_server(app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
+                   startup_timeout_s: float = 120.0) -> Iterator[tuple[Any, str]]:
+    """Run ``app`` (from ``create_app``) under uvicorn in a background thread; yields (server, base URL).
+
+    Port 0 picks a free port. Used by tests and nova_embeddings/bench/load_test.py. ``server.handle_exit(signal.SIGTERM, None)`` stops it as a signal would.
     """
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on"))
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on")
+    server = draining_server_class()(config, app.state.nova)
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + startup_timeout_s
@@ -207,14 +304,28 @@ def serve_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0, log_level:
         time.sleep(0.01)
     bound = server.servers[0].sockets[0].getsockname()[1]
     try:
-        yield f"http://{host}:{bound}"
+        yield server, f"http://{host}:{bound}"
     finally:
         server.should_exit = True
         thread.join(timeout=60)
 
 
-def make_loader(args: argparse.Namespace, model_path: str | Path) -> Callable[[], Any]:
+@contextlib.contextmanager
+def serve_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
+                    startup_timeout_s: float = 120.0) -> Iterator[str]:
+    """``running_server`` yielding only the base URL; stops (and drains) on exit. Used by tests and load_test.py."""
+    with running_server(app, host, port, log_level, startup_timeout_s) as (_, url):
+        yield url
+
+
+def make_loader(args: argparse.Namespace, workdir: str | Path) -> Callable[[], Any]:
+    """The model loader the server runs in the background once its port is bound (the tiny checkpoint is built
+    there too, when no MODEL is given)."""
     def loader() -> Any:
+        model_path = args.model
+        if model_path is None:
+            model_path = build_tiny_checkpoint(workdir)
+            logger.info("built the tiny checkpoint in %s", model_path)
         return load_model(model_path, device=args.device, dtype=args.dtype,
                           attn_implementation=args.attn_implementation, chat_template=args.chat_template,
                           loras=args.load_lora, max_loras=args.max_loras)
@@ -225,6 +336,7 @@ def make_loader(args: argparse.Namespace, model_path: str | Path) -> Callable[[]
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_library_logs()
     try:
         settings = settings_from_args(args)
     except ValueError as error:
@@ -235,12 +347,12 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     with tempfile.TemporaryDirectory(prefix="nova-tiny-") as workdir:
-        model_path = args.model
-        if model_path is None:
+        if args.model is None:
             logger.info("no MODEL given: serving the tiny random-weight checkpoint (its vectors mean nothing)")
-            model_path = build_tiny_checkpoint(workdir)
-        app = create_app(make_loader(args, model_path), settings)
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30)
+        app = create_app(make_loader(args, workdir), settings)
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                timeout_graceful_shutdown=int(DRAIN_TIMEOUT_S))
+        draining_server_class()(config, app.state.nova).run()
     return 0
 
 

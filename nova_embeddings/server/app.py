@@ -2,8 +2,9 @@
 
 ``create_app(model, settings)`` takes a loaded model, or a zero-argument callable that loads one (then
 the server answers /health with 503 until loading is done). Work is spread so that the event loop never
-waits on the model: image decoding, tokenisation and response formatting run in a small thread pool;
-``encode()`` and adapter loads run in one single-thread executor, so a load never overlaps a batch.
+waits on the model: tokenisation and response formatting run in a small thread pool; image decoding runs
+in a pool of its own (so a large image never holds up a text request); ``encode()`` and adapter loads run
+in one single-thread executor, so a load never overlaps a batch.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, AsyncIterator, Callable
 
 import torch
@@ -24,8 +26,8 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from .batcher import Batcher, Job, QueueFull, ShuttingDown, Ticket
-from .errors import ApiError, as_item_error, install_error_handlers, item_error
-from .images import ImageFetcher, ImageSourceError, decode_inline_image, is_url
+from .errors import ApiError, as_item_error, install_error_handlers, item_error, item_param
+from .images import ImageFetcher, ImageSourceError, decode_image, decode_inline_image, is_url, open_image_header
 from .metrics import Metrics
 from .schemas import (
     EmbeddingRequest,
@@ -33,6 +35,7 @@ from .schemas import (
     LoraUnloadRequest,
     OutputOptions,
     embedding_response,
+    first_non_finite,
     image_embeds_tensor,
     parse_body,
     request_items,
@@ -62,10 +65,15 @@ class NovaServer:
         self.created = int(time.time())
         self.encode_executor = ThreadPoolExecutor(1, thread_name_prefix="nova-encode")
         self.prep_executor = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="nova-prep")
+        self.decode_executor = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="nova-decode")
+        self._config_image_pixels: int | None = None  # the model config's own limit, restored at shutdown
         self.batcher: Batcher | None = None
         self.fetcher: ImageFetcher | None = None
         self.admin_lock = asyncio.Lock()
         self._load_task: asyncio.Task | None = None
+        self.in_flight = 0  # requests past the ready check and not answered yet: what a drain waits for
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     # ------------------------------------------------------------------ lifecycle
     @contextlib.asynccontextmanager
@@ -94,6 +102,7 @@ class NovaServer:
     def _become_ready(self, model: Any) -> None:
         s = self.settings
         self.model = model
+        self._apply_image_pixel_limit()
         self.batcher = Batcher(
             self._encode, self.encode_executor, self.metrics, max_batch_tokens=s.max_batch_tokens,
             max_batch_items=s.max_batch_items, max_wait_s=s.max_wait_ms / 1000, max_queue_requests=s.max_queue_requests,
@@ -115,6 +124,36 @@ class NovaServer:
             await self.fetcher.aclose()
         self.encode_executor.shutdown(wait=False)
         self.prep_executor.shutdown(wait=False)
+        self.decode_executor.shutdown(wait=False)
+        if self._config_image_pixels is not None:
+            self.model.config.max_image_pixels = self._config_image_pixels
+
+    def _apply_image_pixel_limit(self) -> None:
+        """One pixel limit: ``--max-image-pixels`` replaces the config's, which ``encode()`` checks again."""
+        if self.settings.max_image_pixels is not None:
+            self._config_image_pixels = self.model.config.max_image_pixels
+            self.model.config.max_image_pixels = self.settings.max_image_pixels
+
+    async def drain(self, timeout_s: float) -> None:
+        """First step of a graceful stop (on SIGTERM): new requests get 503 and /health says "stopping" while the
+        requests under way finish (at most ``timeout_s``); ``shutdown`` then releases everything."""
+        if self.phase == "ready":
+            self.phase = "stopping"
+            logger.info("stopping: %d request(s) in flight", self.in_flight)
+        with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+
+    @contextlib.contextmanager
+    def tracking(self) -> Any:
+        """Count a request as in flight while it is being answered."""
+        self.in_flight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self._idle.set()
 
     def require_ready(self) -> None:
         if self.phase == "ready":
@@ -210,19 +249,72 @@ class NovaServer:
                 raise result
         return dict(zip(urls, results))
 
+    def open_images(self, raw_items: list[Any], fetched: dict[int, bytes], single: bool) -> dict[int, Any]:
+        """The request's images, opened lazily (prep thread): sizes checked against the per-image limit and the
+        request's budgets from the headers alone, before anything is decoded."""
+        s = self.settings
+        limit = self.model.config.max_image_pixels
+        images: dict[int, Any] = {}
+        pixels = tokens = 0
+        for index, raw in enumerate(raw_items):
+            if not (isinstance(raw, dict) and isinstance(raw.get("image"), str)):
+                continue
+            try:
+                image = open_image_header(fetched[index] if index in fetched else decode_inline_image(raw["image"]))
+            except ImageSourceError as error:
+                raise item_error(index, str(error), single) from None
+            width, height = image.size
+            if width * height > limit:
+                raise item_error(index, f"image of {width}x{height} px is over the limit of {limit} pixels", single)
+            pixels += width * height
+            tokens += self._image_tokens(index, image, single)
+            if pixels > s.max_request_pixels:
+                raise request_budget_error(index, single, f"the request's images come to {pixels} decoded pixels up "
+                                           f"to this one, over the per-request limit of {s.max_request_pixels} decoded "
+                                           "pixels (--max-request-pixels)")
+            if tokens > s.max_request_image_tokens:
+                raise request_budget_error(index, single, f"the request's images come to {tokens} image tokens up to "
+                                           f"this one, over the per-request limit of {s.max_request_image_tokens} "
+                                           "(--max-request-image-tokens)")
+            images[index] = image
+        return images
+
+    def _image_tokens(self, index: int, image: Any, single: bool) -> int:
+        """Image tokens an image of this size becomes, from the processor's own resize rule (header size only)."""
+        processor = self.model.processor
+        try:
+            limits = processor.pixel_limits(self.model.config)
+            t, h, w = processor.image_grid(SimpleNamespace(image=image, index=index), limits)  # reads .image.size only
+        except ValueError as error:
+            raise as_item_error(error, single) or item_error(index, str(error), single) from None
+        return t * h * w // processor.image_processor.merge_size**2
+
+    async def decode_images(self, images: dict[int, Any], single: bool) -> dict[int, Any]:
+        """Decode the request's images in the decode pool (bounded by ``decode_workers``), off the event loop."""
+        loop = asyncio.get_running_loop()
+        results = await asyncio.gather(*(loop.run_in_executor(self.decode_executor, decode_image, image)
+                                         for image in images.values()), return_exceptions=True)
+        for index, result in zip(images, results):
+            if isinstance(result, ImageSourceError):
+                raise item_error(index, str(result), single)
+            if isinstance(result, BaseException):
+                raise result
+        return dict(zip(images, results))
+
     def prepare_items(
-        self, raw_items: list[Any], fetched: dict[int, bytes], request: EmbeddingRequest,
+        self, raw_items: list[Any], images: dict[int, Any], request: EmbeddingRequest,
         adapter: tuple[bool, str | None], single: bool,
     ) -> tuple[list[dict], list[int]]:
         """Validate and tokenise a request's items (prep thread): encode-ready items and their token counts.
 
-        Every per-item problem surfaces here as a 400 naming the item, before the request can join a batch.
+        ``images`` holds the request's decoded images by item index. Every per-item problem surfaces here as
+        a 400 naming the item, before the request can join a batch.
         """
-        items = [self._item_for_processor(i, raw, fetched.get(i), adapter, single) for i, raw in enumerate(raw_items)]
+        items = [self._item_for_processor(i, raw, images.get(i), adapter, single) for i, raw in enumerate(raw_items)]
         processor, config = self.model.processor, self.model.config
         try:
             normalized = processor.normalize_items(items, task=request.task, instructions=request.instructions,
-                                                   config=config, max_image_pixels=self._max_image_pixels())
+                                                   config=config)
             self._check_adapters(normalized)
             low, high = processor.pixel_limits(config)
             tokenized = processor.tokenize_items(normalized, config=config, min_pixels=low, max_pixels=high,
@@ -232,19 +324,13 @@ class NovaServer:
         encode_items = [_encode_item(norm, prepared) for norm, prepared in zip(normalized, items)]
         return encode_items, [len(t) for t in tokenized]
 
-    def _max_image_pixels(self) -> int:
-        return self.settings.max_image_pixels or self.model.config.max_image_pixels
-
     def _item_for_processor(
-        self, index: int, raw: Any, fetched: bytes | None, adapter: tuple[bool, str | None], single: bool
+        self, index: int, raw: Any, image: Any, adapter: tuple[bool, str | None], single: bool
     ) -> dict:
-        """A wire item as the processor takes it: images as bytes or tensors, the request's adapter applied."""
+        """A wire item as the processor takes it: images decoded, embeds as tensors, the request's adapter applied."""
         item = {"text": raw} if isinstance(raw, str) else dict(raw)
-        if isinstance(item.get("image"), str):
-            try:
-                item["image"] = fetched if fetched is not None else decode_inline_image(item["image"])
-            except ImageSourceError as error:
-                raise item_error(index, str(error), single) from None
+        if image is not None:
+            item["image"] = image
         if item.get("image_embeds") is not None:
             item["image_embeds"], item["image_grid_thw"] = image_embeds_tensor(index, item, single)
         if adapter[0] and "adapter" not in item:
@@ -282,7 +368,9 @@ class NovaServer:
         ticket = self.admit()
         try:
             fetched = await self.fetch_image_urls(raw_items, single)
-            items, counts = await self.in_prep_thread(self.prepare_items, raw_items, fetched, request, adapter, single)
+            headers = await self.in_prep_thread(self.open_images, raw_items, fetched, single)
+            images = await self.decode_images(headers, single)
+            items, counts = await self.in_prep_thread(self.prepare_items, raw_items, images, request, adapter, single)
             job = Job(items, sum(counts), options.return_multivector, request.truncate)
             future = self.batcher.submit(job, ticket)
         finally:
@@ -291,7 +379,11 @@ class NovaServer:
             vectors = await future
         except Exception as error:  # noqa: BLE001 - mapped to 400/500 below
             raise self.encode_error(error, single) from None
-        body = await self.in_prep_thread(embedding_response, vectors, options, self.settings.model_name, sum(counts))
+        bad = first_non_finite(vectors)
+        if bad is not None:
+            raise non_finite_error(bad, items[bad], single)
+        echoed = request.model if request.model is not None else self.settings.model_name  # as vLLM: the name used
+        body = await self.in_prep_thread(embedding_response, vectors, options, echoed, sum(counts))
         self.metrics.observe_embedding(len(items), sum(counts), time.monotonic() - started)
         return body
 
@@ -320,9 +412,11 @@ class NovaServer:
                 await loop.run_in_executor(
                     self.encode_executor, functools.partial(self.model.load_adapter, str(folder), adapter_name=name)
                 )
-            except (ValueError, OSError) as error:
-                raise ApiError(400, f"could not load adapter {name!r}: {error}", param="lora_path",
-                               code="adapter_load_failed") from None
+            except Exception as error:  # noqa: BLE001 - corrupt files raise many types (SafetensorError, KeyError...)
+                if is_fatal_device_error(error):
+                    raise
+                raise ApiError(400, f"could not load adapter {name!r}: {type(error).__name__}: {error}",
+                               param="lora_path", code="adapter_load_failed") from None
         logger.info("loaded adapter %s from %s", name, folder)
         return {"status": "loaded", "lora_name": name, "adapters": self.adapters()}
 
@@ -353,6 +447,15 @@ class NovaServer:
             data += [{"id": name, **entry, "parent": self.settings.model_name} for name in self.custom_adapters()]
         return {"object": "list", "data": data}
 
+    def model_entry(self, model_id: str) -> dict:
+        """One entry of the model list (``GET /v1/models/{id}``); 404 for a name that is not served."""
+        for entry in self.models_listing()["data"]:
+            if entry["id"] == model_id:
+                return entry
+        raise ApiError(404, f"model {model_id!r} is not served here; available: "
+                            f"{[entry['id'] for entry in self.models_listing()['data']]}", param="model",
+                       code="model_not_found")
+
     def metrics_text(self) -> str:
         batcher = self.batcher
         return self.metrics.render(
@@ -368,6 +471,25 @@ class _ItemProblem(ValueError):
         super().__init__(f"item {index}: {problem}")
         self.index = index
         self.problem = problem
+
+
+def non_finite_error(index: int, item: dict, single: bool) -> ApiError:
+    """NaN or infinity in an output vector: never sent. Out-of-range ``image_embeds`` are the request's fault (400);
+    anything else is the model's (500, logged)."""
+    param = item_param(index, single)
+    if "image_embeds" in item:
+        return ApiError(400, f"{param}: 'image_embeds' values are out of range for the model: its vector came out "
+                             "non-finite (NaN or infinity)", param=param, code="invalid_input")
+    logger.error("encode() returned a non-finite vector for %s", param)
+    return ApiError(500, f"{param}: the model produced a non-finite vector (NaN or infinity) for this item; "
+                         "see the server log (a float16 overflow? try --dtype bfloat16)", param=param,
+                    code="non_finite_output")
+
+
+def request_budget_error(index: int, single: bool, problem: str) -> ApiError:
+    """A 413 naming the item at which the request went over one of its budgets."""
+    error = item_error(index, f"{problem}; send fewer or smaller images per request", single)
+    return ApiError(413, error.message, param=error.param, code="request_too_large")
 
 
 def is_fatal_device_error(error: BaseException) -> bool:
@@ -429,6 +551,40 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+class BodyReadTimeout:
+    """ASGI middleware: a request's whole body must arrive within ``timeout_s`` of the app's first read, or the
+    read fails with a 408 (uvicorn bounds neither the time nor the rate of a body, so one client trickling
+    bytes could hold a connection open for ever)."""
+
+    def __init__(self, app: Any, timeout_s: float):
+        self.app = app
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        deadline: float | None = None
+        complete = False
+
+        async def timed_receive() -> dict:
+            nonlocal deadline, complete
+            if complete:  # after the body, reads only wait for a disconnect: no deadline
+                return await receive()
+            loop = asyncio.get_running_loop()
+            deadline = deadline if deadline is not None else loop.time() + self.timeout_s
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except (asyncio.TimeoutError, TimeoutError):
+                raise ApiError(408, f"the request body did not arrive within {self.timeout_s:g} s "
+                                    "(--request-read-timeout)", code="request_timeout",
+                               headers={"Connection": "close"}) from None
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        await self.app(scope, timed_receive, send)
+
+
 class ResponseCounter:
     """ASGI middleware counting responses per (known) path and status for /metrics."""
 
@@ -441,6 +597,8 @@ class ResponseCounter:
             await self.app(scope, receive, send)
             return
         path = scope["path"] if scope["path"] in KNOWN_PATHS else "other"
+        if scope["path"].startswith("/v1/models/"):
+            path = "/v1/models/{id}"
 
         async def counting_send(message: dict) -> None:
             if message["type"] == "http.response.start":
@@ -457,6 +615,7 @@ def create_app(model: Any, settings: ServerSettings | None = None) -> FastAPI:
     app = FastAPI(title="nova-embeddings-v1", lifespan=server.lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.nova = server
     install_error_handlers(app)
+    app.add_middleware(BodyReadTimeout, timeout_s=settings.request_read_timeout_s)
     app.add_middleware(ResponseCounter, metrics=server.metrics)
 
     async def require_api_key(request: Request) -> None:
@@ -479,6 +638,10 @@ def create_app(model: Any, settings: ServerSettings | None = None) -> FastAPI:
     async def models() -> JSONResponse:
         return JSONResponse(server.models_listing())
 
+    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(require_api_key)])
+    async def model_entry(model_id: str) -> JSONResponse:
+        return JSONResponse(server.model_entry(model_id))
+
     @app.get("/metrics", dependencies=[Depends(require_api_key)])
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(server.metrics_text(), media_type="text/plain; version=0.0.4")
@@ -486,19 +649,22 @@ def create_app(model: Any, settings: ServerSettings | None = None) -> FastAPI:
     @app.post("/v1/embeddings", dependencies=[Depends(require_api_key)])
     async def embeddings(request: Request) -> Response:
         server.require_ready()
-        body = parse_body(await read_body(request, settings.max_request_bytes), EmbeddingRequest)
-        return Response(await server.embed(body), media_type="application/json")
+        with server.tracking():
+            body = parse_body(await read_body(request, settings.max_request_bytes), EmbeddingRequest)
+            return Response(await server.embed(body), media_type="application/json")
 
     @app.post("/v1/internal/lora/load", dependencies=[Depends(require_admin)])
     async def lora_load(request: Request) -> JSONResponse:
         server.require_ready()
-        body = parse_body(await read_body(request, ADMIN_BODY_BYTES), LoraLoadRequest)
-        return JSONResponse(await server.load_lora(body.lora_name, body.lora_path))
+        with server.tracking():
+            body = parse_body(await read_body(request, ADMIN_BODY_BYTES), LoraLoadRequest)
+            return JSONResponse(await server.load_lora(body.lora_name, body.lora_path))
 
     @app.post("/v1/internal/lora/unload", dependencies=[Depends(require_admin)])
     async def lora_unload(request: Request) -> JSONResponse:
         server.require_ready()
-        body = parse_body(await read_body(request, ADMIN_BODY_BYTES), LoraUnloadRequest)
-        return JSONResponse(await server.unload_lora(body.lora_name))
+        with server.tracking():
+            body = parse_body(await read_body(request, ADMIN_BODY_BYTES), LoraUnloadRequest)
+            return JSONResponse(await server.unload_lora(body.lora_name))
 
     return app

@@ -6,6 +6,10 @@ bytes itself first: a data URI or base64 is decoded; an http(s) URL is fetched o
 ``--allow-image-urls``, after its host resolves to public addresses only (unless private ones are
 allowed), by connecting to the checked address (no second lookup to rebind), with a timeout, a byte
 cap and no redirects. Anything else (a path, ``file://``) is refused.
+
+Image bytes are then opened here too, lazily: the header alone gives the size (for the server's budgets)
+before anything is decoded, and only the formats in ``ACCEPTED_FORMATS`` are tried, so PIL's other
+decoders (PostScript through Ghostscript, and the rest) are never reached from a request.
 """
 
 from __future__ import annotations
@@ -13,11 +17,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import io
 import ipaddress
 import socket
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
+from PIL import Image
+
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 
 
 class ImageSourceError(ValueError):
@@ -42,6 +50,28 @@ def decode_inline_image(source: str) -> bytes:
     except (binascii.Error, ValueError):
         raise ImageSourceError("'image' must be a data URI, a base64 string, or (with --allow-image-urls) an http(s) "
                                "URL; local paths are refused") from None
+
+
+def open_image_header(data: bytes) -> Image.Image:
+    """Open image bytes lazily: size and mode are read from the header; nothing is decoded yet."""
+    try:
+        return Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except Image.DecompressionBombError as error:
+        raise ImageSourceError(f"image is too large: {error}") from None
+    except Exception:  # noqa: BLE001 - PIL raises many types for bad headers; all mean "not an image we read"
+        raise ImageSourceError(f"unreadable image: not a {', '.join(ACCEPTED_FORMATS[:-1])} or "
+                               f"{ACCEPTED_FORMATS[-1]} file") from None
+
+
+def decode_image(image: Image.Image) -> Image.Image:
+    """Decode a lazily opened image (its first frame); the processor converts it to RGB afterwards."""
+    try:
+        image.load()
+    except MemoryError:
+        raise
+    except Exception as error:  # noqa: BLE001 - corrupt data surfaces as many types (OSError, SyntaxError...)
+        raise ImageSourceError(f"unreadable image: {error}") from None
+    return image
 
 
 def is_public_address(address: str) -> bool:

@@ -18,6 +18,10 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, Va
 
 from .errors import ApiError, item_error
 
+TOKEN_IDS_REFUSED = ("token-id input is not supported (the ids of another tokenizer would embed the wrong "
+                     "text); send the text. LangChain's OpenAIEmbeddings sends tiktoken ids by default: create it "
+                     "with check_embedding_ctx_length=False")
+MAX_JSON_DEPTH = 32  # the deepest valid body (image_embeds in an item in input) is 5 levels
 ITEM_STRING_KEYS = ("text", "task")  # must be strings when present
 ITEM_NULLABLE_KEYS = ("instructions", "adapter")  # strings, or null (adapter: null = the bare backbone)
 
@@ -67,8 +71,12 @@ def parse_body(body: bytes, schema: type[BaseModel]) -> Any:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ApiError(400, f"request body is not valid JSON: {error}", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, f"request body is nested too deeply (over {MAX_JSON_DEPTH} levels)",
+                       code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+    check_json_strings(data)
     try:
         return schema.model_validate(data)
     except ValidationError as error:
@@ -77,10 +85,54 @@ def parse_body(body: bytes, schema: type[BaseModel]) -> Any:
         raise ApiError(400, f"{param}: {first['msg']}", param=param, code="invalid_value") from None
 
 
+def check_json_strings(data: dict) -> None:
+    """Walk the parsed body once, without recursion: refuse nesting past ``MAX_JSON_DEPTH`` and strings (keys
+    too) holding a lone UTF-16 surrogate, which JSON's ``\\ud800`` escapes allow but no tokenizer or UTF-8
+    encoder takes."""
+    stack: list[tuple[Any, tuple]] = [(data, ())]
+    while stack:
+        value, path = stack.pop()
+        if len(path) > MAX_JSON_DEPTH:
+            raise ApiError(400, f"request body is nested too deeply (over {MAX_JSON_DEPTH} levels)", code="invalid_json")
+        if isinstance(value, str):
+            _check_unicode(value, path, data)
+        elif isinstance(value, dict):
+            for key, child in value.items():
+                _check_unicode(key, path + (key,), data)
+                stack.append((child, path + (key,)))
+        elif isinstance(value, list):
+            stack.extend((child, path + (index,)) for index, child in enumerate(value))
+
+
+def _check_unicode(text: str, path: tuple, data: dict) -> None:
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path).lstrip(".") or "body"
+        message = (f"{where.encode('ascii', 'backslashreplace').decode()}: contains a lone surrogate "
+                   f"({text[error.start]!a} at character {error.start}); text must be valid Unicode")
+        raise ApiError(400, message, param=_param_of(path, data), code="invalid_unicode") from None
+
+
+def _param_of(path: tuple, data: dict) -> str | None:
+    """The ``param`` of a problem at ``path``: the item (``input`` / ``input[i]``) or the top-level field."""
+    if not path or not isinstance(path[0], str) or not path[0].isascii():
+        return None
+    if path[0] == "input" and isinstance(data.get("input"), list) and len(path) > 1:
+        return f"input[{path[1]}]"
+    if path[0] == "input" and isinstance(data.get("input"), dict):
+        return "input[0]"
+    return path[0]
+
+
 def request_items(request: EmbeddingRequest, max_items: int) -> tuple[list[Any], bool]:
     """The request's items as a list (a lone string or object is one item), and whether input was a lone string."""
     raw = request.input
     single = isinstance(raw, str)
+    if isinstance(raw, list) and raw and all(type(v) is int for v in raw):
+        raise ApiError(400, f"input: {TOKEN_IDS_REFUSED}", param="input", code="invalid_input")
     items = [raw] if isinstance(raw, (str, dict)) else raw
     if not isinstance(items, list):
         raise ApiError(400, "input must be a string, an object, or a list of them", param="input", code="invalid_value")
@@ -97,7 +149,7 @@ def request_items(request: EmbeddingRequest, max_items: int) -> tuple[list[Any],
 def check_item_types(index: int, item: Any, single: bool) -> None:
     """JSON types the processor cannot be handed (token ids, numbers, lists as task names...)."""
     if isinstance(item, list) and all(isinstance(v, int) for v in item):
-        raise item_error(index, "token-id input is not supported; send the text", single)
+        raise item_error(index, TOKEN_IDS_REFUSED, single)
     if not isinstance(item, (str, dict)):
         raise item_error(index, f"expected a string or an object, got {_json_type(item)}", single)
     if isinstance(item, str):
@@ -129,6 +181,11 @@ def image_embeds_tensor(index: int, item: dict, single: bool) -> tuple[torch.Ten
         raise item_error(index, "'image_embeds' must be a [tokens, hidden] array of numbers", single) from None
     if embeds.dim() != 2:
         raise item_error(index, f"'image_embeds' must be 2-D [tokens, hidden], got shape {list(embeds.shape)}", single)
+    finite = torch.isfinite(embeds)
+    if not finite.all():
+        row, column = (int(v) for v in (~finite).nonzero()[0])
+        raise item_error(index, f"'image_embeds' is not finite at [{row}][{column}] ({embeds[row, column].item()}); "
+                                "NaN, Infinity and numbers beyond float32's range are refused", single)
     return embeds, grid
 
 
@@ -152,19 +209,34 @@ def finish_vectors(vectors: torch.Tensor | list[torch.Tensor], options: OutputOp
 
 
 def encode_vector(vector: torch.Tensor, encoding_format: str) -> list | str:
-    """float: nested JSON lists; base64: little-endian float32 bytes, row-major (multi vectors: reshape to
-    [-1, 128])."""
+    """float: nested JSON lists; base64: little-endian float32 bytes, row-major (multi vectors: reshape to the
+    entry's ``shape``)."""
     if encoding_format == "base64":
         return base64.b64encode(np.ascontiguousarray(vector.numpy(), dtype="<f4").tobytes()).decode("ascii")
     return vector.tolist()
+
+
+def embedding_entry(index: int, vector: torch.Tensor, options: OutputOptions) -> dict:
+    """OpenAI's embedding object; a multi vector also carries its ``shape`` [tokens, dim], to reshape base64 bytes."""
+    entry = {"object": "embedding", "index": index, "embedding": encode_vector(vector, options.encoding_format)}
+    if options.return_multivector:
+        entry["shape"] = list(vector.shape)
+    return entry
 
 
 def embedding_response(
     vectors: torch.Tensor | list[torch.Tensor], options: OutputOptions, model_name: str, prompt_tokens: int
 ) -> bytes:
     """The OpenAI response body, serialised (done off the event loop: large float lists are slow to write)."""
-    data = [{"object": "embedding", "index": index, "embedding": encode_vector(vector, options.encoding_format)}
-            for index, vector in enumerate(finish_vectors(vectors, options))]
+    data = [embedding_entry(index, vector, options) for index, vector in enumerate(finish_vectors(vectors, options))]
     body = {"object": "list", "data": data, "model": model_name,
             "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
-    return json.dumps(body, separators=(",", ":")).encode("utf-8")
+    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def first_non_finite(vectors: torch.Tensor | list[torch.Tensor]) -> int | None:
+    """Index of the first vector holding NaN or infinity (never sent: JSON has no such numbers), else None."""
+    for index, vector in enumerate(vectors):
+        if not torch.isfinite(vector).all():
+            return index
+    return None

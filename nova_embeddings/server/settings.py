@@ -21,7 +21,14 @@ class ServerSettings:
     max_loras: custom adapters loaded at once (task adapters do not count).
     allow_image_urls / allow_private_image_urls: fetch http(s) image URLs / also private addresses.
     image_url_timeout_s / image_url_max_bytes: limits of one image download.
-    max_image_pixels: decoded images above this are refused (None: the model config's).
+    max_image_pixels: decoded images above this are refused (None: the model config's). The server sets the
+        model config's ``max_image_pixels`` to it while serving, so that ``encode()`` checks the same limit.
+    max_request_pixels / max_request_image_tokens: budget of one request's images, in decoded pixels and in
+        image tokens, checked from the image headers before anything is decoded (413 past it).
+    decode_workers: threads that decode images, apart from the preprocessing threads, so that text requests
+        never wait behind a large image.
+    request_read_timeout_s: time allowed to receive a request's body (408 past it): a slow client cannot hold
+        a connection and its buffers forever.
     default_multivector: ``return_multivector`` of requests that do not say.
     preprocess_workers: threads that decode images, tokenise and format responses. One by default: on a
         full-size model on an H100, two busy tokenising threads slowed the encode thread's batches 2.8x
@@ -43,6 +50,10 @@ class ServerSettings:
     image_url_timeout_s: float = 10.0
     image_url_max_bytes: int = 20 * MIB
     max_image_pixels: int | None = None
+    max_request_pixels: int = 100_000_000
+    max_request_image_tokens: int = 65536
+    decode_workers: int = 2
+    request_read_timeout_s: float = 60.0
     default_multivector: bool = False
     preprocess_workers: int = 1
 
@@ -50,7 +61,8 @@ class ServerSettings:
         if not self.served_model_names:
             raise ValueError("served_model_names must name at least one model")
         positive = ("max_batch_tokens", "max_batch_items", "max_queue_requests", "max_items_per_request",
-                    "max_request_bytes", "image_url_timeout_s", "image_url_max_bytes", "preprocess_workers")
+                    "max_request_bytes", "image_url_timeout_s", "image_url_max_bytes", "preprocess_workers",
+                    "max_request_pixels", "max_request_image_tokens", "decode_workers", "request_read_timeout_s")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
