@@ -31,6 +31,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLPreTrai
 
 from .configuration_nova_embeddings_v1 import NovaEmbeddingsV1Config
 from .processing_nova_embeddings_v1 import TASK_ADAPTER, EmbeddingItem, ItemError, NovaEmbeddingsV1Processor, TokenizedItem
+from .vision_nova_embeddings_v1 import fast_vision_tower
 
 OUTPUT_FORMATS = ("torch", "numpy", "list", "base64")
 # transformers routes attention through its AttentionInterface registry; the name contains "flash" so that the
@@ -72,6 +73,7 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         self.adapter_batching = "group"  # "group": one adapter per batch; "mixed": PEFT mixed-adapter batches
         self.attention_packing = "auto"  # "auto": packed variable-length attention on CUDA in half precision; "on"; "off"
         self.adapter_merging = "auto"  # "auto": merge a batch group's adapter into the weights on CUDA when it pays; "on"; "off"
+        self.fast_vision = True  # vision tower through FastVisionTower (same result, cached grid tables); False: stock
         self._route: tuple | None = None  # current LoRA layer state: ("base",), ("active", name), ("merged", name), ("mixed",)
         self._merge_backup: dict = {}
         self.post_init()
@@ -281,11 +283,12 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
     def vision_tower(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor) -> list[torch.Tensor]:
         """Run the vision tower; one (image_tokens, hidden) tensor per image."""
         visual = self.model.visual
+        tower = fast_vision_tower(visual) if self.fast_vision else visual
         if self.use_packed_attention():  # one varlen call per layer instead of one attention call per window
             with self._attention_implementation(visual, PACKED_ATTENTION):
-                merged = visual(pixel_values.to(visual.dtype), grid_thw=image_grid_thw).pooler_output
+                merged = tower(pixel_values.to(visual.dtype), grid_thw=image_grid_thw).pooler_output
         else:
-            merged = visual(pixel_values.to(visual.dtype), grid_thw=image_grid_thw).pooler_output
+            merged = tower(pixel_values.to(visual.dtype), grid_thw=image_grid_thw).pooler_output
         sizes = (image_grid_thw.prod(-1) // visual.spatial_merge_size**2).tolist()
         return list(torch.split(merged, sizes))
 
