@@ -115,7 +115,8 @@ class FastVisionTower:
             if tables is not None:
                 self._tables.move_to_end(key)
                 return tables
-        tables = self.build_tables(grids, torch.device(device))
+        with torch.inference_mode(False):  # ordinary tensors: a cache filled under inference mode serves autograd too
+            tables = self.build_tables(grids, torch.device(device))
         with self._lock:
             self._tables[key] = tables
             while len(self._tables) > self.cache_size:

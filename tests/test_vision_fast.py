@@ -126,6 +126,19 @@ def test_windows_matter_in_these_tests(vision, visual):
 
 
 # ---------------------------------------------------------------------- tables, attention calls, compilation
+def test_tables_cached_under_inference_mode_serve_training(vision):
+    """encode fills the cache under inference mode; a later forward with gradients must still work."""
+    torch.manual_seed(2)
+    visual = Qwen2_5_VisionTransformerPretrainedModel._from_config(Qwen2_5_VLConfig(vision_config=WIDE_VISION).vision_config)
+    tower = vision.FastVisionTower(visual)
+    pixels, grid_thw = random_pixels(visual, MIXED_SIZES)
+    with torch.inference_mode():
+        tower(pixels, grid_thw=grid_thw)
+    tower(pixels, grid_thw=grid_thw).pooler_output.square().sum().backward()
+    assert visual.patch_embed.proj.weight.grad is not None
+    assert tower.cached_grids() == [tuple(MIXED_SIZES)]
+
+
 def test_tables_are_built_once_per_grid_tuple(vision, wide_visual, monkeypatch):
     tower = vision.FastVisionTower(wide_visual, cache_size=2)
     builds = []
@@ -214,3 +227,12 @@ def test_encode_of_images_is_unchanged(model, vision, packing):
     for got, expected in zip(fast_features, stock_features):
         torch.testing.assert_close(got["image_embeds"], expected["image_embeds"], atol=ATOL, rtol=0)
         assert torch.equal(got["image_grid_thw"], expected["image_grid_thw"])
+
+
+def test_benchmark_vision_runs_and_agrees(model):
+    """scripts/bench_vision.py's function on the tiny model (no timing asserted: the GPU run is what it is for)."""
+    from scripts.bench_vision import acceptable, benchmark_vision
+
+    rows = benchmark_vision(model, 3, "56x84,112x56", warmup=1, repeats=1)
+    assert [row["attention"] for row in rows] == ["packed", "sdpa"]
+    assert all(acceptable(row) and row["stock_ms"] > 0 and row["fast_ms"] > 0 for row in rows), rows
