@@ -84,6 +84,9 @@ class FastVisionTower:
         stock), pooler_output the merged features in processor order: (merged_tokens, out_hidden)."""
         visual = self.visual
         tables = self.tables(grid_thw, pixel_values.device)
+        if pixel_values.shape[0] != tables.patch_order.numel():
+            raise ValueError(f"pixel_values has {pixel_values.shape[0]} patch rows but grid_thw "
+                             f"{grid_thw.tolist()} describes {tables.patch_order.numel()}")
         hidden = self.embed_patches(pixel_values)[tables.patch_order]  # (patches, hidden), window order
         flash = is_flash_attention_requested(visual.config)
         windowed = (tables.cu_window_seqlens if flash else tables.cu_window_seqlens_host, tables.max_window_seqlen)

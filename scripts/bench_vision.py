@@ -7,7 +7,7 @@ are random pixel rows for pages of the given sizes (768 image tokens each by def
 no processor time is included. Each attention mode is timed for both paths: "packed" is the model's CUDA
 path (``nova_flash_varlen``: one varlen call per layer), "sdpa" the per-window SDPA path.
 
-Usage (repository root; results also go to $OUT/bench_vision.json when $OUT is set):
+Usage (repository root; results also go to $OUT/bench_vision[_compile].json when $OUT is set):
     python scripts/bench_vision.py [--images 16] [--size 896x672[,1008x588,...]] [--repeats 10] [--compile]
     python scripts/bench_vision.py --tiny --device cpu --dtype float32      # seconds on a CPU (proves it runs)
 
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = benchmark_vision(model, args.images, args.size, attentions=args.attention, warmup=args.warmup,
                             repeats=args.repeats)
     if os.environ.get("OUT"):
-        path = Path(os.environ["OUT"]) / "bench_vision.json"
+        path = Path(os.environ["OUT"]) / ("bench_vision_compile.json" if args.compile else "bench_vision.json")
         path.write_text(json.dumps({"compile": args.compile, "device": str(device), "rows": rows}, indent=2))
         print(f"results written to {path}")
     bad = [row["attention"] for row in rows if not acceptable(row)]

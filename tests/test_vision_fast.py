@@ -117,6 +117,12 @@ def test_fast_tower_equals_stock(vision, visual, attn, grids):
     torch.testing.assert_close(got.last_hidden_state, expected.last_hidden_state, atol=ATOL, rtol=0)
 
 
+def test_pixel_rows_must_match_the_grids(vision, wide_visual):
+    pixels, grid_thw = random_pixels(wide_visual, MIXED_SIZES)
+    with pytest.raises(ValueError, match=f"{pixels.shape[0] + 4} patch rows but grid_thw .* describes {pixels.shape[0]}"):
+        vision.FastVisionTower(wide_visual)(torch.cat([pixels, pixels[:4]]), grid_thw=grid_thw)
+
+
 def test_windows_matter_in_these_tests(vision, visual):
     """The grids above span several windows per image, so a wrong window order could not pass unnoticed."""
     tables = vision.FastVisionTower(visual).tables(torch.tensor(MIXED_SIZES), torch.device("cpu"))
@@ -206,6 +212,12 @@ def test_blocks_compile_without_graph_breaks(vision, wide_visual):
 
 
 # ---------------------------------------------------------------------- the model uses it
+def test_without_transformers_grid_helpers_the_stock_tower_is_used(vision, wide_visual, monkeypatch):
+    monkeypatch.setattr(vision, "FAST_VISION_AVAILABLE", False)
+    with pytest.warns(UserWarning, match="stock vision tower"):
+        assert vision.fast_vision_tower(wide_visual) is wide_visual
+
+
 @pytest.mark.parametrize("packing", ["off", "on"])
 def test_encode_of_images_is_unchanged(model, vision, packing):
     images = [{"image": make_image(11)}, {"image": make_image(12, width=200, height=50)},
