@@ -34,6 +34,7 @@ from .adapters_nova_embeddings_v1 import (
 )
 from .configuration_nova_embeddings_v1 import NovaEmbeddingsV1Config
 from .processing_nova_embeddings_v1 import TASK_ADAPTER, EmbeddingItem, ItemError, NovaEmbeddingsV1Processor, TokenizedItem
+from .vision_nova_embeddings_v1 import fast_vision_tower
 
 OUTPUT_FORMATS = ("torch", "numpy", "list", "base64")
 # transformers routes attention through its AttentionInterface registry; the name contains "flash" so that the
@@ -74,6 +75,7 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         self._dropout_pinned = False  # True while encode holds every module in eval mode
         self.compile_blocks = "auto"  # "auto": torch.compile the blocks on CUDA in half precision; "on"; "off"
         self._compiled = False
+        self.fast_vision = True  # vision tower through FastVisionTower (same result, cached grid tables); False: stock
         self.post_init()
 
     @classmethod
@@ -314,11 +316,12 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
     def vision_tower(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor) -> list[torch.Tensor]:
         """Run the vision tower; one (image_tokens, hidden) tensor per image."""
         visual = self.model.visual
+        tower = fast_vision_tower(visual) if self.fast_vision else visual
         if self.use_packed_attention():  # one varlen call per layer instead of one attention call per window
             with self._attention_implementation(visual, PACKED_ATTENTION):
-                merged = visual(pixel_values.to(visual.dtype), grid_thw=image_grid_thw).pooler_output
+                merged = tower(pixel_values.to(visual.dtype), grid_thw=image_grid_thw).pooler_output
         else:
-            merged = visual(pixel_values.to(visual.dtype), grid_thw=image_grid_thw).pooler_output
+            merged = tower(pixel_values.to(visual.dtype), grid_thw=image_grid_thw).pooler_output
         sizes = (image_grid_thw.prod(-1) // visual.spatial_merge_size**2).tolist()
         return list(torch.split(merged, sizes))
 

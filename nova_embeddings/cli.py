@@ -35,6 +35,7 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand("train", "nova_embeddings.train", "train a LoRA adapter with a contrastive loss"),
     Subcommand("evaluate", "nova_embeddings.evaluate", "score retrieval on a BEIR-style folder (nDCG, MRR, recall)"),
     Subcommand("bench", "nova_embeddings.bench.benchmark", "benchmark encode() against jina's reference path"),
+    Subcommand("bench-vision", "nova_embeddings.bench.vision", "time the fast vision tower against the stock one"),
     Subcommand("load-test", "nova_embeddings.bench.load_test", "load test of the embeddings server (loopback only)"),
     Subcommand("demo", "nova_embeddings.demo", "encode mixed items and show what comes back"),
     Subcommand("tiny", "nova_embeddings.tiny", "write a tiny random-weight checkpoint in jina's layout"),
