@@ -83,6 +83,7 @@ def load_model(spec: str | None, device: str, dtype: str, workdir: Path) -> tupl
     if spec == "random-full":
         resolved = resolve_device(device)
         model = random_full_size_model(tiny, resolved, resolve_dtype(dtype, resolved))
+        print(f"warm-up (compilation, as the server does at start-up): {model.warmup():.1f} s", flush=True)
         return model, "random-full (Qwen2.5-VL-3B size)"
     return load_repository(tiny, device=device, dtype=dtype), "tiny"
 

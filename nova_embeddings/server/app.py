@@ -92,7 +92,12 @@ class NovaServer:
 
     async def _load(self) -> None:
         try:
-            model = await asyncio.get_running_loop().run_in_executor(self.encode_executor, self._loader)
+            loop = asyncio.get_running_loop()
+            model = await loop.run_in_executor(self.encode_executor, self._loader)
+            warmup = getattr(model, "warmup", None)
+            if warmup is not None:  # compile and pick kernels now, not in the first user's request
+                seconds = await loop.run_in_executor(self.encode_executor, warmup)
+                logger.info("warm-up took %.1f s", seconds)
         except Exception:  # noqa: BLE001 - reported by /health and the log; the process stays up to say so
             logger.exception("model loading failed")
             self.phase = "failed"
