@@ -159,7 +159,7 @@ def test_torchrun_two_processes_equal_one(corpus, tiny_nova_dir, one_process, tm
            "OMP_NUM_THREADS": "1"}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(name, None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "nova_embeddings.corpus", str(base / "rows.jsonl"), "--model", str(tiny_nova_dir),
                "--output-dir", str(tmp_path), "--vectors", "both", "--shard-size", str(SHARD_SIZE), "--device", "cpu"]
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
