@@ -20,356 +20,44 @@ same encoding inside Ray Data's ``map_batches``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import heapq
 import json
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
-import numpy as np
 import torch
+from tqdm.auto import tqdm
+
+from nova_embeddings.corpus_encode import (
+    DTYPES,
+    VECTOR_KINDS,
+    EncodeSettings,
+    check_settings,
+    encode_items,
+    load_model,
+    output_dims,
+    resolve_dtype,
+    vector_column,
+)
+from nova_embeddings.corpus_input import CorpusError, CorpusIndex, read_rows, row_item, scan_corpus
 
 try:
     import pyarrow as pa
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 except ImportError as _error:  # pragma: no cover - depends on the environment
     raise ImportError("encode-corpus needs pyarrow: pip install 'pyarrow>=14' (the corpus extra)") from _error
 
 LOG = logging.getLogger("nova_embeddings.corpus")
 
-ITEM_FIELDS = ("text", "image", "task", "instructions", "adapter")  # row fields handed to encode()
-VECTOR_KINDS = ("single", "multi", "both")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-IMAGE_COST_CHARS = 3072  # balance estimate: an image at the default pixel cap is ~768 tokens, ~4 characters each
 FORMAT = "nova-corpus-v1"
 SHARD_DIR, MANIFEST, ERRORS = "shards", "manifest.json", "errors.jsonl"
 META_HASH, META_ERRORS = b"nova.shard_hash", b"nova.errors"
-
-
-class CorpusError(ValueError):
-    """Bad input or output state; the message names the file, line and row id where there is one."""
-
-
-# ---------------------------------------------------------------------- settings
-@dataclass(frozen=True)
-class EncodeSettings:
-    """What every row is encoded with: defaults a row may override (task, instructions, adapter) and the call's knobs."""
-
-    vectors: str = "single"
-    dimensions: int | None = None
-    task: str | None = None
-    instructions: str | None = None
-    adapter: str | None = None  # a loaded adapter's name; None: each item's task adapter
-    bare_backbone: bool = False  # True: items that name no adapter run on the backbone alone
-    batch_size: int = 64
-    max_batch_tokens: int = 32768
-    truncate: bool = False
-    min_pixels: int | None = None
-    max_pixels: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.vectors not in VECTOR_KINDS:
-            raise ValueError(f"vectors must be one of {VECTOR_KINDS}, got {self.vectors!r}")
-        if self.adapter is not None and self.bare_backbone:
-            raise ValueError("give an adapter name or bare_backbone=True, not both")
-        if self.dimensions is not None and self.vectors == "multi":
-            raise ValueError("dimensions applies to single vectors; it cannot be used with vectors='multi'")
-
-    @property
-    def kinds(self) -> list[str]:
-        """Output columns in the order they are computed."""
-        return {"single": ["vector"], "multi": ["multi_vector"], "both": ["vector", "multi_vector"]}[self.vectors]
-
-    def encode_kwargs(self, column: str) -> dict[str, Any]:
-        """Keyword arguments of ``model.encode`` for one output column."""
-        kwargs: dict[str, Any] = {
-            "task": self.task, "instructions": self.instructions, "return_multivector": column == "multi_vector",
-            "batch_size": self.batch_size, "max_batch_tokens": self.max_batch_tokens, "truncate": self.truncate,
-            "min_pixels": self.min_pixels, "max_pixels": self.max_pixels, "output": "numpy", "show_progress_bar": False,
-        }
-        if column == "vector":
-            kwargs["dimensions"] = self.dimensions
-        if self.bare_backbone:
-            kwargs["adapter"] = None
-        elif self.adapter is not None:
-            kwargs["adapter"] = self.adapter
-        return kwargs
-
-
-def output_dims(model: Any, settings: EncodeSettings) -> dict[str, int]:
-    """Width of each output column, from the model's config (also needed for shards without a good row)."""
-    dims = {"vector": settings.dimensions or model.config.embedding_dim,
-            "multi_vector": model.config.multi_vector_projector_dim}
-    return {column: dims[column] for column in settings.kinds}
-
-
-def check_settings(model: Any, settings: EncodeSettings) -> None:
-    """Call-level mistakes fail once, up front, instead of as an error on every row."""
-    if settings.adapter is not None and settings.adapter not in model.list_adapters():
-        raise CorpusError(f"unknown adapter {settings.adapter!r}; loaded adapters: {model.list_adapters()}")
-    if settings.dimensions is not None and settings.dimensions not in model.config.matryoshka_dims:
-        raise CorpusError(f"--dimensions {settings.dimensions} is not allowed; choose one of {model.config.matryoshka_dims}")
-
-
-# ---------------------------------------------------------------------- encoding rows (shared with Ray)
-def item_error_index(error: BaseException) -> int | None:
-    """The item index of the processor's ``ItemError`` (duck-typed: remote code may load its own copy of the class)."""
-    index = getattr(error, "index", None)
-    return index if isinstance(error, ValueError) and isinstance(index, int) else None
-
-
-def encode_items(
-    model: Any, items: list[dict], settings: EncodeSettings, on_bad_item: Callable[[int, str], None]
-) -> tuple[list[int], dict[str, Any]]:
-    """Encode items with ``model.encode``; returns (indices of the good items, column -> their vectors).
-
-    A bad item raises ``ItemError`` before any GPU work; ``on_bad_item(index, problem)`` either raises (the
-    default behaviour of the CLI) or records it, and the call is repeated without that item, so the good
-    items are encoded together exactly as they would be without the bad one.
-    """
-    alive = list(range(len(items)))
-    while alive:
-        batch = [items[i] for i in alive]
-        try:
-            return alive, {column: model.encode(batch, **settings.encode_kwargs(column)) for column in settings.kinds}
-        except ValueError as error:
-            position = item_error_index(error)
-            if position is None or not 0 <= position < len(alive):
-                raise
-            on_bad_item(alive[position], getattr(error, "problem", str(error)))
-            del alive[position]
-    return [], {column: [] for column in settings.kinds}
-
-
-def vector_column(column: str, vectors: Any, dim: int, valid: Sequence[bool] | None = None) -> pa.Array:
-    """Arrow column of single vectors (fixed_size_list<float32>[dim]) or multi vectors (list of those).
-
-    ``vectors`` has one entry per valid row; invalid rows (``valid`` False) become nulls.
-    """
-    valid = [True] * len(vectors) if valid is None else list(valid)
-    mask = pa.array([not v for v in valid], pa.bool_()) if not all(valid) else None
-    source = iter(vectors)
-    if column == "vector":
-        rows = [np.asarray(next(source), np.float32) if ok else np.zeros(dim, np.float32) for ok in valid]
-        flat = np.concatenate(rows) if rows else np.zeros(0, np.float32)
-        return pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), dim, mask=mask)
-    rows = [np.asarray(next(source), np.float32).reshape(-1, dim) if ok else np.zeros((0, dim), np.float32) for ok in valid]
-    offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int32)
-    flat = np.concatenate(rows).reshape(-1) if rows else np.zeros(0, np.float32)
-    tokens = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), dim)
-    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), tokens, mask=mask)
-
-
-def row_item(row: dict, image_root: Path | None) -> dict:
-    """The encode() item of an input row: its item fields, nulls meaning "not given", images resolved."""
-    item = {key: row[key] for key in ITEM_FIELDS if row.get(key) is not None}
-    if image_root is not None and "image" in item:
-        item["image"] = resolve_image(item["image"], image_root)
-    return item
-
-
-def resolve_image(value: Any, base_dir: Path) -> Any:
-    """A relative image path is taken relative to the data file's folder; URLs, base64 and absolute paths pass."""
-    if not isinstance(value, str) or value.startswith(("http://", "https://", "data:")) or os.path.isabs(value):
-        return value
-    candidate = base_dir / value
-    try:
-        return str(candidate) if candidate.is_file() else value
-    except OSError:  # e.g. a base64 string longer than a file name may be
-        return value
-
-
-# ---------------------------------------------------------------------- input: scan and read
-@dataclass
-class CorpusIndex:
-    """Every input row's id and where it is, plus what the plan needs: length estimates and per-shard fingerprints."""
-
-    files: list[Path]
-    shard_size: int
-    ids: list[Any] = field(default_factory=list)
-    file_of: list[int] = field(default_factory=list)
-    position: list[int] = field(default_factory=list)  # JSONL: byte offset of the line; Parquet: row number
-    line: list[int] = field(default_factory=list)  # JSONL: 1-based line number; Parquet: 0-based row number
-    cost: list[int] = field(default_factory=list)
-    _hashers: list[Any] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @property
-    def n_shards(self) -> int:
-        return -(-len(self) // self.shard_size)
-
-    def shard_rows(self, shard: int) -> range:
-        return range(shard * self.shard_size, min((shard + 1) * self.shard_size, len(self)))
-
-    def shard_cost(self, shard: int) -> int:
-        return sum(self.cost[i] for i in self.shard_rows(shard))
-
-    def shard_fingerprint(self, shard: int) -> str:
-        return self._hashers[shard].hexdigest()
-
-    def where(self, row: int) -> str:
-        unit = "line" if is_jsonl(self.files[self.file_of[row]]) else "row"
-        return f"{self.files[self.file_of[row]]} {unit} {self.line[row]}"
-
-    def describe(self, row: int) -> str:
-        return f"row id {self.ids[row]!r} ({self.where(row)})"
-
-    def add(self, file_index: int, position: int, line: int, row_id: Any, cost: int, content: bytes) -> None:
-        """Record one row (ids are checked later, all at once)."""
-        row = len(self.ids)
-        if row % self.shard_size == 0:
-            self._hashers.append(hashlib.sha256())
-        self._hashers[-1].update(len(content).to_bytes(8, "little") + content)
-        self.ids.append(row_id)
-        self.file_of.append(file_index)
-        self.position.append(position)
-        self.line.append(line)
-        self.cost.append(cost)
-
-
-def is_jsonl(path: Path) -> bool:
-    return path.suffix.lower() in (".jsonl", ".ndjson", ".json")
-
-
-def input_format(path: Path) -> str:
-    if is_jsonl(path):
-        return "jsonl"
-    if path.suffix.lower() in (".parquet", ".pq"):
-        return "parquet"
-    raise CorpusError(f"{path}: unknown input format (use .jsonl/.ndjson/.json lines or .parquet)")
-
-
-def row_cost(text: Any, has_image: bool) -> int:
-    """Length estimate used to balance shards across ranks: characters, plus a constant per image."""
-    return (len(text) if isinstance(text, str) else 0) + (IMAGE_COST_CHARS if has_image else 0)
-
-
-def scan_corpus(files: Sequence[Path], shard_size: int) -> CorpusIndex:
-    """Read every input once: ids, positions, length estimates, shard fingerprints; checks ids."""
-    if shard_size < 1:
-        raise CorpusError(f"--shard-size must be positive, got {shard_size}")
-    index = CorpusIndex(files=[Path(f) for f in files], shard_size=shard_size)
-    for file_index, path in enumerate(index.files):
-        if not path.is_file():
-            raise CorpusError(f"input file {path} does not exist")
-        scan = scan_jsonl if input_format(path) == "jsonl" else scan_parquet
-        scan(index, file_index, path)
-    if not len(index):
-        raise CorpusError(f"no rows in {', '.join(map(str, files))}")
-    check_ids(index)
-    return index
-
-
-def scan_jsonl(index: CorpusIndex, file_index: int, path: Path) -> None:
-    with open(path, "rb") as handle:
-        offset = 0
-        for number, raw in enumerate(handle, start=1):
-            start, offset = offset, offset + len(raw)
-            if not raw.strip():
-                continue
-            row = parse_json_row(raw, path, number)
-            index.add(file_index, start, number, row.get("id"), row_cost(row.get("text"), row.get("image") is not None),
-                      raw.rstrip(b"\r\n"))
-
-
-def parse_json_row(raw: bytes, path: Path, number: int) -> dict:
-    try:
-        row = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CorpusError(f"{path} line {number}: invalid JSON: {error}") from None
-    if not isinstance(row, dict):
-        raise CorpusError(f"{path} line {number}: expected a JSON object with an 'id', got {type(row).__name__}")
-    return row
-
-
-def parquet_columns(path: Path) -> list[str]:
-    names = pq.ParquetFile(path).schema_arrow.names
-    if "id" not in names:
-        raise CorpusError(f"{path}: no 'id' column (columns: {names})")
-    return ["id"] + [name for name in ITEM_FIELDS if name in names]
-
-
-def scan_parquet(index: CorpusIndex, file_index: int, path: Path) -> None:
-    columns = parquet_columns(path)
-    number = 0
-    for batch in pq.ParquetFile(path).iter_batches(columns=columns, batch_size=8192):
-        values = {name: batch.column(name).to_pylist() for name in columns}
-        for i in range(batch.num_rows):
-            row = {name: values[name][i] for name in columns}
-            content = repr(tuple(row.values())).encode()
-            index.add(file_index, number, number, row["id"], row_cost(row.get("text"), row.get("image") is not None), content)
-            number += 1
-
-
-def check_ids(index: CorpusIndex) -> None:
-    """Every row has an id, all str or all int, and no id appears twice."""
-    first_seen: dict[Any, int] = {}
-    kind = None
-    for row, row_id in enumerate(index.ids):
-        if row_id is None:
-            raise CorpusError(f"{index.where(row)}: the row has no 'id'")
-        if isinstance(row_id, bool) or not isinstance(row_id, (str, int)):
-            raise CorpusError(f"{index.where(row)}: 'id' must be a string or an integer, got {type(row_id).__name__}")
-        if kind is None:
-            kind = type(row_id)
-        elif not isinstance(row_id, kind):
-            raise CorpusError(f"{index.where(row)}: id {row_id!r} is a {type(row_id).__name__}, but earlier ids are "
-                              f"{kind.__name__}s; use one type for all ids")
-        if row_id in first_seen:
-            raise CorpusError(f"duplicate id {row_id!r}: {index.where(first_seen[row_id])} and {index.where(row)}")
-        first_seen[row_id] = row
-
-
-def read_rows(index: CorpusIndex, rows: range) -> list[dict]:
-    """The input rows ``rows`` (as dicts), read again from their files."""
-    result: list[dict] = []
-    start = rows.start
-    while start < rows.stop:
-        file_index = index.file_of[start]
-        stop = start
-        while stop < rows.stop and index.file_of[stop] == file_index:
-            stop += 1
-        path = index.files[file_index]
-        if input_format(path) == "jsonl":
-            result.extend(read_jsonl_rows(path, [(index.position[i], index.line[i]) for i in range(start, stop)]))
-        else:
-            result.extend(read_parquet_rows(path, index.position[start], stop - start))
-        start = stop
-    return result
-
-
-def read_jsonl_rows(path: Path, lines: list[tuple[int, int]]) -> list[dict]:
-    """The JSONL rows at these (byte offset, line number) places."""
-    rows = []
-    with open(path, "rb") as handle:
-        for offset, number in lines:
-            handle.seek(offset)
-            rows.append(parse_json_row(handle.readline(), path, number))
-    return rows
-
-
-def read_parquet_rows(path: Path, first: int, count: int) -> list[dict]:
-    """Rows [first, first + count) of a Parquet file, reading only the row groups that hold them."""
-    parquet = pq.ParquetFile(path)
-    columns = parquet_columns(path)
-    groups, group_start, skip = [], 0, None
-    for group in range(parquet.num_row_groups):
-        group_rows = parquet.metadata.row_group(group).num_rows
-        if group_start + group_rows > first and group_start < first + count:
-            groups.append(group)
-            skip = first - group_start if skip is None else skip
-        group_start += group_rows
-    table = parquet.read_row_groups(groups, columns=columns)
-    return table.slice(skip or 0, count).to_pylist()
 
 
 # ---------------------------------------------------------------------- distribution
@@ -392,7 +80,9 @@ def setup_distributed(device: str, timeout_min: float) -> Distributed:
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device == "auto":
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        device = f"cuda:{local_rank}"  # one GPU per process on a node
     chosen = torch.device(device)
     if chosen.type == "cuda":
         torch.cuda.set_device(chosen)
@@ -549,21 +239,7 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-# ---------------------------------------------------------------------- model
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
-
-
-def load_model(path: str, revision: str | None, dtype: torch.dtype, device: torch.device) -> Any:
-    """The model exactly as the README loads it."""
-    from transformers import AutoModel
-
-    kwargs = {"revision": revision} if revision else {}
-    return AutoModel.from_pretrained(path, trust_remote_code=True, dtype=dtype, **kwargs).to(device)
-
-
+# ---------------------------------------------------------------------- command line
 def settings_hash(run: dict) -> str:
     return hashlib.sha256(json.dumps(run, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -573,11 +249,10 @@ def run_description(args: argparse.Namespace, model: Any, settings: EncodeSettin
     model_path = os.path.abspath(args.model) if os.path.isdir(args.model) else args.model
     return {
         "model": model_path, "revision": args.revision, "model_commit": getattr(model.config, "_commit_hash", None),
-        "dtype": str(dtype).removeprefix("torch."), "settings": dataclasses.asdict(settings), "dims": dims,
+        "dtype": str(dtype).removeprefix("torch."), "settings": settings.identity(), "dims": dims,
     }
 
 
-# ---------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="encode-corpus", description=__doc__.split("\n\n")[0],
@@ -622,8 +297,10 @@ def settings_from_args(args: argparse.Namespace) -> EncodeSettings:
 
 
 def encode_corpus(args: argparse.Namespace, dist: Distributed) -> dict | None:
-    """The whole job on this rank; returns the manifest on rank 0."""
+    """The whole job on this rank: scan -> load -> plan -> encode this rank's shards -> barrier -> manifest (rank 0)."""
     settings = settings_from_args(args)
+    if args.chunk_size < 1:
+        raise CorpusError(f"--chunk-size must be positive, got {args.chunk_size}")
     index = scan_corpus(args.inputs, args.shard_size)
     dtype = resolve_dtype(args.dtype, dist.device)
     model = load_model(args.model, args.revision, dtype, dist.device)
@@ -631,14 +308,9 @@ def encode_corpus(args: argparse.Namespace, dist: Distributed) -> dict | None:
     dims = output_dims(model, settings)
     run = run_description(args, model, settings, dims, dtype)
     run_hash = settings_hash(run)
-    pending = pending_shards(args.output_dir, index, run_hash) if dist.is_main else None
-    pending = broadcast(pending, dist)
-    mine = assign_shards({k: index.shard_cost(k) for k in pending}, dist.world_size)[dist.rank]
-    if args.chunk_size < 1:
-        raise CorpusError(f"--chunk-size must be positive, got {args.chunk_size}")
-    from tqdm.auto import tqdm
-
-    with tqdm(total=sum(len(index.shard_rows(k)) for k in mine), unit="row", disable=not dist.is_main,
+    pending = broadcast(pending_shards(args.output_dir, index, run_hash) if dist.is_main else None, dist)
+    mine = assign_shards({shard: index.shard_cost(shard) for shard in pending}, dist.world_size)[dist.rank]
+    with tqdm(total=sum(len(index.shard_rows(shard)) for shard in mine), unit="row", disable=not dist.is_main,
               desc=f"rank 0 of {dist.world_size}") as progress:
         for shard in mine:
             table, errors = encode_shard(model, index, shard, settings, dims, args.skip_bad_rows, args.chunk_size)
@@ -649,7 +321,9 @@ def encode_corpus(args: argparse.Namespace, dist: Distributed) -> dict | None:
     barrier(dist)
     if not dist.is_main:
         return None
-    run = {**run, "inputs": [str(path) for path in index.files], "config_hash": run_hash, "world_size": dist.world_size}
+    batching = {"batch_size": args.batch_size, "max_batch_tokens": args.max_batch_tokens, "chunk_size": args.chunk_size}
+    run = {**run, "batching": batching, "inputs": [str(path) for path in index.files], "config_hash": run_hash,
+           "world_size": dist.world_size}
     manifest = write_manifest(args.output_dir, index, run, args.skip_bad_rows)
     LOG.info("wrote %s: %d vectors, %d errors", args.output_dir / MANIFEST, manifest["n_encoded"], manifest["n_errors"])
     return manifest
@@ -671,8 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["main", "build_parser", "encode_corpus", "EncodeSettings", "encode_items", "scan_corpus", "CorpusError",
-           "assign_shards", "vector_column"]
+__all__ = ["main", "build_parser", "encode_corpus", "assign_shards", "CorpusError", "EncodeSettings"]
 
 
 if __name__ == "__main__":

@@ -26,17 +26,16 @@ from typing import Any, Mapping
 import pyarrow as pa
 import torch
 
-from nova_embeddings.corpus import (
-    CorpusError,
+from nova_embeddings.corpus_encode import (
     EncodeSettings,
     check_settings,
     encode_items,
     load_model,
     output_dims,
     resolve_dtype,
-    row_item,
     vector_column,
 )
+from nova_embeddings.corpus_input import CorpusError, row_item
 
 
 class NovaEmbedder:

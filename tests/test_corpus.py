@@ -19,7 +19,7 @@ pq = pytest.importorskip("pyarrow.parquet")
 
 from transformers import AutoModel  # noqa: E402
 
-from nova_embeddings.corpus import main  # noqa: E402
+from nova_embeddings.corpus import assign_shards, main  # noqa: E402
 from tests.helpers import make_image, png_bytes  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -250,6 +250,15 @@ def test_duplicate_ids_are_an_error(tiny_nova_dir, tmp_path, capsys):
     assert "duplicate id 'a'" in error and "line 1" in error and "line 3" in error
 
 
+def test_assign_shards_balances_and_covers_every_shard():
+    costs = {shard: cost for shard, cost in enumerate([90, 10, 40, 40, 30, 70, 5, 5, 60, 20])}
+    plan = assign_shards(costs, 3)
+    assert sorted(shard for shards in plan for shard in shards) == sorted(costs)
+    loads = [sum(costs[shard] for shard in shards) for shards in plan]
+    assert max(loads) - min(loads) <= max(costs.values())
+    assert plan == assign_shards(dict(reversed(list(costs.items()))), 3)  # the same plan on every rank
+
+
 def test_ray_data_map_batches(corpus, model, tiny_nova_dir):
     ray = pytest.importorskip("ray")
     from nova_embeddings.corpus_ray import NovaEmbedder
@@ -260,15 +269,18 @@ def test_ray_data_map_batches(corpus, model, tiny_nova_dir):
                for row in rows]
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
-        ds = ray.data.from_items(records).map_batches(
-            NovaEmbedder, fn_constructor_kwargs={"model": str(tiny_nova_dir), "vectors": "both", "device": "cpu"},
+        ds = ray.data.from_items(records + [{"id": "bad", "text": "  ", "task": None, "image": None}]).map_batches(
+            NovaEmbedder, fn_constructor_kwargs={"model": str(tiny_nova_dir), "vectors": "both", "device": "cpu",
+                                                 "skip_bad_rows": True},
             concurrency=1, batch_size=7, batch_format="pyarrow",
         )
         out = {row["id"]: row for row in ds.take_all()}
     finally:
         ray.shutdown()
     ids = [row["id"] for row in rows]
-    assert sorted(out) == sorted(ids)
+    assert sorted(out) == sorted(ids + ["bad"])
+    assert out["bad"]["vector"] is None and out["bad"]["multi_vector"] is None and "'text' is empty" in out["bad"]["error"]
+    assert all(out[row_id]["error"] is None for row_id in ids)
     items = [{k: v for k, v in r.items() if k != "id" and v is not None} for r in records]
     single = model.encode(items, output="numpy")
     multi = model.encode(items, return_multivector=True, output="numpy")
