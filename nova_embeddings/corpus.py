@@ -51,7 +51,7 @@ try:
     import pyarrow as pa
     import pyarrow.parquet as pq
 except ImportError as _error:  # pragma: no cover - depends on the environment
-    raise ImportError("encode-corpus needs pyarrow: pip install 'pyarrow>=14' (the corpus extra)") from _error
+    raise ImportError("encode-corpus needs pyarrow: pip install 'pyarrow>=16' (the corpus extra)") from _error
 
 LOG = logging.getLogger("nova_embeddings.corpus")
 

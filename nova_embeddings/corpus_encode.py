@@ -18,7 +18,7 @@ import torch
 try:
     import pyarrow as pa
 except ImportError as _error:  # pragma: no cover - depends on the environment
-    raise ImportError("encode-corpus needs pyarrow: pip install 'pyarrow>=14' (the corpus extra)") from _error
+    raise ImportError("encode-corpus needs pyarrow: pip install 'pyarrow>=16' (the corpus extra)") from _error
 
 from nova_embeddings.corpus_input import CorpusError
 

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 try:
     import pyarrow.parquet as pq
 except ImportError as _error:  # pragma: no cover - depends on the environment
-    raise ImportError("encode-corpus needs pyarrow: pip install 'pyarrow>=14' (the corpus extra)") from _error
+    raise ImportError("encode-corpus needs pyarrow: pip install 'pyarrow>=16' (the corpus extra)") from _error
 
 ITEM_FIELDS = ("text", "image", "task", "instructions", "adapter")  # row fields handed to encode()
 IMAGE_COST_CHARS = 3072  # balance estimate: an image at the default pixel cap is ~768 tokens, ~4 characters each
