@@ -224,6 +224,8 @@ def write_manifest(output_dir: Path, index: CorpusIndex, run: dict, skip_bad_row
                        "n_vectors": len(shard_ids), "n_errors": len(shard_errors)})
     if errors or skip_bad_rows:
         write_atomically(output_dir / ERRORS, "".join(json.dumps(error) + "\n" for error in errors))
+    else:
+        (output_dir / ERRORS).unlink(missing_ok=True)  # left by an earlier run of other inputs
     manifest = {
         "format": FORMAT, **run, "n_input_rows": len(index), "n_encoded": len(ids), "n_errors": len(errors),
         "errors_file": ERRORS if (errors or skip_bad_rows) else None, "shard_size": index.shard_size,
@@ -337,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         encode_corpus(args, dist)
     except CorpusError as error:
-        print(f"encode-corpus: error: {error}", file=sys.stderr)
+        print(f"encode-corpus: error (rank {dist.rank}): {error}", file=sys.stderr)
         return 2
     finally:
         if dist.world_size > 1 and torch.distributed.is_initialized():
