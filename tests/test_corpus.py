@@ -1,0 +1,289 @@
+"""encode-corpus and NovaEmbedder on the tiny checkpoint: equal to model.encode, across processes and re-runs."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+
+from transformers import AutoModel  # noqa: E402
+
+from nova_embeddings.corpus import assign_shards, main  # noqa: E402
+from tests.helpers import make_image, png_bytes  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARD_SIZE = 4
+TOLERANCE = 1e-6
+
+
+def corpus_rows(image_dir: Path) -> list[dict]:
+    """~20 mixed rows: texts, image files (relative paths) and base64 images, tasks, instructions, an adapter."""
+    for seed in range(3):
+        make_image(seed).save(image_dir / f"page{seed}.png")
+    b64 = base64.b64encode(png_bytes(make_image(7, 64, 48))).decode("ascii")
+    rows = [{"id": f"doc-{i:02d}", "text": f"passage number {i} about " + "late interaction " * (i % 5)} for i in range(12)]
+    rows += [
+        {"id": "img-file-0", "image": "images/page0.png"},
+        {"id": "img-file-1", "image": "images/page1.png", "task": "retrieval.passage"},
+        {"id": "img-b64", "image": b64},
+        {"id": "fused", "text": "a caption", "image": "images/page2.png"},
+        {"id": "q-0", "text": "what is maxsim?", "task": "retrieval.query", "instructions": "Find physics papers"},
+        {"id": "q-1", "text": "def add(a, b):", "task": "code.query"},
+        {"id": "match", "text": "the same sentence", "task": "text-matching"},
+        {"id": "adapter-row", "text": "routed by name", "adapter": "code"},
+    ]
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def write_parquet(path: Path, rows: list[dict]) -> Path:
+    columns = ["id", "text", "image", "task", "instructions", "adapter"]
+    pq.write_table(pa.table({c: [row.get(c) for row in rows] for c in columns}), path, row_group_size=5)
+    return path
+
+
+def expected_items(rows: list[dict], base: Path) -> list[dict]:
+    """The rows as a user would hand them to model.encode (image paths made absolute)."""
+    items = []
+    for row in rows:
+        item = {k: v for k, v in row.items() if k != "id"}
+        if str(item.get("image", "")).startswith("images/"):
+            item["image"] = str(base / item["image"])
+        items.append(item)
+    return items
+
+
+def read_output(out: Path) -> tuple[dict, dict[str, dict]]:
+    """(manifest, column -> {id: vector}) from an output folder."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    vectors: dict[str, dict] = {}
+    for shard in manifest["shards"]:
+        table = pq.read_table(out / shard["file"])
+        for column in ("vector", "multi_vector"):
+            if column in table.column_names:
+                for row_id, value in zip(table.column("id").to_pylist(), table.column(column).to_pylist()):
+                    assert row_id not in vectors.setdefault(column, {}), f"{row_id} written twice"
+                    vectors[column][row_id] = np.asarray(value, dtype=np.float32)
+    return manifest, vectors
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[Path, list[dict]]:
+    base = tmp_path_factory.mktemp("corpus")
+    (base / "images").mkdir()
+    rows = corpus_rows(base / "images")
+    write_jsonl(base / "rows.jsonl", rows)
+    write_parquet(base / "rows.parquet", rows)
+    return base, rows
+
+
+@pytest.fixture(scope="module")
+def model(tiny_nova_dir):
+    return AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True)
+
+
+@pytest.fixture(scope="module")
+def one_process(corpus, tiny_nova_dir, tmp_path_factory) -> Path:
+    """The JSONL corpus encoded by one process, single and multi vectors."""
+    base, _ = corpus
+    out = tmp_path_factory.mktemp("one_process")
+    assert main([str(base / "rows.jsonl"), "--model", str(tiny_nova_dir), "--output-dir", str(out),
+                 "--vectors", "both", "--shard-size", str(SHARD_SIZE), "--chunk-size", "3"]) == 0
+    return out
+
+
+@pytest.fixture(autouse=True)
+def single_process_env(monkeypatch):
+    """Tests that call main() in-process run as one process, whatever the environment says."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def assert_matches_encode(vectors: dict, ids: list, reference, multi: bool) -> None:
+    for i, row_id in enumerate(ids):
+        expected = np.asarray(reference[i], dtype=np.float32)
+        assert vectors[row_id].dtype == np.float32
+        assert vectors[row_id].shape == expected.shape, row_id
+        assert np.abs(vectors[row_id] - expected).max() <= TOLERANCE, row_id
+
+
+def test_one_process_equals_model_encode(corpus, model, one_process):
+    base, rows = corpus
+    manifest, vectors = read_output(one_process)
+    ids = [row["id"] for row in rows]
+    assert manifest["ids"] == ids
+    assert manifest["n_input_rows"] == manifest["n_encoded"] == len(rows) and manifest["n_errors"] == 0
+    assert manifest["n_shards"] == -(-len(rows) // SHARD_SIZE) == len(manifest["shards"])
+    assert manifest["dims"] == {"vector": model.config.embedding_dim, "multi_vector": model.config.multi_vector_projector_dim}
+    items = expected_items(rows, base)
+    assert_matches_encode(vectors["vector"], ids, model.encode(items, output="numpy"), multi=False)
+    assert_matches_encode(vectors["multi_vector"], ids, model.encode(items, return_multivector=True, output="numpy"), multi=True)
+    schema = pq.read_schema(one_process / manifest["shards"][0]["file"])
+    assert schema.field("vector").type == pa.list_(pa.float32(), model.config.embedding_dim)
+    assert schema.field("multi_vector").type == pa.list_(pa.list_(pa.float32(), model.config.multi_vector_projector_dim))
+
+
+def test_parquet_input_with_defaults_and_dimensions(corpus, model, tiny_nova_dir, tmp_path):
+    base, rows = corpus
+    dim = model.config.matryoshka_dims[0]
+    assert main([str(base / "rows.parquet"), "--model", str(tiny_nova_dir), "--output-dir", str(tmp_path),
+                 "--dimensions", str(dim), "--task", "retrieval.passage", "--instructions", "Index physics papers",
+                 "--no-adapter", "--shard-size", "8"]) == 0
+    manifest, vectors = read_output(tmp_path)
+    ids = [row["id"] for row in rows]
+    assert manifest["ids"] == ids and "multi_vector" not in vectors
+    reference = model.encode(expected_items(rows, base), task="retrieval.passage", instructions="Index physics papers",
+                             adapter=None, dimensions=dim, output="numpy")
+    assert reference.shape == (len(rows), dim)
+    assert_matches_encode(vectors["vector"], ids, reference, multi=False)
+
+
+def test_torchrun_two_processes_equal_one(corpus, tiny_nova_dir, one_process, tmp_path):
+    base, rows = corpus
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(name, None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "nova_embeddings.corpus", str(base / "rows.jsonl"), "--model", str(tiny_nova_dir),
+               "--output-dir", str(tmp_path), "--vectors", "both", "--shard-size", str(SHARD_SIZE), "--device", "cpu"]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "[rank 0]" in result.stderr and "[rank 1]" in result.stderr  # both ranks encoded shards
+    manifest, vectors = read_output(tmp_path)
+    reference_manifest, reference = read_output(one_process)
+    assert manifest["world_size"] == 2
+    assert manifest["ids"] == reference_manifest["ids"] == [row["id"] for row in rows]
+    assert manifest["config_hash"] == reference_manifest["config_hash"]
+    for column in ("vector", "multi_vector"):
+        assert sorted(vectors[column]) == sorted(reference[column])
+        for row_id, vector in reference[column].items():
+            assert np.abs(vectors[column][row_id] - vector).max() <= TOLERANCE, (column, row_id)
+
+
+def encoded_shards(caplog) -> list[int]:
+    """Shards that a run encoded, from its log lines ("shard K: encoded N rows ...")."""
+    found = (re.match(r"shard (\d+): encoded ", record.getMessage()) for record in caplog.records)
+    return [int(match.group(1)) for match in found if match]
+
+
+def test_rerun_redoes_only_the_missing_shard(corpus, tiny_nova_dir, tmp_path, caplog):
+    base, _ = corpus
+    argv = [str(base / "rows.jsonl"), "--model", str(tiny_nova_dir), "--output-dir", str(tmp_path),
+            "--shard-size", str(SHARD_SIZE)]
+    assert main(argv) == 0
+    manifest, before = read_output(tmp_path)
+    files = [tmp_path / shard["file"] for shard in manifest["shards"]]
+    mtimes = {path: path.stat().st_mtime_ns for path in files}
+    files[1].unlink()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="nova_embeddings.corpus"):
+        assert main(argv) == 0
+    assert encoded_shards(caplog) == [1]
+    assert sum("already done, skipped" in r.getMessage() for r in caplog.records) == len(files) - 1
+    assert all(path.stat().st_mtime_ns == mtimes[path] for path in files if path != files[1])
+    manifest_again, after = read_output(tmp_path)
+    assert manifest_again["ids"] == manifest["ids"]
+    for row_id, vector in before["vector"].items():
+        assert np.abs(after["vector"][row_id] - vector).max() <= TOLERANCE
+
+
+def test_changed_settings_reencode_every_shard(corpus, tiny_nova_dir, tmp_path, caplog):
+    base, _ = corpus
+    argv = [str(base / "rows.jsonl"), "--model", str(tiny_nova_dir), "--output-dir", str(tmp_path), "--shard-size", "10"]
+    assert main(argv) == 0
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="nova_embeddings.corpus"):
+        assert main(argv + ["--instructions", "Something else"]) == 0
+    assert sorted(encoded_shards(caplog)) == [0, 1]  # none reused
+
+
+def bad_corpus(base: Path) -> tuple[Path, list[str]]:
+    rows = [{"id": f"ok-{i}", "text": f"fine text {i}"} for i in range(6)]
+    rows.insert(2, {"id": "bad-empty", "text": "   "})
+    rows.insert(5, {"id": "bad-image", "image": "not-a-file.png"})
+    return write_jsonl(base / "bad.jsonl", rows), [row["id"] for row in rows]
+
+
+def test_bad_row_error_names_id_and_line(tiny_nova_dir, tmp_path, capsys):
+    path, _ = bad_corpus(tmp_path)
+    assert main([str(path), "--model", str(tiny_nova_dir), "--output-dir", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert "row id 'bad-empty'" in error and "bad.jsonl line 3" in error and "'text' is empty" in error
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_skip_bad_rows_writes_errors_and_every_good_id(tiny_nova_dir, model, tmp_path):
+    path, ids = bad_corpus(tmp_path)
+    out = tmp_path / "out"
+    assert main([str(path), "--model", str(tiny_nova_dir), "--output-dir", str(out), "--skip-bad-rows",
+                 "--shard-size", "3"]) == 0
+    manifest, vectors = read_output(out)
+    good = [i for i in ids if not i.startswith("bad")]
+    assert manifest["ids"] == good and manifest["n_errors"] == 2 and manifest["n_input_rows"] == len(ids)
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert [e["id"] for e in errors] == ["bad-empty", "bad-image"]
+    assert "'text' is empty" in errors[0]["error"] and "line 6" in errors[1]["where"]
+    reference = model.encode([f"fine text {i}" for i in range(6)], output="numpy")
+    assert_matches_encode(vectors["vector"], good, reference, multi=False)
+
+
+def test_duplicate_ids_are_an_error(tiny_nova_dir, tmp_path, capsys):
+    path = write_jsonl(tmp_path / "dup.jsonl", [{"id": "a", "text": "x"}, {"id": "b", "text": "y"}, {"id": "a", "text": "z"}])
+    assert main([str(path), "--model", str(tiny_nova_dir), "--output-dir", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert "duplicate id 'a'" in error and "line 1" in error and "line 3" in error
+
+
+def test_assign_shards_balances_and_covers_every_shard():
+    costs = {shard: cost for shard, cost in enumerate([90, 10, 40, 40, 30, 70, 5, 5, 60, 20])}
+    plan = assign_shards(costs, 3)
+    assert sorted(shard for shards in plan for shard in shards) == sorted(costs)
+    loads = [sum(costs[shard] for shard in shards) for shards in plan]
+    assert max(loads) - min(loads) <= max(costs.values())
+    assert plan == assign_shards(dict(reversed(list(costs.items()))), 3)  # the same plan on every rank
+
+
+def test_ray_data_map_batches(corpus, model, tiny_nova_dir):
+    ray = pytest.importorskip("ray")
+    from nova_embeddings.corpus_ray import NovaEmbedder
+
+    base, rows = corpus
+    records = [{"id": row["id"], "text": row.get("text"), "task": row.get("task"),
+                "image": str(base / row["image"]) if str(row.get("image", "")).startswith("images/") else row.get("image")}
+               for row in rows]
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        ds = ray.data.from_items(records + [{"id": "bad", "text": "  ", "task": None, "image": None}]).map_batches(
+            NovaEmbedder, fn_constructor_kwargs={"model": str(tiny_nova_dir), "vectors": "both", "device": "cpu",
+                                                 "skip_bad_rows": True},
+            concurrency=1, batch_size=7, batch_format="pyarrow",
+        )
+        out = {row["id"]: row for row in ds.take_all()}
+    finally:
+        ray.shutdown()
+    ids = [row["id"] for row in rows]
+    assert sorted(out) == sorted(ids + ["bad"])
+    assert out["bad"]["vector"] is None and out["bad"]["multi_vector"] is None and "'text' is empty" in out["bad"]["error"]
+    assert all(out[row_id]["error"] is None for row_id in ids)
+    items = [{k: v for k, v in r.items() if k != "id" and v is not None} for r in records]
+    single = model.encode(items, output="numpy")
+    multi = model.encode(items, return_multivector=True, output="numpy")
+    for i, row_id in enumerate(ids):
+        assert np.abs(np.asarray(out[row_id]["vector"], np.float32) - single[i]).max() <= TOLERANCE
+        assert np.abs(np.asarray(out[row_id]["multi_vector"], np.float32) - multi[i]).max() <= TOLERANCE
