@@ -39,6 +39,8 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand("load-test", "nova_embeddings.bench.load_test", "load test of the embeddings server (loopback only)"),
     Subcommand("demo", "nova_embeddings.demo", "encode mixed items and show what comes back"),
     Subcommand("tiny", "nova_embeddings.tiny", "write a tiny random-weight checkpoint in jina's layout"),
+    Subcommand("encode-corpus", "nova_embeddings.corpus",
+               "embed a JSONL/Parquet corpus into sharded Parquet, resumable, on one or many GPUs (torchrun)"),
     Subcommand("export-vllm", "nova_embeddings.export_vllm",
                "write a stock Qwen2.5-VL checkpoint with one adapter merged in, for vLLM"),
 )

@@ -103,6 +103,7 @@ def test_requirements_files_mirror_pyproject():
     extras = project["optional-dependencies"]
     assert requirement_lines(REPO_ROOT / "requirements.txt") == project["dependencies"]
     assert requirement_lines(REPO_ROOT / "requirements-server.txt") == extras["server"]
+    assert requirement_lines(REPO_ROOT / "requirements-corpus.txt") == extras["corpus"]
     dev = [req for req in extras["dev"] if not req.startswith(project["name"])]
     assert requirement_lines(REPO_ROOT / "requirements-dev.txt") == dev
     assert project["scripts"]["nova-embeddings"] == "nova_embeddings.cli:main"
