@@ -230,6 +230,7 @@ class AdapterManager:
         """
         from peft import inject_adapter_in_model, set_peft_model_state_dict
 
+        _refuse_offloaded_weights(self.model, name)
         saved = {layer: (list(layer.active_adapters), layer.disable_adapters) for layer in lora_layers(self.model)}
         # a new layer computes what the model computed before: the others' active adapters, or none at all
         new_layer_state = next(iter(saved.values())) if saved else ([], False)
@@ -248,7 +249,7 @@ class AdapterManager:
             _set_layer_state(layer, *saved.get(layer, new_layer_state))
             setattr(layer.get_base_layer(), LOADED_MARK, True)
             layer.train(self.model.training)  # injected modules start in training mode: dropout would leak into eval
-        self.model.to(self.model.device)
+            _place_beside_base_layer(layer, name)
 
     def remove(self, name: str) -> None:
         """Delete an adapter from every layer (PEFT's ``delete_adapter``) and from ``peft_config``."""
@@ -376,6 +377,38 @@ def rows_routed(model: nn.Module, adapter_names: Sequence[str] | None):
 
 
 # ---------------------------------------------------------------------- files
+def _refuse_offloaded_weights(model: nn.Module, name: str) -> None:
+    """Refuse adapters on a model whose weights accelerate offloaded (``device_map`` with ``max_memory`` / ``offload_folder``).
+
+    Offloaded modules keep their parameters on the meta device and accelerate's hooks swap the real tensors in for
+    each forward pass from a weights map fixed at load time: LoRA weights added later would be written to meta (lost)
+    and then missing from that map.
+    """
+    offloaded = [key for key, param in model.named_parameters() if param.device.type == "meta"]
+    if offloaded:
+        raise ValueError(
+            f"cannot load adapter {name!r}: {len(offloaded)} weights of the model are offloaded by its device_map "
+            f"(e.g. {offloaded[0]}), and LoRA adapters cannot be attached to offloaded weights. Load the model with "
+            "a device_map that keeps every module on a device (more max_memory, no offload_folder), or pass "
+            "load_task_adapters=False to run the bare backbone offloaded"
+        )
+
+
+def _place_beside_base_layer(layer: "LoraLayer", name: str) -> None:
+    """Put one adapter's LoRA weights on the device of the layer they wrap.
+
+    Only this adapter's tensors move: with a ``device_map`` the model spans several devices, and moving the whole
+    model (``model.to(model.device)``) would undo the placement, or fail under accelerate's hooks.
+    """
+    device = layer.get_base_layer().weight.device
+    for attribute in layer.adapter_layer_names:
+        container = getattr(layer, attribute, None)
+        if isinstance(container, nn.ModuleDict) and name in container:
+            container[name].to(device)
+        elif isinstance(container, nn.ParameterDict) and name in container:
+            container[name].data = container[name].data.to(device)
+
+
 def adapter_folder(source: str | os.PathLike, **kwargs: Any) -> str:
     """A local folder holding adapter_config.json and the weights, from a folder, a weights file or a Hub id."""
     source = str(source)

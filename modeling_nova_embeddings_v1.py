@@ -458,6 +458,7 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
             if kwargs.get("is_main_process", True):
                 self.adapter_manager.save(save_directory)
                 self.processor.save_pretrained(save_directory)
+                self.save_integration_files(save_directory)
 
     # ------------------------------------------------------------------ encode
     @torch.inference_mode()
@@ -527,6 +528,32 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
     def encode_document(self, items, **kwargs):
         """``encode`` with the retrieval passage prompt (the task can still be given per item)."""
         return self.encode(items, task=kwargs.pop("task", "retrieval.passage"), **kwargs)
+
+    def save_integration_files(self, save_directory: str | os.PathLike) -> list[str]:
+        """Copy the files that let sentence-transformers and transformers' ``pipeline`` load this model (modules.json,
+        config_sentence_transformers.json and their modules) from the repository it was loaded from; returns the names
+        copied. ``save_pretrained`` calls it, so a saved model loads in those libraries as it is."""
+        import shutil
+
+        from transformers.utils import cached_file
+
+        names = ("modules.json", "config_sentence_transformers.json", "sentence_transformers_nova_embeddings_v1.py",
+                 "pipeline_nova_embeddings_v1.py")
+        copied, missing = [], []
+        for name in names:
+            source = cached_file(self.config._name_or_path, name, _raise_exceptions_for_missing_entries=False,
+                                 _raise_exceptions_for_connection_errors=False) if self.config._name_or_path else None
+            if source is None:
+                missing.append(name)
+                continue
+            target = os.path.join(save_directory, name)
+            if not (os.path.exists(target) and os.path.samefile(source, target)):
+                shutil.copyfile(source, target)
+            copied.append(name)
+        if missing:
+            warnings.warn(f"{self.config._name_or_path or 'the source repository'} has no {missing}: the saved model "
+                          "will not load in sentence-transformers / pipeline() without them", stacklevel=2)
+        return copied
 
     def _check_encode_args(self, return_multivector, dimensions, batch_size, max_batch_tokens, output, truncate) -> None:
         if not isinstance(output, str) or output not in OUTPUT_FORMATS:

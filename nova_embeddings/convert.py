@@ -85,6 +85,13 @@ TOKENIZER_FILES = (
 )
 CODE_GLOB = "*_nova_embeddings_v1*.py"
 CHAT_TEMPLATE_FILE = "chat_template.json"
+# sentence-transformers' description of the repository (its module is one of the code files)
+INTEGRATION_FILES = ("modules.json", "config_sentence_transformers.json")
+# pipeline("feature-extraction", model=repo, trust_remote_code=True) runs encode() (pipeline_nova_embeddings_v1.py)
+NOVA_CUSTOM_PIPELINES = {
+    "feature-extraction": {"impl": "pipeline_nova_embeddings_v1.NovaEmbeddingsPipeline", "pt": ["AutoModel"],
+                           "tf": [], "type": "multimodal"},
+}
 INDEX_FILE = "model.safetensors.index.json"
 STAGING_PREFIX = "_converting_"  # temporary folders beside --out while a conversion is written
 SPECIAL_TOKENS = {  # config field -> the token it must be the id of
@@ -272,6 +279,7 @@ def build_config(
         raise ConversionError(f"jina's config does not make a valid NovaEmbeddingsV1Config: {reason}") from error
     _check_token_ids(nova)
     nova.auto_map = dict(NOVA_AUTO_MAP)
+    nova.custom_pipelines = copy.deepcopy(NOVA_CUSTOM_PIPELINES)
     nova.architectures = list(NOVA_ARCHITECTURES)
     return nova
 
@@ -553,9 +561,10 @@ def note_mixed_dtypes(sources: dict[str, SourceTensor], main_dtype: torch.dtype)
 
 
 def copy_code_files(out_dir: Path, repo_root: Path = REPO_ROOT) -> list[str]:
-    """Copy our remote-code modules (``*_nova_embeddings_v1*.py``) and chat_template.json into the repository."""
+    """Copy our remote-code modules (``*_nova_embeddings_v1*.py``), chat_template.json and the sentence-transformers
+    files (modules.json, config_sentence_transformers.json) into the repository."""
     names = []
-    for path in sorted(repo_root.glob(CODE_GLOB)) + [repo_root / CHAT_TEMPLATE_FILE]:
+    for path in sorted(repo_root.glob(CODE_GLOB)) + [repo_root / name for name in (CHAT_TEMPLATE_FILE, *INTEGRATION_FILES)]:
         if not path.is_file():
             raise ConversionError(f"{path} not found: the converter copies it from the nova repository root")
         shutil.copy2(path, out_dir / path.name)
