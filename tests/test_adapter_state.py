@@ -316,3 +316,20 @@ def test_save_after_training_a_custom_adapter(tiny_nova_dir, tmp_path):
     reloaded = load(tmp_path / "trained")
     assert reloaded.list_adapters() == ["default"]
     assert torch.equal(reloaded.encode(TEXTS, adapter="default"), expected)
+
+
+def test_an_adapter_with_nan_weights_is_refused_and_changes_nothing(tiny_nova_dir, custom_adapter, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = load(tiny_nova_dir)
+    before = model.encode(TEXTS)
+    broken = tmp_path / "nan"
+    shutil.copytree(custom_adapter, broken)
+    state = load_file(str(broken / "adapter_model.safetensors"))
+    first = next(iter(state))
+    state[first][0, 0] = float("nan")
+    save_file(state, str(broken / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=f"tensor '{first}' holds NaN or infinite values"):
+        model.load_adapter(broken, adapter_name="broken")
+    assert "broken" not in model.list_adapters()
+    assert torch.equal(model.encode(TEXTS), before)
