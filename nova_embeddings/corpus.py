@@ -257,7 +257,7 @@ def run_description(args: argparse.Namespace, model: Any, settings: EncodeSettin
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="encode-corpus", description=__doc__.split("\n\n")[0],
+        prog="nova-embeddings encode-corpus", description=__doc__.split("\n\n")[0],
         epilog="Several GPUs: torchrun --nproc-per-node N -m nova_embeddings.corpus ... (or accelerate launch).",
     )
     parser.add_argument("inputs", nargs="+", type=Path, help="JSONL or Parquet files, read in this order; rows have "
