@@ -162,7 +162,7 @@ def stock_config(nova_config, dtype: torch.dtype):
     from transformers import Qwen2_5_VLConfig
 
     nova_fields = set(type(nova_config).__annotations__)  # the fields nova's config class adds (not the inherited ones)
-    dropped = nova_fields | {"auto_map", "model_type"}
+    dropped = nova_fields | {"auto_map", "model_type", "custom_pipelines"}
     values = {k: v for k, v in nova_config.to_dict().items() if k not in dropped}
     config = Qwen2_5_VLConfig.from_dict(values)
     config.architectures = ["Qwen2_5_VLForConditionalGeneration"]

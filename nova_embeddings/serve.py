@@ -129,9 +129,16 @@ def build_tiny_checkpoint(workdir: str | Path) -> Path:
 
     workdir = Path(workdir)
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        jina = make_tiny_checkpoint(workdir / "jina", seed=0, dtype="float32")
-        convert(jina, workdir / "nova")
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # the converter's config checks repeat transformers' rope notices
+    try:
+        with contextlib.redirect_stdout(printed):
+            jina = make_tiny_checkpoint(workdir / "jina", seed=0, dtype="float32")
+            convert(jina, workdir / "nova")
+    finally:
+        transformers_logging.set_verbosity(verbosity)
     if printed.getvalue().strip():
         logger.debug("converter output: %s", printed.getvalue().strip())
     return workdir / "nova"
