@@ -33,8 +33,8 @@ from .adapters_nova_embeddings_v1 import (
     BASE, AdapterManager, lora_layers, module_index, repository_adapter_folders, rows_routed,
 )
 from .configuration_nova_embeddings_v1 import NovaEmbeddingsV1Config
-from .processing_nova_embeddings_v1 import TASK_ADAPTER, EmbeddingItem, ItemError, NovaEmbeddingsV1Processor, TokenizedItem
-from .vision_nova_embeddings_v1 import fast_vision_tower
+from .processing_nova_embeddings_v1 import TASK_ADAPTER, EmbeddingItem, NovaEmbeddingsV1Processor, TokenizedItem
+from .vision_nova_embeddings_v1 import attention_implementation, fast_vision_tower
 
 OUTPUT_FORMATS = ("torch", "numpy", "list", "base64")
 # transformers routes attention through its AttentionInterface registry; the name contains "flash" so that the
@@ -179,7 +179,7 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         cu = cu_seqlens.to(inputs_embeds.device, torch.int32)
         max_seqlen = int(max_seqlen if max_seqlen is not None else (cu[1:] - cu[:-1]).max())
         no_mask = {layer_type: None for layer_type in set(self.model.language_model.config.layer_types)}
-        with self._attention_implementation(self.model.language_model, PACKED_ATTENTION):
+        with attention_implementation(self.model.language_model, PACKED_ATTENTION):
             return self.model.language_model(
                 inputs_embeds=inputs_embeds, attention_mask=no_mask, position_ids=position_ids, use_cache=False,
                 cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_seqlen, max_length_k=max_seqlen, **kwargs,
@@ -215,17 +215,6 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         sums.index_add_(0, segment, hidden.to(torch.float32) * weights.unsqueeze(-1))
         counts = torch.zeros(len(lengths), device=hidden.device, dtype=torch.float32).index_add_(0, segment, weights)
         return F.normalize(sums / counts.clamp(min=1.0).unsqueeze(-1), dim=-1)
-
-    @contextmanager
-    def _attention_implementation(self, module: nn.Module, name: str):
-        """Run ``module``'s attention through ``name`` for a while: transformers reads it at every call."""
-        config = module.config
-        previous = config._attn_implementation
-        config._attn_implementation = name
-        try:
-            yield
-        finally:
-            config._attn_implementation = previous
 
     def compile_layers(self, vision: bool = True, **compile_kwargs: Any) -> None:
         """Compile each decoder block with ``torch.compile`` (regional compilation: one graph shared by all
@@ -318,7 +307,7 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         visual = self.model.visual
         tower = fast_vision_tower(visual) if self.fast_vision else visual
         if self.use_packed_attention():  # one varlen call per layer instead of one attention call per window
-            with self._attention_implementation(visual, PACKED_ATTENTION):
+            with attention_implementation(visual, PACKED_ATTENTION):
                 merged = tower(pixel_values.to(visual.dtype), grid_thw=image_grid_thw).pooler_output
         else:
             merged = tower(pixel_values.to(visual.dtype), grid_thw=image_grid_thw).pooler_output

@@ -25,6 +25,7 @@ import threading
 import warnings
 import weakref
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -163,6 +164,22 @@ class FastVisionTower:
 
 _TOWERS: weakref.WeakKeyDictionary[nn.Module, FastVisionTower] = weakref.WeakKeyDictionary()
 _TOWERS_LOCK = threading.Lock()
+
+
+@contextmanager
+def attention_implementation(module: nn.Module, name: str):
+    """Run ``module``'s attention through ``name`` for a while: transformers reads it at every call.
+
+    The model switches its language model and vision tower to packed attention with it; tests and the vision
+    benchmark switch the stock tower's attention the same way.
+    """
+    config = module.config
+    previous = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
 
 
 def fast_vision_tower(visual: nn.Module) -> FastVisionTower | nn.Module:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib
 import sys
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -38,8 +37,7 @@ WIDE_VISION = dict(depth=4, hidden_size=64, intermediate_size=96, num_heads=4, o
 
 @pytest.fixture(scope="module")
 def model(tiny_nova_dir):
-    """Without the task adapters: they never touch the vision tower, and loading them today leaves their LoRA
-    dropout in training mode, so two encode calls differ (issue 9, the lead's adapter rewrite)."""
+    """Without the task adapters: they never touch the vision tower (they wrap language-model projections only)."""
     return AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True, load_task_adapters=False)
 
 
@@ -71,16 +69,6 @@ def random_pixels(visual, grids: list[tuple[int, int, int]], seed: int = 0) -> t
     return torch.randn(int(grid_thw.prod(-1).sum()), width, generator=generator), grid_thw
 
 
-@contextmanager
-def attention(visual, name: str):
-    previous = visual.config._attn_implementation
-    visual.config._attn_implementation = name
-    try:
-        yield
-    finally:
-        visual.config._attn_implementation = previous
-
-
 # ---------------------------------------------------------------------- equivalence
 def test_linear_patch_embedding_equals_conv3d(vision, wide_visual):
     tower = vision.FastVisionTower(wide_visual)
@@ -108,9 +96,9 @@ def test_linear_patch_embedding_reads_the_live_weight(vision):
 def test_fast_tower_equals_stock(vision, visual, attn, grids):
     pixels, grid_thw = random_pixels(visual, grids)
     with torch.no_grad():
-        with attention(visual, "eager"):  # the plainest stock path is the reference for every attention
+        with vision.attention_implementation(visual, "eager"):  # the plainest stock path: the reference for all
             expected = visual(pixels, grid_thw=grid_thw)
-        with attention(visual, attn):
+        with vision.attention_implementation(visual, attn):
             got = vision.FastVisionTower(visual)(pixels, grid_thw=grid_thw)
     assert got.pooler_output.shape == expected.pooler_output.shape
     torch.testing.assert_close(got.pooler_output, expected.pooler_output, atol=ATOL, rtol=0)
@@ -175,7 +163,7 @@ def test_one_attention_call_per_layer_for_all_images(vision, wide_visual, model)
     AttentionInterface.register("recording_flash", recording)
     tower = vision.FastVisionTower(wide_visual)
     pixels, grid_thw = random_pixels(wide_visual, MIXED_SIZES)
-    with torch.no_grad(), attention(wide_visual, "recording_flash"):
+    with torch.no_grad(), vision.attention_implementation(wide_visual, "recording_flash"):
         tower(pixels, grid_thw=grid_thw)
     tables = tower.tables(grid_thw, pixels.device)
     assert len(calls) == WIDE_VISION["depth"]
@@ -201,12 +189,13 @@ def test_blocks_compile_without_graph_breaks(vision, wide_visual):
     tables = tower.tables(grid_thw, pixels.device)
     block = wide_visual.blocks[1]  # a windowed layer
     compiled = torch.compile(block, fullgraph=True, backend="eager")  # fullgraph: any graph break is an error
-    with torch.no_grad(), attention(wide_visual, "block_diagonal_flash"):
+    with torch.no_grad(), vision.attention_implementation(wide_visual, "block_diagonal_flash"):
         hidden = tower.embed_patches(pixels)[tables.patch_order]
         arguments = dict(cu_seqlens=tables.cu_window_seqlens, max_seqlen=tables.max_window_seqlen,
                          position_embeddings=(tables.cos, tables.sin))
         torch.testing.assert_close(compiled(hidden, **arguments), block(hidden, **arguments), atol=ATOL, rtol=0)
-        with attention(wide_visual, "eager"):  # and the stand-in is right: it equals the stock per-window path
+        # and the stand-in is right: it equals the stock per-window path
+        with vision.attention_implementation(wide_visual, "eager"):
             stock = block(hidden, cu_seqlens=tables.cu_window_seqlens, position_embeddings=(tables.cos, tables.sin))
         torch.testing.assert_close(block(hidden, **arguments), stock, atol=ATOL, rtol=0)
 

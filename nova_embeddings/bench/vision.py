@@ -25,7 +25,6 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -66,16 +65,6 @@ def page_inputs(visual, n_images: int, sizes: list[tuple[int, int]], device: tor
     generator = torch.Generator().manual_seed(seed)
     pixels = torch.randn(int(grid_thw.prod(-1).sum()), width, generator=generator).to(device)
     return pixels, grid_thw
-
-
-@contextmanager
-def attention_implementation(visual, name: str):
-    previous = visual.config._attn_implementation
-    visual.config._attn_implementation = name
-    try:
-        yield
-    finally:
-        visual.config._attn_implementation = previous
 
 
 def time_calls(run: Callable[[], torch.Tensor], device: torch.device, warmup: int,
@@ -125,7 +114,7 @@ def benchmark_vision(model, n_images: int = 16, size: str | list[tuple[int, int]
     for mode in attentions:
         row: dict[str, Any] = {"attention": mode, "images": n_images, "patches": pixels.shape[0],
                                "sizes": [f"{h}x{w}" for h, w in sizes], "dtype": str(dtype).removeprefix("torch.")}
-        with torch.inference_mode(), attention_implementation(visual, ATTENTIONS[mode]):
+        with torch.inference_mode(), vision.attention_implementation(visual, ATTENTIONS[mode]):
             for name, run in (("stock", lambda: visual(pixels, grid_thw=grid_thw).pooler_output),
                               ("fast", lambda: tower(pixels, grid_thw=grid_thw).pooler_output)):
                 if device.type == "cuda":
