@@ -12,7 +12,6 @@ selected (``set_adapter``, ``disable_adapters``) is what a bare ``forward`` uses
 from __future__ import annotations
 
 import functools
-import math
 import os
 import warnings
 from contextlib import contextmanager
@@ -120,10 +119,6 @@ class AdapterManager:
         tasks = [t for t in self.model.config.task_names if t in present]
         return tasks + sorted(present - set(tasks))
 
-    def task_adapters(self) -> list[str]:
-        present = set(self.names())
-        return [t for t in self.model.config.task_names if t in present]
-
     def custom_adapters(self) -> list[str]:
         tasks = set(self.model.config.task_names)
         return [name for name in self.names() if name not in tasks]
@@ -210,7 +205,7 @@ class AdapterManager:
         from peft import LoraConfig, PeftConfig
         from safetensors.torch import load_file
 
-        self._check_new_name(name, as_task_adapter)
+        self.check_new_name(name, as_task_adapter)
         folder = adapter_folder(source, **hub_kwargs)
         config = PeftConfig.from_pretrained(folder)
         if not isinstance(config, LoraConfig):
@@ -269,7 +264,8 @@ class AdapterManager:
             raise AdapterStateError(f"adapter {name!r} is merged into the weights; unmerge it first")
         self.remove(name)
 
-    def _check_new_name(self, name: Any, as_task_adapter: bool) -> None:
+    def check_new_name(self, name: Any, as_task_adapter: bool) -> None:
+        """Refuse a name that is invalid, taken, or a task's (unless ``as_task_adapter``), before any work."""
         if not isinstance(name, str) or not name or "." in name or name in (BASE, TASK_ADAPTER):
             raise ValueError(f"invalid adapter name {name!r}: a non-empty string without '.', not {BASE!r}")
         if name in self.names():

@@ -246,8 +246,8 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         start = time.perf_counter()
         texts = [" ".join(["warm"] * n) for n in text_lengths]
         pages = [{"image": Image.new("RGB", (448, 448), "white")} for _ in range(images)]
-        for packed_items in (texts[:1], texts + pages):  # one short call, then a mixed batch
-            self.encode(packed_items)
+        for items in (texts[:1], texts + pages):  # one short call, then a mixed batch
+            self.encode(items)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
@@ -387,7 +387,7 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         """Add a new, freshly initialised LoRA adapter (e.g. to train it), as transformers' ``add_adapter``."""
         with self._adapter_lock:
             name = adapter_name or "default"
-            self.adapter_manager._check_new_name(name, as_task_adapter=False)
+            self.adapter_manager.check_new_name(name, as_task_adapter=False)
             self.adapter_manager.add(adapter_config, name)
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
@@ -494,7 +494,7 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         processor, config = self.processor, self.config
         limits = processor.pixel_limits(config, min_pixels, max_pixels)
         normalized = processor.normalize_items(items, task=task, instructions=instructions, config=config)
-        with self._adapter_lock:  # adapters cannot change between routing and running
+        with self._adapter_lock:  # one consistent view of the adapters; _run_batches checks it again under the lock
             names = self.list_adapters()
             adapters = [self.adapter_manager.resolve(item, adapter, names) for item in normalized]
         tokenized = processor.tokenize_items(

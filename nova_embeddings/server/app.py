@@ -184,8 +184,8 @@ class NovaServer:
 
     def custom_adapters(self) -> list[str]:
         """Loaded adapters that are not a task's: the ones ``--max-loras`` counts and /v1/models lists."""
-        tasks = set(self.model.config.task_names)
-        return [name for name in self.adapters() if name not in tasks]
+        custom_adapters = getattr(self.model, "custom_adapters", None)
+        return list(custom_adapters()) if custom_adapters is not None else []
 
     async def in_prep_thread(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
         call = functools.partial(fn, *args, **kwargs)
