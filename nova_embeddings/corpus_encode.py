@@ -21,9 +21,9 @@ except ImportError as _error:  # pragma: no cover - depends on the environment
     raise ImportError("encode-corpus needs pyarrow: pip install 'pyarrow>=16' (the corpus extra)") from _error
 
 from nova_embeddings.corpus_input import CorpusError
+from nova_embeddings.data import DTYPES
 
 VECTOR_KINDS = ("single", "multi", "both")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
+
+from nova_embeddings.data import resolve_image
 
 try:
     import pyarrow.parquet as pq
@@ -34,17 +35,6 @@ def row_item(row: dict, image_root: Path | None) -> dict:
     if image_root is not None and "image" in item:
         item["image"] = resolve_image(item["image"], image_root)
     return item
-
-
-def resolve_image(value: Any, base_dir: Path) -> Any:
-    """A relative image path is taken relative to the data file's folder; URLs, base64 and absolute paths pass."""
-    if not isinstance(value, str) or value.startswith(("http://", "https://", "data:")) or os.path.isabs(value):
-        return value
-    candidate = base_dir / value
-    try:
-        return str(candidate) if candidate.is_file() else value
-    except OSError:  # e.g. a base64 string longer than a file name may be
-        return value
 
 
 @dataclass

@@ -39,7 +39,10 @@ def resolve_image(value: Any, base_dir: Path) -> Any:
     if not isinstance(value, str) or value.startswith(("http://", "https://", "data:")) or os.path.isabs(value):
         return value
     candidate = base_dir / value
-    return str(candidate) if candidate.is_file() else value
+    try:
+        return str(candidate) if candidate.is_file() else value
+    except OSError:  # e.g. a base64 string longer than a file name may be
+        return value
 
 
 def resolve_item_images(item: Any, base_dir: Path) -> Any:

@@ -41,12 +41,13 @@ from pathlib import Path
 
 import torch
 
+from .data import DTYPES
+
 PROJECTOR_WEIGHTS = "multi_vector_projector.safetensors"
 PROJECTOR_INFO = "multi_vector_projector.json"
 NOVA_SUBFOLDER = "nova"
 EXPORT_INFO_KEY = "nova_export"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # The chat template of the export: the client sends the prompt that the nova processor rendered, split around
 # its image placeholders, as the text parts of one message; the template puts the parts back together and
