@@ -24,8 +24,8 @@ from helpers import make_image, png_bytes  # noqa: E402
 
 @pytest.fixture(scope="module")
 def model(tiny_nova_dir):
-    # Without the task adapters: on main, encode with them loaded is not yet repeatable (issue 9, being fixed).
-    return AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True, load_task_adapters=False)
+    """Loaded as the README shows, task adapters (dropout 0.1) included."""
+    return AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True)
 
 
 def item_error_type(model) -> type:
