@@ -57,6 +57,30 @@ class NovaEmbeddingsV1Output(ModelOutput):
     multi_vector: torch.Tensor | None = None
 
 
+@dataclass
+class PreparedItems:
+    """Items validated, tokenised and routed by ``prepare_items``, ready for ``encode``.
+
+    tokenized: one ``TokenizedItem`` per item, in input order. adapters: each item's adapter (``"__base__"`` for
+    none). limits: the (min, max) pixel limits the images were checked against. ``a + b`` joins two preparations
+    made with the same pixel limits (a server joins several requests into one call).
+    """
+
+    tokenized: list[TokenizedItem]
+    adapters: list[str]
+    limits: tuple[int, int]
+
+    def __len__(self) -> int:
+        return len(self.tokenized)
+
+    def __add__(self, other: "PreparedItems") -> "PreparedItems":
+        if not isinstance(other, PreparedItems):
+            return NotImplemented
+        if tuple(other.limits) != tuple(self.limits):
+            raise ValueError(f"cannot join items prepared with pixel limits {self.limits} and {other.limits}")
+        return PreparedItems(self.tokenized + other.tokenized, self.adapters + other.adapters, self.limits)
+
+
 class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
     config_class = NovaEmbeddingsV1Config
     config: NovaEmbeddingsV1Config
@@ -450,10 +474,40 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
                 self.save_integration_files(save_directory)
 
     # ------------------------------------------------------------------ encode
+    def prepare_items(
+        self,
+        items: Sequence[str | dict] | str | dict,
+        *,
+        task: str | None = None,
+        instructions: str | None = None,
+        truncate: bool = False,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        adapter: str | None = TASK_ADAPTER,
+    ) -> PreparedItems:
+        """The CPU half of ``encode``: validate, format, tokenise (images resized and checked) and pick each
+        item's adapter. Returns what ``encode`` accepts in place of raw items, so that a server or a corpus
+        pipeline can prepare the next items in another thread while the GPU runs the current ones, and
+        tokenise each item exactly once. Arguments as in ``encode``."""
+        if not isinstance(truncate, bool):
+            raise TypeError(f"truncate must be True or False, got {truncate!r}")
+        processor, config = self.processor, self.config
+        limits = processor.pixel_limits(config, min_pixels, max_pixels)
+        if isinstance(items, (list, tuple)) and not items:
+            return PreparedItems([], [], limits)
+        normalized = processor.normalize_items(items, task=task, instructions=instructions, config=config)
+        with self._adapter_lock:  # one consistent view of the adapters; _run_batches checks it again under the lock
+            names = self.list_adapters()
+            adapters = [self.adapter_manager.resolve(item, adapter, names) for item in normalized]
+        tokenized = processor.tokenize_items(
+            normalized, config=config, min_pixels=limits[0], max_pixels=limits[1], truncate=truncate
+        )
+        return PreparedItems(tokenized, adapters, limits)
+
     @torch.inference_mode()
     def encode(
         self,
-        items: Sequence[str | dict] | str | dict,
+        items: Sequence[str | dict] | str | dict | PreparedItems,
         *,
         task: str | None = None,
         instructions: str | None = None,
@@ -474,6 +528,7 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
             items: a str, a dict, or a list of them. A dict has ``text``, ``image`` (PIL image, path, URL,
                 base64 string, data URI or bytes) or ``image_embeds`` (from ``get_image_embeddings``), and
                 optional ``task``, ``instructions`` and ``adapter``, which override the call's arguments.
+                Or the result of ``prepare_items`` (then the formatting arguments below were given there).
             task: default task: retrieval[.query|.passage], text-matching, code[.query|.passage].
             instructions: a system turn the item attends to; never pooled.
             return_multivector: per-token 128-d vectors instead of one pooled vector per item.
@@ -489,21 +544,25 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         list of (tokens_i, dim) tensors/arrays, in input order.
         """
         self._check_encode_args(return_multivector, dimensions, batch_size, max_batch_tokens, output, truncate)
-        if isinstance(items, (list, tuple)) and not items:
+        if isinstance(items, PreparedItems):
+            given = {name: value for name, value in (("task", task), ("instructions", instructions), ("truncate", truncate),
+                     ("min_pixels", min_pixels), ("max_pixels", max_pixels)) if value not in (None, False)}
+            if adapter is not TASK_ADAPTER:
+                given["adapter"] = adapter
+            if given:
+                raise ValueError(f"{sorted(given)} apply when items are prepared: pass them to prepare_items instead")
+            prepared = items
+        else:
+            prepared = self.prepare_items(items, task=task, instructions=instructions, truncate=truncate,
+                                          min_pixels=min_pixels, max_pixels=max_pixels, adapter=adapter)
+        if not prepared.tokenized:
             return self._empty_result(return_multivector, dimensions, output)
-        processor, config = self.processor, self.config
-        limits = processor.pixel_limits(config, min_pixels, max_pixels)
-        normalized = processor.normalize_items(items, task=task, instructions=instructions, config=config)
-        with self._adapter_lock:  # one consistent view of the adapters; _run_batches checks it again under the lock
-            names = self.list_adapters()
-            adapters = [self.adapter_manager.resolve(item, adapter, names) for item in normalized]
-        tokenized = processor.tokenize_items(
-            normalized, config=config, min_pixels=limits[0], max_pixels=limits[1], truncate=truncate
-        )
+        tokenized, adapters = prepared.tokenized, prepared.adapters
         packed = self.use_packed_attention()
         groups = adapters if (packed or self.adapter_batching == "group") else None  # a packed row has one adapter
         batches = self.plan_batches(tokenized, batch_size, max_batch_tokens, groups=groups, padded=not packed)
-        outputs = self._run_batches(tokenized, batches, adapters, limits, return_multivector, packed, show_progress_bar)
+        outputs = self._run_batches(tokenized, batches, adapters, prepared.limits, return_multivector, packed,
+                                    show_progress_bar)
         results: list[torch.Tensor | None] = [None] * len(tokenized)
         for batch, vectors in outputs:
             for index, vector in zip(batch, vectors):
@@ -848,4 +907,4 @@ def _convert(vectors, multi: bool, output: str):
     return [base64.b64encode(np.ascontiguousarray(v.numpy(), dtype="<f4").tobytes()).decode("ascii") for v in vectors]
 
 
-__all__ = ["NovaEmbeddingsV1Model", "NovaEmbeddingsV1Output"]
+__all__ = ["NovaEmbeddingsV1Model", "NovaEmbeddingsV1Output", "PreparedItems"]

@@ -438,3 +438,26 @@ def test_compile_blocks_on_compiles_once_and_keeps_vectors(tiny_nova_dir, model)
     torch.testing.assert_close(compiled.encode(items), expected, atol=1e-5, rtol=1e-4)
     assert len(calls) == 1
     assert all(getattr(block, "_compiled_call_impl", None) for block in compiled.model.language_model.layers)
+
+
+def test_prepared_items_give_the_same_vectors_and_join(model):
+    """prepare_items + encode (a server's or corpus pipeline's split) equals encode on the raw items, joined or not."""
+    items = [{"text": "alpha beta", "task": "retrieval.query"}, {"image": make_image(2), "text": "page"},
+             {"text": "gamma", "instructions": "Find code."}]
+    expected = model.encode(items, task="text-matching")
+    first = model.prepare_items(items[:1], task="text-matching")
+    rest = model.prepare_items(items[1:], task="text-matching")
+    assert len(first) == 1 and len(rest) == 2
+    torch.testing.assert_close(model.encode(first + rest), expected, rtol=0, atol=1e-6)
+    multi = model.encode(first + rest, return_multivector=True)
+    for mine, theirs in zip(multi, model.encode(items, task="text-matching", return_multivector=True)):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-6)
+
+
+def test_prepared_items_refuse_formatting_arguments_and_mixed_limits(model):
+    prepared = model.prepare_items(["alpha"])
+    with pytest.raises(ValueError, match=r"\['task'\] apply when items are prepared"):
+        model.encode(prepared, task="code")
+    with pytest.raises(ValueError, match="pixel limits"):
+        prepared + model.prepare_items(["beta"], max_pixels=28 * 28 * 8)
+    assert model.encode(model.prepare_items([])).shape == (0, model.config.embedding_dim)
