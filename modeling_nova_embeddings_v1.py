@@ -33,6 +33,7 @@ from .adapters_nova_embeddings_v1 import (
     BASE, AdapterManager, lora_layers, module_index, repository_adapter_folders, rows_routed,
 )
 from .configuration_nova_embeddings_v1 import NovaEmbeddingsV1Config
+from .graphs_nova_embeddings_v1 import SmallCallGraphs
 from .processing_nova_embeddings_v1 import TASK_ADAPTER, EmbeddingItem, NovaEmbeddingsV1Processor, TokenizedItem
 from .vision_nova_embeddings_v1 import attention_implementation, fast_vision_tower
 
@@ -99,6 +100,11 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         self._dropout_pinned = False  # True while encode holds every module in eval mode
         self.compile_blocks = "auto"  # "auto": torch.compile the blocks on CUDA in half precision; "on"; "off"
         self._compiled = False
+        # inductor rounds to bf16/fp16 where eager rounds, so compiled blocks keep eager's numerics (without it,
+        # fused kernels skip roundings and per-token vectors drift from the reference path: cosine 0.9988)
+        self.compile_options: dict[str, Any] = {"emulate_precision_casts": True}
+        self.cuda_graphs = "auto"  # "auto": small text calls replay CUDA graphs when packed on CUDA; "on"; "off"
+        self._graphs: SmallCallGraphs | None = None
         self.fast_vision = True  # vision tower through FastVisionTower (same result, cached grid tables); False: stock
         self.post_init()
 
@@ -247,6 +253,8 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         ``encode`` calls it by default on CUDA in half precision (``model.compile_blocks``).
         """
         compile_kwargs.setdefault("dynamic", True)
+        if compile_kwargs.get("backend", "inductor") == "inductor" and "mode" not in compile_kwargs:
+            compile_kwargs.setdefault("options", dict(self.compile_options))
         blocks = list(self.model.language_model.layers) + (list(self.model.visual.blocks) if vision else [])
         for block in blocks:
             block.compile(**compile_kwargs)
@@ -260,9 +268,10 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
             return self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16)
         return self.compile_blocks == "on"
 
-    def warmup(self, text_lengths: Sequence[int] = (16, 300), images: int = 1) -> float:
-        """Run ``encode`` on dummy texts (and a dummy page) so that compilation and kernel selection happen now,
-        not in a user's first request; returns the seconds it took. The server calls it at start-up."""
+    def warmup(self, text_lengths: Sequence[int] = (16, 48, 112, 240, 480), images: int = 1) -> float:
+        """Run ``encode`` on dummy texts (and a dummy page) so that compilation, kernel selection and the CUDA-graph
+        capture of each token bucket (one text per length, default task) happen now, not in a user's first
+        request; returns the seconds it took. The server calls it at start-up."""
         import time
 
         from PIL import Image
@@ -270,11 +279,23 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         start = time.perf_counter()
         texts = [" ".join(["warm"] * n) for n in text_lengths]
         pages = [{"image": Image.new("RGB", (448, 448), "white")} for _ in range(images)]
-        for items in (texts[:1], texts + pages):  # one short call, then a mixed batch
+        for items in [[text] for text in texts] + [texts + pages]:  # short calls, then a mixed batch
             self.encode(items)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
+
+    def small_call_graphs(self) -> SmallCallGraphs | None:
+        """The CUDA graphs small packed text calls replay (``cuda_graphs``): captured on CUDA; "on" elsewhere runs
+        the same padded static-buffer body eagerly (for tests); None when off."""
+        if self.cuda_graphs not in ("auto", "on", "off"):
+            raise ValueError(f"cuda_graphs must be 'auto', 'on' or 'off', got {self.cuda_graphs!r}")
+        capture = self.device.type == "cuda"
+        if self.cuda_graphs == "off" or (self.cuda_graphs == "auto" and not capture):
+            return None
+        if self._graphs is None or self._graphs.capture != capture:
+            self._graphs = SmallCallGraphs(self, capture=capture)
+        return self._graphs
 
     def use_packed_attention(self) -> bool:
         """Whether encode packs batches: ``attention_packing`` "on", or "auto" on CUDA in half precision."""
@@ -685,6 +706,7 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         device_outputs = []
         if not self._compiled and self.should_compile():
             self.compile_layers()
+        graphs = self.small_call_graphs() if packed else None
         with self._adapter_lock, _Prefetcher(self._prepare_batch, tokenized, batches, limits, packed) as prepared, \
                 self.dropout_disabled(), self.adapter_manager.call_scope() as router:
             missing = sorted(set(adapters) - set(self.list_adapters()) - {BASE})
@@ -694,9 +716,12 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
                 names = [adapters[i] for i in batch]
                 row_names = router.enter(names, group_tokens.get(names[0], 0))
                 output_mask = inputs["output_mask"]  # BatchFeature.to moves in place: keep the CPU mask
-                out = self(**inputs.to(self.device, non_blocking=True), return_multivector=return_multivector,
-                           adapter_names=row_names)
-                vectors = out.multi_vector if return_multivector else out.single_vector
+                if graphs is not None and row_names is None and router.merged is None and graphs.accepts(inputs):
+                    vectors = graphs.run(inputs, names[0], return_multivector)
+                else:
+                    out = self(**inputs.to(self.device, non_blocking=True), return_multivector=return_multivector,
+                               adapter_names=row_names)
+                    vectors = out.multi_vector if return_multivector else out.single_vector
                 device_outputs.append((batch, vectors, output_mask))
         return [(batch, self._split_vectors(vectors, masks, [len(tokenized[i]) for i in batch], return_multivector, packed))
                 for batch, vectors, masks in device_outputs]
@@ -837,6 +862,8 @@ def _attention_per_sequence(q, k, v, bounds: list[int], causal: bool, scaling: f
     repeat = q.shape[1] // k.shape[1]  # grouped KV heads: each KV head serves `repeat` query heads
     outputs = []
     for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:  # a zero-length sequence (CUDA-graph padding): nothing to attend
+            continue
         qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))  # (heads, len, dim)
         ks, vs = ks.repeat_interleave(repeat, dim=0), vs.repeat_interleave(repeat, dim=0)
         out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scaling)

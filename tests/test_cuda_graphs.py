@@ -1,0 +1,146 @@
+"""Small calls through CUDA graphs (graphs_nova_embeddings_v1): the padded static-buffer body equals the plain
+packed path, on CPU (``cuda_graphs="on"`` runs the body eagerly) and, captured and replayed, on CUDA.
+
+What would make a replay silently wrong, and which test pins it: padding tokens pooled or attended
+(bucket padding, every length), frozen Python numbers and rebound buffers (many distinct inputs through one
+graph), a graph kept across an adapter load or a weight swap, outputs overwritten by the next replay.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from peft import LoraConfig
+from transformers import AutoModel
+
+from graphs_nova_embeddings_v1 import MAX_ITEMS, TOKEN_BUCKETS
+
+TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
+TASKS = ["retrieval.query", "retrieval.passage", "text-matching", "code.query", "code.passage"]
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+
+
+def load(path, **kwargs):
+    return AutoModel.from_pretrained(path, trust_remote_code=True, **kwargs)
+
+
+def random_items(rng: random.Random, count: int, max_words: int) -> list[dict]:
+    return [{"text": " ".join(rng.choices(WORDS, k=rng.randint(1, max_words))), "task": rng.choice(TASKS)}
+            for _ in range(count)]
+
+
+def packed(model, graphs: str):
+    model.attention_packing, model.cuda_graphs = "on", graphs
+    return model
+
+
+@pytest.fixture(scope="module")
+def model(tiny_nova_dir):
+    return load(tiny_nova_dir)
+
+
+def test_static_buffer_body_equals_the_packed_path_on_cpu(model):
+    """Every bucket, one to MAX_ITEMS items, every task adapter, single and multi vectors."""
+    rng = random.Random(0)
+    for round_ in range(12):
+        items = random_items(rng, rng.randint(1, MAX_ITEMS // 2), max_words=rng.choice([2, 8, 30]))
+        multi = round_ % 3 == 0
+        expected = packed(model, "off").encode(items, return_multivector=multi)
+        got = packed(model, "on").encode(items, return_multivector=multi)
+        if multi:
+            assert len(got) == len(expected)
+            for mine, theirs in zip(got, expected):
+                torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-5)
+        else:
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert {key[0] for key in model._graphs.graphs} >= {TOKEN_BUCKETS[0], TOKEN_BUCKETS[1]}
+
+
+def test_calls_too_big_for_a_bucket_take_the_plain_path(model):
+    packed(model, "on")
+    model._graphs.graphs.clear()
+    long_text = " ".join(["word"] * (TOKEN_BUCKETS[-1] + 10))
+    many = [f"item {i}" for i in range(MAX_ITEMS + 1)]
+    model.encode([long_text])
+    model.encode(many, batch_size=MAX_ITEMS + 1)
+    assert model._graphs.graphs == {}
+
+
+def test_graphs_follow_adapter_loads_and_weight_changes(tiny_nova_dir):
+    """A new adapter under a name, changed LoRA weights (in place and swapped) and a changed scaling all show."""
+    model = packed(load(tiny_nova_dir), "on")
+    items = [{"text": "some words", "adapter": "legal"}]
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=TARGETS, init_lora_weights=False)
+    torch.manual_seed(1)
+    model.add_adapter(config, adapter_name="legal")
+    first = model.encode(items)
+    layer = next(m for m in model.modules() if hasattr(m, "lora_B") and "legal" in m.lora_B)
+    with torch.no_grad():
+        layer.lora_B["legal"].weight.mul_(3.0)  # in place: the same storage
+    statics = lambda: {key: static for key, (_, static) in model._graphs.graphs.items()}  # noqa: E731
+    kept = statics()
+    second = model.encode(items)
+    assert all(statics()[key] is static for key, static in kept.items())  # in place: the recorded graph stays and reads the new values
+    assert not torch.allclose(first, second)
+    torch.testing.assert_close(second, packed(model, "off").encode(items), rtol=0, atol=1e-5)
+    packed(model, "on")
+    layer.lora_B["legal"].weight = torch.nn.Parameter(layer.lora_B["legal"].weight * 0.5)  # a new storage
+    third = model.encode(items)
+    assert all(statics()[key] is not static for key, static in kept.items())  # a swapped storage drops every recorded graph
+    torch.testing.assert_close(third, packed(model, "off").encode(items), rtol=0, atol=1e-5)
+    packed(model, "on")
+    layer.scaling["legal"] = 7.0
+    before_scaling = statics()
+    model.encode(items)
+    assert all(statics()[key] is not static for key, static in before_scaling.items())
+    torch.testing.assert_close(model.encode(items), packed(model, "off").encode(items), rtol=0, atol=1e-5)
+
+
+def test_cuda_graphs_setting_is_checked(model):
+    model.cuda_graphs = "always"
+    with pytest.raises(ValueError, match="cuda_graphs must be"):
+        model.encode(["x"])
+    model.cuda_graphs = "auto"
+
+
+# ---------------------------------------------------------------------- CUDA: captured and replayed
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_replays_equal_eager_for_many_distinct_inputs(tiny_nova_dir):
+    """>= 200 distinct calls (lengths across every bucket, 1..8 items, every task adapter, single and multi
+    vectors) replayed from captured graphs equal the eager packed path in bf16."""
+    model = load(tiny_nova_dir, dtype=torch.bfloat16).to("cuda")
+    rng = random.Random(1)
+    calls = [(random_items(rng, rng.randint(1, 8), max_words=rng.choice([2, 6, 20, 60])), i % 4 == 0)
+             for i in range(220)]
+    model.cuda_graphs = "off"
+    expected = [model.encode(items, return_multivector=multi) for items, multi in calls]
+    model.cuda_graphs = "auto"
+    got = [model.encode(items, return_multivector=multi) for items, multi in calls]
+    assert model._graphs is not None and model._graphs.capture and len(model._graphs.graphs) >= 10
+    lowest = 1.0
+    for (items, multi), mine, theirs in zip(calls, got, expected):
+        if multi:
+            for a, b in zip(mine, theirs):
+                assert a.shape == b.shape
+                lowest = min(lowest, float(torch.nn.functional.cosine_similarity(a, b, dim=-1).min()))
+        else:
+            assert mine.shape == theirs.shape
+            lowest = min(lowest, float(torch.nn.functional.cosine_similarity(mine, theirs, dim=-1).min()))
+    assert lowest >= 0.999, lowest
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_replay_follows_a_new_adapter_and_keeps_earlier_outputs(tiny_nova_dir):
+    model = load(tiny_nova_dir, dtype=torch.bfloat16).to("cuda")
+    first = model.encode(["one query"])
+    kept = first.clone()
+    model.encode(["another query entirely"])  # same bucket: the next replay must not overwrite `first`
+    assert torch.equal(first, kept)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
+    model.add_adapter(config, adapter_name="legal")
+    replayed = model.encode([{"text": "one query", "adapter": "legal"}])
+    model.cuda_graphs = "off"
+    eager = model.encode([{"text": "one query", "adapter": "legal"}])
+    assert float(torch.nn.functional.cosine_similarity(replayed, eager).min()) >= 0.999
