@@ -239,7 +239,8 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
     def pool_packed(hidden: torch.Tensor, pooling_mask: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         """Per-item mean over pooled tokens of a packed row, in float32, L2-normalised: (items, hidden)."""
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-        segment = torch.repeat_interleave(torch.arange(len(lengths), device=hidden.device), lengths)
+        segment = torch.repeat_interleave(torch.arange(len(lengths), device=hidden.device), lengths,
+                                          output_size=hidden.shape[0])  # known size: no wait for the GPU
         weights = pooling_mask.to(torch.float32)
         sums = torch.zeros(len(lengths), hidden.shape[-1], device=hidden.device, dtype=torch.float32)
         sums.index_add_(0, segment, hidden.to(torch.float32) * weights.unsqueeze(-1))
