@@ -40,8 +40,8 @@ class AdapterStateError(RuntimeError):
 
 # Walking the ~5,000 modules of the full-size model costs milliseconds, more than a short query's forward pass.
 # Every change of the module tree that matters here (PEFT injecting or unloading LoRA layers, a user replacing a
-# module) goes through nn.Module registration, so one process-wide counter of registrations tells when a cached
-# walk is stale. Adapter names are still read live from the layers (deleting an adapter only empties dicts).
+# module or a parameter) goes through nn.Module registration, so one process-wide counter of registrations tells
+# when a cached walk is stale. Adapter names are still read live from the layers (deleting an adapter only empties dicts).
 _registrations = 0
 
 
@@ -51,6 +51,7 @@ def _count_registration(module: nn.Module, name: str, submodule: nn.Module | Non
 
 
 torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
+torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)  # a parameter replaced
 
 
 @dataclass
@@ -59,6 +60,7 @@ class ModuleIndex:
 
     version: int
     modules: list[nn.Module]
+    parameters: list[nn.Parameter]
     lora_layers: list["LoraLayer"]
     unwrapped: int  # projections that held one of our adapters and lost their LoRA layer (PEFT's unload/merge_and_unload)
 
@@ -75,7 +77,7 @@ def module_index(model: nn.Module) -> ModuleIndex:
     layers = [module for module in modules if isinstance(module, LoraLayer)]
     wrapped = {id(layer.get_base_layer()) for layer in layers}
     unwrapped = sum(getattr(m, LOADED_MARK, False) and id(m) not in wrapped for m in modules)
-    index = ModuleIndex(version, modules, layers, unwrapped)
+    index = ModuleIndex(version, modules, list(model.parameters()), layers, unwrapped)
     object.__setattr__(model, "_nova_module_index", index)  # a plain attribute, not a submodule
     return index
 
@@ -93,8 +95,8 @@ def layer_adapter_names(layers: Sequence["LoraLayer"]) -> set[str]:
 def _set_layer_state(layer: "LoraLayer", active: list[str], disabled: bool) -> None:
     """Write the two per-layer fields PEFT's ``set_adapter``/``enable_adapters`` write, without their side
     effect on ``requires_grad`` (an inference call must not freeze or unfreeze the user's trainable weights)."""
-    layer._active_adapter = list(active)
-    layer._disable_adapters = disabled
+    object.__setattr__(layer, "_active_adapter", list(active))  # plain attributes: skip nn.Module's slower setattr
+    object.__setattr__(layer, "_disable_adapters", disabled)
 
 
 def _base_key(key: str) -> str | None:

@@ -148,6 +148,6 @@ class SmallCallGraphs:
         from .adapters_nova_embeddings_v1 import module_index
 
         index = module_index(self.model)
-        storages = tuple(p.data_ptr() for p in self.model.parameters())
+        storages = tuple(p.data_ptr() for p in index.parameters)  # model.to() swaps .data without registering
         scalings = tuple(tuple(sorted(layer.scaling.items())) for layer in index.lora_layers)
         return index.version, storages, scalings
