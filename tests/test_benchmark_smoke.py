@@ -67,6 +67,7 @@ def test_tiny_run_prints_every_table_with_matching_vectors(tmp_path):
     moved = data["workloads"]["w4"]["extra"]["cosine_to_bare_backbone"]
     assert set(moved) == {"retrieval", "text-matching", "code", "custom"} and max(moved.values()) < 0.9999
     assert data["profile"]["top"] and Path(data["profile"]["trace"]).is_file()
+    assert "one-query calls" in data["profile"]["small_calls_host"] and "encode" in data["profile"]["small_calls_host"]
 
 
 def test_oom_is_a_row_and_the_run_goes_on(tmp_path):

@@ -683,7 +683,7 @@ def w2_latency(bench: Bench, w: Workload) -> None:
     if ref_out is not None and our_out is not None:
         compare(ours, ref, cosines(our_out, ref_out))
     graphs_setting = getattr(bench.model, "cuda_graphs", None)
-    if graphs_setting not in (None, "off"):  # the same calls without CUDA graphs: what the replay saves
+    if graphs_setting is not None and bench.model.small_call_graphs() is not None:  # what the replay saves
         bench.model.cuda_graphs = "off"
         try:
             plain, plain_out = latency_row(bench, w, "ours, cuda_graphs='off'",
@@ -994,6 +994,30 @@ def profile_w1(bench: Bench, out_dir: Path) -> dict[str, Any]:
     return {"kind": kind, "top": rows, "trace": str(trace)}
 
 
+def profile_small_calls(bench: Bench, calls: int = 50, limit: int = 30) -> str:
+    """Host time of workload 2's one-query calls under cProfile (short calls are host-bound): the top functions
+    by cumulative time, as text, and the mean milliseconds per call under the profiler."""
+    import cProfile
+    import io
+    import pstats
+
+    queries = make_texts(bench, QUERY_PREFIX, [bench.sizes.query_tokens] * calls, salt=7)
+    for query in queries[:5]:
+        encode(bench, [query], task=QUERY_TASK, adapter=None)
+    sync(bench.device)
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.enable()
+    for query in queries:
+        encode(bench, [query], task=QUERY_TASK, adapter=None)
+        sync(bench.device)
+    profiler.disable()
+    per_call = (time.perf_counter() - start) / calls * 1e3
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(limit)
+    return f"{calls} one-query calls, {per_call:.2f} ms per call under cProfile\n" + text.getvalue()
+
+
 def top_kernels(prof, cuda: bool, limit: int) -> tuple[str, list[dict[str, Any]]]:
     """CUDA kernels (device events) by total time; on a CPU run, CPU ops by self time."""
     from torch.autograd import DeviceType
@@ -1219,6 +1243,8 @@ def run_profile(bench: Bench, out_dir: Path) -> dict[str, Any] | None:
     profile = guarded(bench, holder, "profile", lambda: profile_w1(bench, out_dir))
     if profile:
         print_profile(profile)
+        profile["small_calls_host"] = guarded(bench, holder, "profile small calls", lambda: profile_small_calls(bench))
+        print(f"### host profile of workload-2 calls\n{profile['small_calls_host']}", flush=True)
     for row in holder.rows:
         print(f"profile: {row.error}")
     return profile
