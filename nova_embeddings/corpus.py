@@ -206,7 +206,8 @@ def naming_failures(stage: str, chunk: Chunk, index: CorpusIndex) -> Iterator[No
     except CorpusError:
         raise
     except Exception as error:
-        where = f"{stage} shard {chunk.shard} (rows {index.describe(chunk.rows[0])} to {index.describe(chunk.rows[-1])})"
+        first, last = chunk.rows[0], chunk.rows[-1]
+        where = f"{stage} shard {chunk.shard} (ids {index.ids[first]!r} to {index.ids[last]!r}, from {index.where(first)})"
         LOG.error("%s failed", where, exc_info=True)
         raise CorpusError(f"{where} failed: {type(error).__name__}: {error}") from error
 
