@@ -385,3 +385,19 @@ def test_ray_data_map_batches(corpus, model, tiny_nova_dir):
     for i, row_id in enumerate(ids):
         assert np.abs(np.asarray(out[row_id]["vector"], np.float32) - single[i]).max() <= TOLERANCE
         assert np.abs(np.asarray(out[row_id]["multi_vector"], np.float32) - multi[i]).max() <= TOLERANCE
+
+
+def test_corpus_speed_benchmark_runs_on_cpu(tmp_path, capsys):
+    """The benchmark's like-with-like comparison on the tiny checkpoint: both sides print a rate, the ratio and
+    encode-corpus's stage breakdown, and the corpus vectors agree with encode()'s."""
+    from nova_embeddings.bench import corpus_speed
+
+    assert corpus_speed.main(["--rows", "8", "--device", "cpu", "--chunk-size", "3", "--shard-size", "6", "--serial",
+                              "--workdir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "encode(): " in printed and "prepare_items" in printed
+    for ahead in (2, 0):
+        assert f"encode-corpus --prepare-ahead {ahead}: " in printed
+    assert printed.count("ratio to encode()") == 2 and printed.count("GPU idle") == 2
+    cosines = [float(value) for value in re.findall(r"min cosine to encode\(\) over all rows ([0-9.]+)", printed)]
+    assert len(cosines) == 2 and min(cosines) >= 0.99999
