@@ -4,15 +4,20 @@ One process or many (``torchrun``, ``accelerate launch``, several nodes): every 
 LOCAL_RANK, scans the same input, and cuts it into shards of ``--shard-size`` rows by input order, so the
 shards depend on the input alone. Rank 0 lists the shards still to do (missing, or written from other
 inputs or settings) and broadcasts that list; every rank then takes its share, balanced by estimated
-length, and writes each shard to a temporary file that ``os.replace`` renames when complete. A re-run skips
-finished shards; a killed rank loses only the shard it was encoding. After a barrier, rank 0 checks every
-shard against the input and writes ``manifest.json`` (and ``errors.jsonl`` with ``--skip-bad-rows``).
+length, and streams each shard into a temporary file that ``os.replace`` renames when complete. A re-run skips
+finished shards; a killed rank loses only the shards in flight. After a barrier, rank 0 checks every shard
+against the input and writes ``manifest.json`` (and ``errors.jsonl`` with ``--skip-bad-rows``).
+
+Within a rank, chunks of ``--chunk-size`` rows go through three overlapped stages (``corpus_pipeline``): read and
+``model.prepare_items`` in worker threads, ``model.encode`` (the GPU) in the main thread, Arrow conversion and
+Parquet writing in a writer thread; ``--prepare-ahead`` bounds how many chunks wait between them.
 
 Output, in ``OUTPUT_DIR/shards/shard-KKKKK-of-NNNNN.parquet``: ``id``, ``vector``
 (``fixed_size_list<float32>[D]``) and/or ``multi_vector`` (``list<fixed_size_list<float32>[128]>``, one entry per
 token), the layouts LanceDB, Milvus, Qdrant and pgvector loaders read directly.
 
-The model is used as a user uses it: ``AutoModel.from_pretrained(path, trust_remote_code=True)`` and ``encode``;
+The model is used as a user uses it: ``AutoModel.from_pretrained(path, trust_remote_code=True)``, ``prepare_items``
+and ``encode``;
 the processor's ``ItemError.index`` is mapped back to the row's id, file and line. ``NovaEmbedder`` runs the
 same encoding inside Ray Data's ``map_batches``.
 """
