@@ -4,15 +4,20 @@ One process or many (``torchrun``, ``accelerate launch``, several nodes): every 
 LOCAL_RANK, scans the same input, and cuts it into shards of ``--shard-size`` rows by input order, so the
 shards depend on the input alone. Rank 0 lists the shards still to do (missing, or written from other
 inputs or settings) and broadcasts that list; every rank then takes its share, balanced by estimated
-length, and writes each shard to a temporary file that ``os.replace`` renames when complete. A re-run skips
-finished shards; a killed rank loses only the shard it was encoding. After a barrier, rank 0 checks every
-shard against the input and writes ``manifest.json`` (and ``errors.jsonl`` with ``--skip-bad-rows``).
+length, and streams each shard into a temporary file that ``os.replace`` renames when complete. A re-run skips
+finished shards; a killed rank loses only the shards in flight. After a barrier, rank 0 checks every shard
+against the input and writes ``manifest.json`` (and ``errors.jsonl`` with ``--skip-bad-rows``).
+
+Within a rank, chunks of ``--chunk-size`` rows go through three overlapped stages (``corpus_pipeline``): read and
+``model.prepare_items`` in worker threads, ``model.encode`` (the GPU) in the main thread, Arrow conversion and
+Parquet writing in a writer thread; ``--prepare-ahead`` bounds how many chunks wait between them.
 
 Output, in ``OUTPUT_DIR/shards/shard-KKKKK-of-NNNNN.parquet``: ``id``, ``vector``
 (``fixed_size_list<float32>[D]``) and/or ``multi_vector`` (``list<fixed_size_list<float32>[128]>``, one entry per
 token), the layouts LanceDB, Milvus, Qdrant and pgvector loaders read directly.
 
-The model is used as a user uses it: ``AutoModel.from_pretrained(path, trust_remote_code=True)`` and ``encode``;
+The model is used as a user uses it: ``AutoModel.from_pretrained(path, trust_remote_code=True)``, ``prepare_items``
+and ``encode``;
 the processor's ``ItemError.index`` is mapped back to the row's id, file and line. ``NovaEmbedder`` runs the
 same encoding inside Ray Data's ``map_batches``.
 """
@@ -26,10 +31,12 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -39,13 +46,16 @@ from nova_embeddings.corpus_encode import (
     VECTOR_KINDS,
     EncodeSettings,
     check_settings,
-    encode_items,
+    encode_prepared,
     load_model,
     output_dims,
+    prepare_rows,
     resolve_dtype,
     vector_column,
+    vector_type,
 )
 from nova_embeddings.corpus_input import CorpusError, CorpusIndex, read_rows, row_item, scan_corpus
+from nova_embeddings.corpus_pipeline import StageTimes, run_pipeline, timed
 
 try:
     import pyarrow as pa
@@ -130,13 +140,17 @@ def shard_hash(settings_hash: str, index: CorpusIndex, shard: int) -> str:
     return hashlib.sha256(f"{settings_hash}:{index.shard_size}:{shard}:{index.shard_fingerprint(shard)}".encode()).hexdigest()
 
 
+def shard_metadata(path: Path) -> dict[bytes, bytes]:
+    """The key-value metadata of a Parquet file's footer (where a shard keeps its hash and errors)."""
+    return pq.read_metadata(path).metadata or {}
+
+
 def stored_hash(path: Path) -> str | None:
     """The hash a shard file was written with, or None when the file is missing or unreadable."""
     try:
-        metadata = pq.read_schema(path).metadata or {}
+        value = shard_metadata(path).get(META_HASH)
     except (OSError, pa.ArrowInvalid):
         return None
-    value = metadata.get(META_HASH)
     return value.decode() if value else None
 
 
@@ -160,45 +174,140 @@ def pending_shards(output_dir: Path, index: CorpusIndex, settings_hash: str) -> 
     return pending
 
 
-def encode_shard(
-    model: Any, index: CorpusIndex, shard: int, settings: EncodeSettings, dims: dict[str, int], skip_bad_rows: bool,
-    chunk_size: int,
-) -> tuple[pa.Table, list[dict]]:
-    """One shard's rows -> (table of its good rows in input order, errors as {"id", "error", "where"})."""
-    rows = index.shard_rows(shard)
-    items = [row_item(record, index.files[index.file_of[row]].resolve().parent)
-             for row, record in zip(rows, read_rows(index, rows))]
-    errors: list[dict] = []
+@dataclass(frozen=True)
+class Chunk:
+    """Input rows ``rows`` of shard ``shard``, encoded by one ``encode()`` call; ``last``: the shard's final chunk."""
 
-    def on_bad_item(position: int, problem: str) -> None:
-        row = rows[position]
-        if not skip_bad_rows:
-            raise CorpusError(f"{index.describe(row)}: {problem} (pass --skip-bad-rows to write it to {ERRORS} and go on)")
-        errors.append({"id": index.ids[row], "error": problem, "where": index.where(row)})
-
-    good: list[int] = []
-    vectors: dict[str, list] = {column: [] for column in settings.kinds}
-    for start in range(0, len(items), chunk_size):
-        chunk = range(start, min(start + chunk_size, len(items)))
-        kept, chunk_vectors = encode_items(model, [items[i] for i in chunk], settings,
-                                           lambda position, problem: on_bad_item(chunk[position], problem))
-        good.extend(chunk[i] for i in kept)
-        for column in settings.kinds:
-            vectors[column].extend(chunk_vectors[column])
-    columns = {"id": pa.array([index.ids[rows[i]] for i in good])}
-    for column in settings.kinds:
-        columns[column] = vector_column(column, vectors[column], dims[column])
-    return pa.table(columns), errors
+    shard: int
+    rows: range
+    last: bool
 
 
-def write_shard(path: Path, table: pa.Table, errors: list[dict], hash_value: str) -> None:
-    """Write to a temporary file, then rename: a shard file either is complete or does not exist."""
-    metadata = {META_HASH: hash_value.encode(), META_ERRORS: json.dumps(errors).encode()}
-    table = table.replace_schema_metadata(metadata)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, temporary)
-    os.replace(temporary, path)
+@dataclass
+class ChunkResult:
+    """A chunk after the prepare stage (``prepared`` set) and after the encode stage (``vectors`` set)."""
+
+    chunk: Chunk
+    kept: list[int]  # positions in chunk.rows of the good rows, in input order
+    prepared: Any = None  # the good rows' PreparedItems (None once encoded, or when no row is good)
+    vectors: dict[str, Any] = field(default_factory=dict)
+    errors: list[tuple[int, dict]] = field(default_factory=list)  # (row, {"id", "error", "where"})
+
+
+def plan_chunks(index: CorpusIndex, shards: list[int], chunk_size: int) -> Iterator[Chunk]:
+    """This rank's shards cut into chunks of ``chunk_size`` rows, in the order they are encoded."""
+    for shard in shards:
+        rows = index.shard_rows(shard)
+        for start in range(rows.start, rows.stop, chunk_size):
+            stop = min(start + chunk_size, rows.stop)
+            yield Chunk(shard, range(start, stop), last=stop == rows.stop)
+
+
+@contextmanager
+def naming_failures(stage: str, chunk: Chunk, index: CorpusIndex) -> Iterator[None]:
+    """An unexpected error of a stage becomes a ``CorpusError`` saying which stage, shard and rows (traceback logged)."""
+    try:
+        yield
+    except CorpusError:
+        raise
+    except Exception as error:
+        first, last = chunk.rows[0], chunk.rows[-1]
+        where = f"{stage} shard {chunk.shard} (ids {index.ids[first]!r} to {index.ids[last]!r}, from {index.where(first)})"
+        LOG.error("%s failed", where, exc_info=True)
+        raise CorpusError(f"{where} failed: {type(error).__name__}: {error}") from error
+
+
+class CorpusStages:
+    """One rank's three stages: ``prepare`` (read rows, ``model.prepare_items``), ``encode`` (``model.encode``: the
+    GPU) and ``write`` (Arrow conversion; each shard streamed, chunk by chunk, into a temporary Parquet file that
+    is renamed when its last chunk is in). ``run_pipeline`` overlaps them."""
+
+    def __init__(self, model: Any, index: CorpusIndex, settings: EncodeSettings, dims: dict[str, int], skip_bad_rows: bool,
+                 output_dir: Path, run_hash: str, times: StageTimes, progress: tqdm):
+        self.model, self.index, self.settings, self.dims = model, index, settings, dims
+        self.skip_bad_rows, self.output_dir, self.run_hash = skip_bad_rows, output_dir, run_hash
+        self.times, self.progress = times, progress
+        id_type = pa.string() if isinstance(index.ids[0], str) else pa.int64()
+        self.schema = pa.schema([("id", id_type)] + [(column, vector_type(column, dims[column])) for column in settings.kinds])
+        self.writer: pq.ParquetWriter | None = None  # the shard being written
+        self.temporary: Path | None = None
+        self.shard_errors: list[dict] = []
+        self.shard_vectors = 0
+
+    def on_bad_row(self, chunk: Chunk, errors: list[tuple[int, dict]]) -> Callable[[int, str], None]:
+        """What to do with a bad row (position in the chunk): stop with its id, file and line, or record it."""
+        def on_bad_item(position: int, problem: str) -> None:
+            row = chunk.rows[position]
+            if not self.skip_bad_rows:
+                raise CorpusError(f"{self.index.describe(row)}: {problem} (pass --skip-bad-rows to write it to {ERRORS} "
+                                  "and go on)")
+            errors.append((row, {"id": self.index.ids[row], "error": problem, "where": self.index.where(row)}))
+        return on_bad_item
+
+    def prepare(self, chunk: Chunk) -> ChunkResult:
+        """Read the chunk's rows and prepare them (runs in a worker thread, while the GPU encodes an earlier chunk)."""
+        with naming_failures("reading and preparing", chunk, self.index):
+            start = time.perf_counter()
+            records = read_rows(self.index, chunk.rows)
+            items = [row_item(record, self.index.files[self.index.file_of[row]].resolve().parent)
+                     for row, record in zip(chunk.rows, records)]
+            self.times.add("read", time.perf_counter() - start)
+            result = ChunkResult(chunk, [])
+            result.kept, result.prepared = timed(self.times, "prepare", prepare_rows, self.model, items, self.settings,
+                                                 self.on_bad_row(chunk, result.errors))
+            return result
+
+    def encode(self, result: ChunkResult) -> ChunkResult:
+        """``model.encode`` of the prepared rows, once per output column (the calling thread: the GPU's)."""
+        with naming_failures("encoding", result.chunk, self.index):
+            result.kept, result.vectors = encode_prepared(self.model, result.kept, result.prepared, self.settings,
+                                                          self.on_bad_row(result.chunk, result.errors))
+            result.prepared = None  # tokens and decoded images can go
+            return result
+
+    def write(self, result: ChunkResult) -> None:
+        """Append the chunk to its shard's temporary file; after the shard's last chunk, rename it into place."""
+        chunk = result.chunk
+        with naming_failures("writing", chunk, self.index):
+            start = time.perf_counter()
+            if self.writer is None:
+                self.open_shard(chunk.shard)
+            columns = [pa.array([self.index.ids[chunk.rows[i]] for i in result.kept], self.schema.field("id").type)]
+            columns += [vector_column(column, result.vectors[column], self.dims[column]) for column in self.settings.kinds]
+            self.writer.write_table(pa.Table.from_arrays(columns, schema=self.schema))
+            self.shard_errors += [error for _, error in sorted(result.errors, key=lambda pair: pair[0])]
+            self.shard_vectors += len(result.kept)
+            if chunk.last:
+                self.finish_shard(chunk.shard)
+            self.times.add("write", time.perf_counter() - start)
+        self.times.add("rows", len(chunk.rows))
+        self.times.add("chunks", 1)
+        self.progress.update(len(chunk.rows))
+
+    def open_shard(self, shard: int) -> None:
+        path = shard_path(self.output_dir, shard, self.index.n_shards)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.temporary = path.with_name(f".{path.name}.tmp")
+        self.writer = pq.ParquetWriter(self.temporary, self.schema)
+        self.shard_errors, self.shard_vectors = [], 0
+
+    def finish_shard(self, shard: int) -> None:
+        """Close the temporary file with the shard's hash and errors in its footer, then rename: a shard file
+        either is complete or does not exist."""
+        hash_value = shard_hash(self.run_hash, self.index, shard)
+        self.writer.add_key_value_metadata({META_HASH: hash_value.encode(), META_ERRORS: json.dumps(self.shard_errors).encode()})
+        self.writer.close()
+        path = shard_path(self.output_dir, shard, self.index.n_shards)
+        os.replace(self.temporary, path)
+        self.writer = self.temporary = None
+        LOG.info("shard %d: encoded %d rows (%d errors) -> %s", shard, self.shard_vectors, len(self.shard_errors), path)
+
+    def discard_unfinished(self) -> None:
+        """After a failed run: close and delete the temporary file of a shard left half written."""
+        if self.writer is not None:
+            self.writer.close()
+            self.temporary.unlink(missing_ok=True)
+            self.writer = self.temporary = None
 
 
 # ---------------------------------------------------------------------- manifest
@@ -210,9 +319,8 @@ def write_manifest(output_dir: Path, index: CorpusIndex, run: dict, skip_bad_row
         if not path.is_file():
             raise CorpusError(f"{path} is missing after all ranks finished: the output directory must be on storage "
                               "that every node shares")
-        parquet = pq.ParquetFile(path)
-        shard_errors = json.loads((parquet.schema_arrow.metadata or {}).get(META_ERRORS, b"[]"))
-        shard_ids = parquet.read(columns=["id"]).column("id").to_pylist()
+        shard_errors = json.loads(shard_metadata(path).get(META_ERRORS, b"[]"))
+        shard_ids = pq.read_table(path, columns=["id"]).column("id").to_pylist()
         failed = {error["id"] for error in shard_errors}
         expected = [index.ids[row] for row in index.shard_rows(shard) if index.ids[row] not in failed]
         if shard_ids != expected or len(failed) != len(shard_errors):
@@ -276,7 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
     adapters.add_argument("--no-adapter", action="store_true", help="rows that name no adapter run on the bare backbone")
     parser.add_argument("--shard-size", type=int, default=8192, help="rows per output shard (a re-run redoes whole shards)")
     parser.add_argument("--chunk-size", type=int, default=1024, help="rows per encode() call: bounds the decoded images "
-                        "held in memory")
+                        "held in memory (1 + --prepare-ahead chunks at a time)")
+    parser.add_argument("--prepare-ahead", type=int, default=2, help="chunks read and tokenised (in as many threads) "
+                        "while the GPU encodes the current one, and written chunks queued for the writer thread; 0: "
+                        "read, prepare, encode and write one after another")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-batch-tokens", type=int, default=32768)
     parser.add_argument("--truncate", action="store_true", help="cut over-long texts (with a warning) instead of failing")
@@ -298,32 +409,44 @@ def settings_from_args(args: argparse.Namespace) -> EncodeSettings:
     )
 
 
-def encode_corpus(args: argparse.Namespace, dist: Distributed) -> dict | None:
-    """The whole job on this rank: scan -> load -> plan -> encode this rank's shards -> barrier -> manifest (rank 0)."""
+def encode_corpus(args: argparse.Namespace, dist: Distributed, model: Any = None,
+                  times: StageTimes | None = None) -> dict | None:
+    """The whole job on this rank: scan -> load -> plan -> encode this rank's shards -> barrier -> manifest (rank 0).
+
+    ``model``: an already loaded model to use instead of loading ``args.model`` (the benchmark's warm runs);
+    ``times`` is filled with the seconds each stage took.
+    """
+    times = StageTimes() if times is None else times
+    start = time.perf_counter()
     settings = settings_from_args(args)
     if args.chunk_size < 1:
         raise CorpusError(f"--chunk-size must be positive, got {args.chunk_size}")
+    if args.prepare_ahead < 0:
+        raise CorpusError(f"--prepare-ahead must be 0 or more, got {args.prepare_ahead}")
     index = scan_corpus(args.inputs, args.shard_size)
-    dtype = resolve_dtype(args.dtype, dist.device)
-    model = load_model(args.model, args.revision, dtype, dist.device)
+    if model is None:
+        model = load_model(args.model, args.revision, resolve_dtype(args.dtype, dist.device), dist.device)
     check_settings(model, settings)
     dims = output_dims(model, settings)
-    run = run_description(args, model, settings, dims, dtype)
+    run = run_description(args, model, settings, dims, model.dtype)
     run_hash = settings_hash(run)
     pending = broadcast(pending_shards(args.output_dir, index, run_hash) if dist.is_main else None, dist)
     mine = assign_shards({shard: index.shard_cost(shard) for shard in pending}, dist.world_size)[dist.rank]
+    times.add("setup", time.perf_counter() - start)
     with tqdm(total=sum(len(index.shard_rows(shard)) for shard in mine), unit="row", disable=not dist.is_main,
               desc=f"rank 0 of {dist.world_size}") as progress:
-        for shard in mine:
-            table, errors = encode_shard(model, index, shard, settings, dims, args.skip_bad_rows, args.chunk_size)
-            path = shard_path(args.output_dir, shard, index.n_shards)
-            write_shard(path, table, errors, shard_hash(run_hash, index, shard))
-            LOG.info("shard %d: encoded %d rows (%d errors) -> %s", shard, table.num_rows, len(errors), path)
-            progress.update(len(index.shard_rows(shard)))
+        stages = CorpusStages(model, index, settings, dims, args.skip_bad_rows, args.output_dir, run_hash, times, progress)
+        try:
+            run_pipeline(plan_chunks(index, mine, args.chunk_size), stages.prepare, stages.encode, stages.write,
+                         ahead=args.prepare_ahead, times=times)
+        finally:
+            stages.discard_unfinished()
+    LOG.info("this rank: %s", times.summary())
     barrier(dist)
     if not dist.is_main:
         return None
-    batching = {"batch_size": args.batch_size, "max_batch_tokens": args.max_batch_tokens, "chunk_size": args.chunk_size}
+    batching = {"batch_size": args.batch_size, "max_batch_tokens": args.max_batch_tokens, "chunk_size": args.chunk_size,
+                "prepare_ahead": args.prepare_ahead}
     run = {**run, "batching": batching, "inputs": [str(path) for path in index.files], "config_hash": run_hash,
            "world_size": dist.world_size}
     manifest = write_manifest(args.output_dir, index, run, args.skip_bad_rows)

@@ -1,7 +1,8 @@
 """Encoding rows with the model, shared by ``encode-corpus`` and Ray Data's ``NovaEmbedder``.
 
 The model is used as a user uses it: ``AutoModel.from_pretrained(path, trust_remote_code=True)`` and its
-public ``encode``; a bad item's ``ItemError.index`` is handed back so the caller can name the row's id.
+public ``prepare_items`` (validate, tokenise: the CPU half, safe in another thread) and ``encode``; a bad item's
+``ItemError.index`` is handed back so the caller can name the row's id.
 Vectors become Arrow columns: ``vector`` as ``fixed_size_list<float32>[D]`` and ``multi_vector`` as
 ``list<fixed_size_list<float32>[128]>`` (one entry per token), the layouts vector databases load directly.
 """
@@ -62,19 +63,24 @@ class EncodeSettings:
         """Output columns in the order they are computed."""
         return {"single": ["vector"], "multi": ["multi_vector"], "both": ["vector", "multi_vector"]}[self.vectors]
 
-    def encode_kwargs(self, column: str) -> dict[str, Any]:
-        """Keyword arguments of ``model.encode`` for one output column."""
-        kwargs: dict[str, Any] = {
-            "task": self.task, "instructions": self.instructions, "return_multivector": column == "multi_vector",
-            "batch_size": self.batch_size, "max_batch_tokens": self.max_batch_tokens, "truncate": self.truncate,
-            "min_pixels": self.min_pixels, "max_pixels": self.max_pixels, "output": "numpy", "show_progress_bar": False,
-        }
-        if column == "vector":
-            kwargs["dimensions"] = self.dimensions
+    def prepare_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``model.prepare_items``: what the items are formatted and routed with."""
+        kwargs: dict[str, Any] = {"task": self.task, "instructions": self.instructions, "truncate": self.truncate,
+                                  "min_pixels": self.min_pixels, "max_pixels": self.max_pixels}
         if self.bare_backbone:
             kwargs["adapter"] = None
         elif self.adapter is not None:
             kwargs["adapter"] = self.adapter
+        return kwargs
+
+    def encode_kwargs(self, column: str) -> dict[str, Any]:
+        """Keyword arguments of ``model.encode`` (given prepared items) for one output column."""
+        kwargs: dict[str, Any] = {
+            "return_multivector": column == "multi_vector", "batch_size": self.batch_size,
+            "max_batch_tokens": self.max_batch_tokens, "output": "numpy", "show_progress_bar": False,
+        }
+        if column == "vector":
+            kwargs["dimensions"] = self.dimensions
         return kwargs
 
 
@@ -102,27 +108,65 @@ def item_error_index(error: BaseException) -> int | None:
     return index if isinstance(error, ValueError) and isinstance(index, int) else None
 
 
-def encode_items(
+def prepare_rows(
     model: Any, items: list[dict], settings: EncodeSettings, on_bad_item: Callable[[int, str], None]
-) -> tuple[list[int], dict[str, Any]]:
-    """Encode items with ``model.encode``; returns (indices of the good items, column -> their vectors).
+) -> tuple[list[int], Any]:
+    """Validate, tokenise and route items with ``model.prepare_items`` (the CPU half of ``encode``).
 
-    A bad item raises ``ItemError`` before any GPU work; ``on_bad_item(index, problem)`` either raises (the
-    default behaviour of the CLI) or records it, and the call is repeated without that item, so the good
-    items are encoded together exactly as they would be without the bad one.
+    Returns (indices of the good items, their ``PreparedItems``; None when no item is good). A bad item raises
+    ``ItemError``; ``on_bad_item(index, problem)`` either raises (the CLI's default) or records it, and the
+    remaining items are prepared again without it, so they are encoded exactly as they would be without it.
     """
     alive = list(range(len(items)))
     while alive:
-        batch = [items[i] for i in alive]
         try:
-            return alive, {column: model.encode(batch, **settings.encode_kwargs(column)) for column in settings.kinds}
+            return alive, model.prepare_items([items[i] for i in alive], **settings.prepare_kwargs())
         except ValueError as error:
             position = item_error_index(error)
             if position is None or not 0 <= position < len(alive):
                 raise
             on_bad_item(alive[position], getattr(error, "problem", str(error)))
             del alive[position]
+    return [], None
+
+
+def encode_prepared(
+    model: Any, kept: list[int], prepared: Any, settings: EncodeSettings, on_bad_item: Callable[[int, str], None]
+) -> tuple[list[int], dict[str, Any]]:
+    """``model.encode`` of prepared items, once per output column; returns (kept indices, column -> vectors).
+
+    An ``ItemError`` here (an image the processor fails to collate) names the item's index in the
+    ``prepare_items`` call; that item goes to ``on_bad_item`` and the others are encoded again without it.
+    """
+    positions = list(range(len(kept)))  # indices in the prepare_items call (each TokenizedItem's item.index)
+    while positions and prepared is not None:
+        try:
+            vectors = {column: model.encode(prepared, **settings.encode_kwargs(column)) for column in settings.kinds}
+            return [kept[p] for p in positions], vectors
+        except ValueError as error:
+            index = item_error_index(error)
+            if index is None or index not in positions:
+                raise
+            on_bad_item(kept[index], getattr(error, "problem", str(error)))
+            where = positions.index(index)
+            del positions[where]
+            prepared = type(prepared)(prepared.tokenized[:where] + prepared.tokenized[where + 1:],
+                                      prepared.adapters[:where] + prepared.adapters[where + 1:], prepared.limits)
     return [], {column: [] for column in settings.kinds}
+
+
+def encode_items(
+    model: Any, items: list[dict], settings: EncodeSettings, on_bad_item: Callable[[int, str], None]
+) -> tuple[list[int], dict[str, Any]]:
+    """Prepare then encode items (tokenised once for all output columns); returns (good indices, column -> vectors)."""
+    kept, prepared = prepare_rows(model, items, settings, on_bad_item)
+    return encode_prepared(model, kept, prepared, settings, on_bad_item)
+
+
+def vector_type(column: str, dim: int) -> pa.DataType:
+    """Arrow type of a column: ``fixed_size_list<float32>[dim]``, or a list of those for multi vectors."""
+    single = pa.list_(pa.float32(), dim)
+    return single if column == "vector" else pa.list_(single)
 
 
 def vector_column(column: str, vectors: Any, dim: int, valid: Sequence[bool] | None = None) -> pa.Array:
@@ -158,5 +202,5 @@ def load_model(path: str, revision: str | None, dtype: torch.dtype, device: torc
     return AutoModel.from_pretrained(path, trust_remote_code=True, dtype=dtype, **kwargs).to(device)
 
 
-__all__ = ["EncodeSettings", "VECTOR_KINDS", "DTYPES", "encode_items", "vector_column", "output_dims", "check_settings",
-           "load_model", "resolve_dtype"]
+__all__ = ["EncodeSettings", "VECTOR_KINDS", "DTYPES", "prepare_rows", "encode_prepared", "encode_items", "vector_column",
+           "vector_type", "output_dims", "check_settings", "load_model", "resolve_dtype"]

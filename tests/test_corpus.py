@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ pq = pytest.importorskip("pyarrow.parquet")
 from transformers import AutoModel  # noqa: E402
 
 from nova_embeddings.corpus import assign_shards, main  # noqa: E402
+from nova_embeddings.corpus_pipeline import StageTimes, run_pipeline  # noqa: E402
 from tests.helpers import make_image, png_bytes  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -176,6 +178,102 @@ def test_torchrun_two_processes_equal_one(corpus, tiny_nova_dir, one_process, tm
             assert np.abs(vectors[column][row_id] - vector).max() <= TOLERANCE, (column, row_id)
 
 
+def test_pipelined_run_equals_serial_run_and_encode_per_chunk_exactly(corpus, model, tiny_nova_dir, one_process, tmp_path):
+    """The overlapped stages (one_process: --prepare-ahead 2) change nothing: bit for bit the serial run's vectors,
+    and those of model.encode called on each chunk's rows (chunks of 3 rows inside shards of 4)."""
+    base, rows = corpus
+    assert main([str(base / "rows.jsonl"), "--model", str(tiny_nova_dir), "--output-dir", str(tmp_path),
+                 "--vectors", "both", "--shard-size", str(SHARD_SIZE), "--chunk-size", "3", "--prepare-ahead", "0"]) == 0
+    serial_manifest, serial = read_output(tmp_path)
+    manifest, pipelined = read_output(one_process)
+    assert manifest["batching"]["prepare_ahead"] == 2 and serial_manifest["batching"]["prepare_ahead"] == 0
+    assert serial_manifest["config_hash"] == manifest["config_hash"]
+    items = expected_items(rows, base)
+    for shard_start in range(0, len(rows), SHARD_SIZE):
+        shard = range(shard_start, min(shard_start + SHARD_SIZE, len(rows)))
+        for chunk_start in range(shard.start, shard.stop, 3):
+            chunk = range(chunk_start, min(chunk_start + 3, shard.stop))
+            single = model.encode([items[i] for i in chunk], output="numpy")
+            multi = model.encode([items[i] for i in chunk], return_multivector=True, output="numpy")
+            for position, row in enumerate(chunk):
+                row_id = rows[row]["id"]
+                for column, expected in (("vector", single[position]), ("multi_vector", multi[position])):
+                    assert np.array_equal(pipelined[column][row_id], expected), (column, row_id)
+                    assert np.array_equal(serial[column][row_id], expected), (column, row_id)
+
+
+def run_module(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m nova_embeddings.corpus ARGS`` on the CPU in a fresh process; the timeout turns a hang into a failure."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(name, None)
+    return subprocess.run([sys.executable, "-m", "nova_embeddings.corpus", *args, "--device", "cpu"], cwd=REPO_ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_bad_row_met_by_the_preparer_stops_the_run_and_keeps_the_shards_before(tiny_nova_dir, tmp_path):
+    """The bad row is prepared while earlier chunks are on the model: the run stops with its id and line, the shards
+    before it are complete (written after the error), and nothing is left half written."""
+    rows = [{"id": f"row-{i:02d}", "text": f"text number {i}"} for i in range(40)]
+    rows[33] = {"id": "bad-row", "text": " "}
+    out = tmp_path / "out"
+    result = run_module([str(write_jsonl(tmp_path / "rows.jsonl", rows)), "--model", str(tiny_nova_dir),
+                         "--output-dir", str(out), "--shard-size", "8", "--chunk-size", "4"])
+    assert result.returncode == 2, result.stderr[-4000:]
+    assert "row id 'bad-row'" in result.stderr and "rows.jsonl line 34" in result.stderr
+    assert "'text' is empty" in result.stderr
+    assert sorted(path.name for path in (out / "shards").iterdir()) == [f"shard-{k:05d}-of-00005.parquet" for k in range(4)]
+    assert not (out / "manifest.json").exists()
+    assert pq.read_table(out / "shards" / "shard-00003-of-00005.parquet").column("id").to_pylist() == \
+        [f"row-{i:02d}" for i in range(24, 32)]
+
+
+def test_writer_failure_stops_the_run_with_the_shard_and_the_error(tiny_nova_dir, tmp_path):
+    rows = [{"id": i, "text": f"text number {i}"} for i in range(12)]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "shards").write_text("a file where the shard folder should be")
+    result = run_module([str(write_jsonl(tmp_path / "rows.jsonl", rows)), "--model", str(tiny_nova_dir),
+                         "--output-dir", str(out), "--shard-size", "4", "--chunk-size", "2"])
+    assert result.returncode == 2, result.stderr[-4000:]
+    message = result.stderr.strip().splitlines()[-1]
+    assert re.match(r"encode-corpus: error \(rank 0\): writing shard \d \(ids \d+ to \d+, from .*rows.jsonl line \d+\) "
+                    r"failed: FileExistsError: .*File exists", message), message
+    assert str(out / "shards") in message
+    assert not (out / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("failing", ["prepare", "encode", "write"])
+@pytest.mark.parametrize("ahead", [0, 1, 2])
+def test_pipeline_stage_error_stops_the_run_in_order(failing, ahead):
+    """Chunks 0..9, stage `failing` raises on chunk 5: that error reaches the caller; every chunk before 5 is
+    written, in order, and none after; no worker thread is left running."""
+    written = []
+
+    def stage(name):
+        def run(chunk):
+            if name == failing and chunk == 5:
+                raise RuntimeError(f"{name} broke on chunk 5")
+            return chunk
+
+        return run
+
+    threads_before = threading.active_count()
+    with pytest.raises(RuntimeError, match=f"{failing} broke on chunk 5"):
+        run_pipeline(range(10), stage("prepare"), stage("encode"), lambda chunk: written.append(stage("write")(chunk)),
+                     ahead=ahead, times=StageTimes())
+    assert written == [0, 1, 2, 3, 4]
+    assert threading.active_count() == threads_before
+
+
+def test_pipeline_times_its_stages():
+    times = StageTimes()
+    written = []
+    run_pipeline(range(7), lambda c: c, lambda c: c * 2, written.append, ahead=2, times=times)
+    assert written == [0, 2, 4, 6, 8, 10, 12]
+    assert times.wall > 0 and times.encode >= 0 and "rows/s" in times.summary()
+
+
 def encoded_shards(caplog) -> list[int]:
     """Shards that a run encoded, from its log lines ("shard K: encoded N rows ...")."""
     found = (re.match(r"shard (\d+): encoded ", record.getMessage()) for record in caplog.records)
@@ -287,3 +385,19 @@ def test_ray_data_map_batches(corpus, model, tiny_nova_dir):
     for i, row_id in enumerate(ids):
         assert np.abs(np.asarray(out[row_id]["vector"], np.float32) - single[i]).max() <= TOLERANCE
         assert np.abs(np.asarray(out[row_id]["multi_vector"], np.float32) - multi[i]).max() <= TOLERANCE
+
+
+def test_corpus_speed_benchmark_runs_on_cpu(tmp_path, capsys):
+    """The benchmark's like-with-like comparison on the tiny checkpoint: both sides print a rate, the ratio and
+    encode-corpus's stage breakdown, and the corpus vectors agree with encode()'s."""
+    from nova_embeddings.bench import corpus_speed
+
+    assert corpus_speed.main(["--rows", "8", "--device", "cpu", "--chunk-size", "3", "--shard-size", "6", "--serial",
+                              "--workdir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "encode(): " in printed and "prepare_items" in printed
+    for ahead in (2, 0):
+        assert f"encode-corpus --prepare-ahead {ahead}: " in printed
+    assert printed.count("ratio to encode()") == 2 and printed.count("GPU idle") == 2
+    cosines = [float(value) for value in re.findall(r"min cosine to encode\(\) over all rows ([0-9.]+)", printed)]
+    assert len(cosines) == 2 and min(cosines) >= 0.99999
