@@ -94,6 +94,9 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         self.multi_vector_projector = nn.Linear(config.text_config.hidden_size, config.multi_vector_projector_dim)
         self._processor: NovaEmbeddingsV1Processor | None = None
         self._adapter_lock = threading.RLock()  # no batch ever runs while adapters are being loaded or removed
+        # held only while the set of adapters changes: prepare_items reads the names under it, so preparing the
+        # next items never waits for a running encode call (which holds _adapter_lock throughout)
+        self._adapter_names_lock = threading.RLock()
         self.adapter_manager = AdapterManager(self)  # reads PEFT's state; keeps none of its own
         self.adapter_batching = "group"  # "group": one adapter per batch; "mixed": PEFT mixed-adapter batches
         self.attention_packing = "auto"  # "auto": packed variable-length attention on CUDA in half precision; "on"; "off"
@@ -395,14 +398,20 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         ``as_task_adapter=True``: items of that task would then route to this adapter. Loading never changes
         which adapter a plain ``forward`` uses.
         """
-        with self._adapter_lock:
+        with self._adapters_changing():
             self.adapter_manager.load(peft_model_id, adapter_name or "default", as_task_adapter=as_task_adapter, **kwargs)
 
     def unload_adapter(self, adapter_name: str) -> None:
         """Remove an adapter. After removing a task adapter, items of its task are refused while other task
         adapters remain (pass adapter=None for the bare backbone), and run on the bare backbone once none remain."""
-        with self._adapter_lock:
+        with self._adapters_changing():
             self.adapter_manager.unload(adapter_name)
+
+    @contextmanager
+    def _adapters_changing(self):
+        """Both locks: no encode batch runs and no item is routed while adapters are added or removed."""
+        with self._adapter_lock, self._adapter_names_lock:
+            yield
 
     def list_adapters(self) -> list[str]:
         """Names of the loaded adapters (task adapters first), read from PEFT's LoRA layers."""
@@ -431,7 +440,7 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
     # version we support (transformers' own implementation asks for a newer PEFT than exists for 5.2x).
     def add_adapter(self, adapter_config: Any, adapter_name: str | None = None) -> None:
         """Add a new, freshly initialised LoRA adapter (e.g. to train it), as transformers' ``add_adapter``."""
-        with self._adapter_lock:
+        with self._adapters_changing():
             name = adapter_name or "default"
             self.adapter_manager.check_new_name(name, as_task_adapter=False)
             self.adapter_manager.add(adapter_config, name)
@@ -518,7 +527,7 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         if isinstance(items, (list, tuple)) and not items:
             return PreparedItems([], [], limits)
         normalized = processor.normalize_items(items, task=task, instructions=instructions, config=config)
-        with self._adapter_lock:  # one consistent view of the adapters; _run_batches checks it again under the lock
+        with self._adapter_names_lock:  # one consistent view of the adapters; _run_batches checks it again
             names = self.list_adapters()
             adapters = [self.adapter_manager.resolve(item, adapter, names) for item in normalized]
         tokenized = processor.tokenize_items(

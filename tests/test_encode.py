@@ -461,3 +461,29 @@ def test_prepared_items_refuse_formatting_arguments_and_mixed_limits(model):
     with pytest.raises(ValueError, match="pixel limits"):
         prepared + model.prepare_items(["beta"], max_pixels=28 * 28 * 8)
     assert model.encode(model.prepare_items([])).shape == (0, model.config.embedding_dim)
+
+
+def test_prepare_items_does_not_wait_for_a_running_encode(model):
+    """A pipeline prepares the next items while encode runs: prepare_items must not queue behind the lock that an
+    encode call holds for its whole duration (only adapter loads and unloads make it wait)."""
+    import threading
+
+    encode_running, release = threading.Event(), threading.Event()
+
+    def long_encode():
+        with model._adapter_lock:  # what _run_batches holds while the GPU works
+            encode_running.set()
+            release.wait(timeout=30)
+
+    holder = threading.Thread(target=long_encode)
+    holder.start()
+    try:
+        assert encode_running.wait(timeout=10)
+        done = threading.Event()
+        worker = threading.Thread(target=lambda: (model.prepare_items(["alpha", "beta"]), done.set()))
+        worker.start()
+        assert done.wait(timeout=20), "prepare_items waited for the running encode call"
+        worker.join()
+    finally:
+        release.set()
+        holder.join()
