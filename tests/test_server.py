@@ -331,11 +331,11 @@ def test_bad_request_in_a_shared_batch_fails_alone(model, monkeypatch):
     """A failure inside encode() (not caught up front) is retried per request: only its request fails."""
     real_encode = model.encode
 
-    def encode(items, **kwargs):
-        for index, item in enumerate(items):
-            if item.get("text") == "boom":
+    def encode(prepared, **kwargs):
+        for index, tokenized in enumerate(prepared.tokenized):
+            if tokenized.item.text == "boom":
                 raise type_of_item_error(model)(index, "simulated failure")
-        return real_encode(items, **kwargs)
+        return real_encode(prepared, **kwargs)
 
     gate = EncodeGate(model, monkeypatch)
     gate.encode = encode
