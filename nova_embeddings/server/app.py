@@ -263,13 +263,15 @@ class NovaServer:
         request's budgets from the headers alone, before anything is decoded."""
         s = self.settings
         limit = self.model.config.max_image_pixels
+        formats = remote_code_constant(self.model.processor, "IMAGE_FORMATS")  # the processor's decoders, no others
         images: dict[int, Any] = {}
         pixels = tokens = 0
         for index, raw in enumerate(raw_items):
             if not (isinstance(raw, dict) and isinstance(raw.get("image"), str)):
                 continue
             try:
-                image = open_image_header(fetched[index] if index in fetched else decode_inline_image(raw["image"]))
+                data = fetched[index] if index in fetched else decode_inline_image(raw["image"])
+                image = open_image_header(data, formats)
             except ImageSourceError as error:
                 raise item_error(index, str(error), single) from None
             width, height = image.size
