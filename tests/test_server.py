@@ -12,6 +12,7 @@ import base64
 import contextlib
 import http.server
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -331,11 +332,11 @@ def test_bad_request_in_a_shared_batch_fails_alone(model, monkeypatch):
     """A failure inside encode() (not caught up front) is retried per request: only its request fails."""
     real_encode = model.encode
 
-    def encode(items, **kwargs):
-        for index, item in enumerate(items):
-            if item.get("text") == "boom":
+    def encode(prepared, **kwargs):
+        for index, tokenized in enumerate(prepared.tokenized):
+            if tokenized.item.text == "boom":
                 raise type_of_item_error(model)(index, "simulated failure")
-        return real_encode(items, **kwargs)
+        return real_encode(prepared, **kwargs)
 
     gate = EncodeGate(model, monkeypatch)
     gate.encode = encode
@@ -365,6 +366,91 @@ def type_of_item_error(model):
     import sys
 
     return sys.modules[type(model.processor).__module__].ItemError
+
+
+def test_each_item_is_tokenised_once_across_prep_and_encode(model, monkeypatch):
+    """The prep thread tokenises; encode() runs the prepared items as they are (no second pass on its thread)."""
+    processor = model.processor
+    real_tokenize, real_prepare = processor.tokenize_items, model.prepare_items
+    tokenised: list[int] = []
+    prepared_calls: list[int] = []
+
+    def counting_tokenize(items, **kwargs):
+        tokenised.append(len(items))
+        return real_tokenize(items, **kwargs)
+
+    def counting_prepare(items, **kwargs):
+        prepared_calls.append(len(items))
+        return real_prepare(items, **kwargs)
+
+    monkeypatch.setattr(processor, "tokenize_items", counting_tokenize)
+    monkeypatch.setattr(model, "prepare_items", counting_prepare)
+    body = {"input": MIXED_ITEMS, "instructions": "Be precise", "truncate": True}
+
+    async def scenario():
+        async with serving(app_for(model)) as client:
+            return await post(client, body)
+
+    response = run(scenario())
+    monkeypatch.undo()
+    assert response.status_code == 200, response.text
+    assert tokenised == [len(MIXED_ITEMS)]  # one pass over the request's items, none in encode()
+    assert prepared_calls == [len(MIXED_ITEMS)]
+    assert_vectors_equal(vectors_of(response), expected_vectors(model, body))
+
+
+JOINED_REQUESTS = [
+    {"input": ["joined one", "joined two"]},
+    {"input": "a lone string", "task": "code.query", "instructions": "Find Python answers"},
+    {"input": ["x " * 200], "truncate": True},
+    {"input": [{"image": b64_png(5)}, {"text": "passage", "task": "retrieval.passage"}], "encoding_format": "base64"},
+    {"input": ["bare backbone"], "adapter": None},
+    {"input": ["matching"], "task": "text-matching", "dimensions": 0},  # dimensions: the smallest allowed
+]
+
+
+def test_joined_requests_get_exactly_their_own_vectors(model, monkeypatch):
+    """Requests with different tasks, instructions, truncation, adapters and outputs join one encode() call; each
+    gets the vectors of an encode() of its items alone, through the official client."""
+    openai = pytest.importorskip("openai")
+    httpx2 = pytest.importorskip("httpx2")  # the HTTP library of openai 3.x
+    monkeypatch.setattr(model.config, "max_length", 64)  # so that the truncating request is cut
+    dims = model.config.matryoshka_dims[0]
+    bodies = [{**b, "dimensions": dims} if "dimensions" in b else b for b in JOINED_REQUESTS]
+    gate = EncodeGate(model, monkeypatch)
+    app = app_for(model, api_key="k", max_wait_ms=50)
+
+    def create(client, body: dict):
+        extra = {k: body[k] for k in ("task", "instructions", "truncate", "adapter") if k in body}
+        return client.embeddings.create(model=MODEL_NAME, input=body["input"], extra_body=extra,
+                                        **{k: body[k] for k in ("encoding_format", "dimensions") if k in body})
+
+    async def scenario():
+        async with app.router.lifespan_context(app):
+            http_client = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://nova.test")
+            client = openai.AsyncOpenAI(base_url="http://nova.test/v1", api_key="k", http_client=http_client)
+            first = asyncio.create_task(create(client, {"input": "holds the encoder"}))
+            await gate.wait_entered()
+            joined = [asyncio.create_task(create(client, body)) for body in bodies]
+            await wait_until(lambda: app.state.nova.batcher.queue_requests == len(bodies))
+            gate.release.set()
+            results = [await first] + [await task for task in joined]
+            await http_client.aclose()
+            return results
+
+    first, *responses = run(scenario())
+    assert gate.calls == [1, sum(len(request_items_of(b)) for b in bodies)]  # all of them in one call
+    monkeypatch.undo()
+    monkeypatch.setattr(model.config, "max_length", 64)
+    for body, response in zip(bodies, responses):
+        settings = encode_settings(body) | ({"truncate": True} if body.get("truncate") else {})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the truncation warning
+            expected = model.encode(request_items_of(body), **settings)
+        got = [torch.from_numpy(np.frombuffer(base64.b64decode(d.embedding), dtype="<f4").copy())
+               if isinstance(d.embedding, str) else torch.tensor(d.embedding) for d in response.data]
+        assert [d.index for d in response.data] == list(range(len(expected)))
+        assert_vectors_equal(got, list(expected), atol=1e-6)
 
 
 def test_queue_full_is_429_with_retry_after(model, monkeypatch):
@@ -781,6 +867,41 @@ def test_lora_load_use_and_unload(model, lora_dir, clean_adapters):
     assert_vectors_equal(vectors_of(r["by_model"]), [with_adapter[0]])
     assert_vectors_equal(vectors_of(r["bare"]), [bare[0]])
     assert (with_adapter[0] - bare[0]).abs().max() > 1e-4  # the adapter really changed the output
+
+
+def test_adapter_unloaded_between_prep_and_encode_is_a_409_for_its_requests_only(model, lora_dir, clean_adapters,
+                                                                                   monkeypatch):
+    """A request prepared (and routed) for an adapter that is unloaded before its batch runs gets a 409 naming the
+    item; a request joined with it in the same batch still gets its vectors."""
+    gate = EncodeGate(model, monkeypatch)
+    app = app_for(model, admin_token="t", max_wait_ms=50)
+    admin = {"Authorization": "Bearer t"}
+
+    async def scenario():
+        async with serving(app) as client:
+            loaded = await client.post("/v1/internal/lora/load", json={"lora_name": "mine", "lora_path": lora_dir},
+                                       headers=admin)
+            first = asyncio.create_task(post(client, {"input": "holds the encoder"}))
+            await gate.wait_entered()
+            routed = asyncio.create_task(post(client, {"input": ["plain", {"text": "x", "adapter": "mine"}]}))
+            other = asyncio.create_task(post(client, {"input": ["unaffected"]}))
+            await wait_until(lambda: app.state.nova.batcher.queue_requests == 2)
+            unload = asyncio.create_task(client.post("/v1/internal/lora/unload", json={"lora_name": "mine"},
+                                                     headers=admin))
+            await wait_until(app.state.nova.admin_lock.locked)  # the unload is queued on the encode thread first
+            gate.release.set()
+            return loaded, await first, await routed, await other, await unload
+
+    loaded, first, routed, other, unload = run(scenario())
+    assert loaded.status_code == 200 and unload.status_code == 200
+    assert first.status_code == 200 and other.status_code == 200
+    assert routed.status_code == 409, routed.text
+    error = routed.json()["error"]
+    assert (error["param"], error["code"], error["type"]) == ("input[1]", "adapter_unloaded", "conflict_error")
+    assert "'mine' was unloaded" in error["message"]
+    assert gate.calls[1] == 3  # the two queued requests were joined, after the unload
+    monkeypatch.undo()
+    assert_vectors_equal(vectors_of(other), list(model.encode(["unaffected"])), atol=1e-6)
 
 
 def test_loading_never_disturbs_requests_in_flight(model, lora_dir, clean_adapters):

@@ -284,10 +284,10 @@ def test_a_corrupt_adapter_file_is_a_400_and_changes_nothing(model, tmp_path):
 def test_non_finite_output_is_an_error_not_bare_nan(model, monkeypatch):
     real_encode = model.encode
 
-    def poisoned(items, **kwargs):
-        vectors = real_encode(items, **kwargs).clone()  # a normal tensor: encode() returns inference tensors
-        for index, item in enumerate(items):
-            if item.get("text") == "poison":
+    def poisoned(prepared, **kwargs):
+        vectors = real_encode(prepared, **kwargs).clone()  # a normal tensor: encode() returns inference tensors
+        for index, tokenized in enumerate(prepared.tokenized):
+            if tokenized.item.text == "poison":
                 vectors[index] = float("nan")
         return vectors
 

@@ -15,6 +15,7 @@ import functools
 import hmac
 import logging
 import re
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -47,6 +48,9 @@ logger = logging.getLogger("nova_server")
 ADMIN_BODY_BYTES = 64 * 1024
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 URL_FETCH_CONCURRENCY = 8
+# base64 responses up to this many floats are written on the event loop (~0.1 ms per 2048 floats): for them a
+# hop to the prep thread and back costs more than the work, and the prep thread stays free for tokenising.
+INLINE_RESPONSE_FLOATS = 65536
 KNOWN_PATHS = frozenset({"/v1/embeddings", "/v1/models", "/health", "/metrics", "/v1/internal/lora/load",
                          "/v1/internal/lora/unload"})
 
@@ -169,11 +173,11 @@ class NovaServer:
         raise ApiError(503, reason, code="not_ready", headers={"Retry-After": "5"})
 
     # ------------------------------------------------------------------ model access
-    def _encode(self, items: list[dict], return_multivector: bool, truncate: bool) -> Any:
-        """One batcher call (in the encode thread)."""
+    def _encode(self, prepared: Any, return_multivector: bool) -> Any:
+        """One batcher call (in the encode thread): the joined ``PreparedItems`` of its requests, tokenised already."""
         s = self.settings
         return self.model.encode(
-            items, return_multivector=return_multivector, truncate=truncate, batch_size=s.max_batch_items,
+            prepared, return_multivector=return_multivector, batch_size=s.max_batch_items,
             max_batch_tokens=s.max_batch_tokens, output="torch", show_progress_bar=False,
         )
 
@@ -259,13 +263,15 @@ class NovaServer:
         request's budgets from the headers alone, before anything is decoded."""
         s = self.settings
         limit = self.model.config.max_image_pixels
+        formats = remote_code_constant(self.model.processor, "IMAGE_FORMATS")  # the processor's decoders, no others
         images: dict[int, Any] = {}
         pixels = tokens = 0
         for index, raw in enumerate(raw_items):
             if not (isinstance(raw, dict) and isinstance(raw.get("image"), str)):
                 continue
             try:
-                image = open_image_header(fetched[index] if index in fetched else decode_inline_image(raw["image"]))
+                data = fetched[index] if index in fetched else decode_inline_image(raw["image"])
+                image = open_image_header(data, formats)
             except ImageSourceError as error:
                 raise item_error(index, str(error), single) from None
             width, height = image.size
@@ -294,6 +300,15 @@ class NovaServer:
             raise as_item_error(error, single) or item_error(index, str(error), single) from None
         return t * h * w // processor.image_processor.merge_size**2
 
+    async def request_images(self, raw_items: list[Any], single: bool) -> dict[int, Any]:
+        """The request's images, fetched, checked and decoded, by item index; a request without images costs no
+        thread hop here."""
+        if not any(isinstance(raw, dict) and isinstance(raw.get("image"), str) for raw in raw_items):
+            return {}
+        fetched = await self.fetch_image_urls(raw_items, single)
+        headers = await self.in_prep_thread(self.open_images, raw_items, fetched, single)
+        return await self.decode_images(headers, single)
+
     async def decode_images(self, images: dict[int, Any], single: bool) -> dict[int, Any]:
         """Decode the request's images in the decode pool (bounded by ``decode_workers``), off the event loop."""
         loop = asyncio.get_running_loop()
@@ -309,25 +324,20 @@ class NovaServer:
     def prepare_items(
         self, raw_items: list[Any], images: dict[int, Any], request: EmbeddingRequest,
         adapter: tuple[bool, str | None], single: bool,
-    ) -> tuple[list[dict], list[int]]:
-        """Validate and tokenise a request's items (prep thread): encode-ready items and their token counts.
+    ) -> Any:
+        """Validate, tokenise and route a request's items (prep thread), once: the ``PreparedItems`` that the
+        batcher joins with other requests' and hands to ``encode()`` as they are.
 
-        ``images`` holds the request's decoded images by item index. Every per-item problem surfaces here as
-        a 400 naming the item, before the request can join a batch.
+        ``images`` holds the request's decoded images by item index. Every per-item problem (unknown adapter
+        included) surfaces here as a 400 naming the item, before the request can join a batch.
         """
         items = [self._item_for_processor(i, raw, images.get(i), adapter, single) for i, raw in enumerate(raw_items)]
-        processor, config = self.model.processor, self.model.config
+        low, high = self.model.processor.pixel_limits(self.model.config)  # the same for every request: they join
         try:
-            normalized = processor.normalize_items(items, task=request.task, instructions=request.instructions,
-                                                   config=config)
-            self._check_adapters(normalized)
-            low, high = processor.pixel_limits(config)
-            tokenized = processor.tokenize_items(normalized, config=config, min_pixels=low, max_pixels=high,
-                                                 truncate=request.truncate)
+            return self.model.prepare_items(items, task=request.task, instructions=request.instructions,
+                                            truncate=request.truncate, min_pixels=low, max_pixels=high)
         except ValueError as error:
             raise as_item_error(error, single) or ApiError(400, str(error), code="invalid_value") from None
-        encode_items = [_encode_item(norm, prepared) for norm, prepared in zip(normalized, items)]
-        return encode_items, [len(t) for t in tokenized]
 
     def _item_for_processor(
         self, index: int, raw: Any, image: Any, adapter: tuple[bool, str | None], single: bool
@@ -342,28 +352,28 @@ class NovaServer:
             item["adapter"] = adapter[1]
         return item
 
-    def _check_adapters(self, normalized: list[Any]) -> None:
-        """Unknown adapters (and tasks routed to missing ones) fail here, not in a shared batch."""
-        resolve = getattr(self.model, "resolve_adapter", None)
-        if resolve is not None:
-            for item in normalized:
-                resolve(item)
-            return
-        known = set(self.adapters())
-        for item in normalized:
-            if isinstance(item.adapter, str) and item.adapter not in known:
-                raise _ItemProblem(item.index, f"unknown adapter {item.adapter!r}; loaded adapters: {sorted(known)}")
-
-    def encode_error(self, error: Exception, single: bool) -> ApiError:
-        """A failure of this request's own encode() call: its fault (400) or ours (500)."""
+    def encode_error(self, error: Exception, prepared: Any, single: bool) -> ApiError:
+        """A failure of this request's own encode() call: its fault (400), an adapter unloaded while it waited
+        (409), or ours (500)."""
         api = as_item_error(error, single)
         if api is not None:
             return api
+        unloaded = self.unloaded_adapter(prepared) if isinstance(error, ValueError) else None
+        if unloaded is not None:
+            index, name = unloaded
+            param = item_param(index, single)
+            return ApiError(409, f"{param}: adapter {name!r} was unloaded while this request waited to be encoded; "
+                                 f"loaded adapters: {self.adapters()}", param=param, code="adapter_unloaded")
         logger.error("encode failed", exc_info=error)
         if is_fatal_device_error(error) and self.phase == "ready":
             logger.critical("the accelerator is in an unrecoverable state: /health now reports 'failed'")
             self.phase = "failed"
         return ApiError(500, f"embedding failed: {type(error).__name__}", code="internal_error")
+
+    def unloaded_adapter(self, prepared: Any) -> tuple[int, str] | None:
+        """(item index, adapter) of the first item routed to an adapter that is no longer loaded, else None."""
+        loaded = set(self.adapters()) | {remote_code_constant(self.model, "BASE")}
+        return next(((index, name) for index, name in enumerate(prepared.adapters) if name not in loaded), None)
 
     async def embed(self, request: EmbeddingRequest) -> bytes:
         """Prepare, queue, wait for the batcher, format: the body of a /v1/embeddings response."""
@@ -372,24 +382,20 @@ class NovaServer:
         raw_items, single = request_items(request, self.settings.max_items_per_request)
         ticket = self.admit()
         try:
-            fetched = await self.fetch_image_urls(raw_items, single)
-            headers = await self.in_prep_thread(self.open_images, raw_items, fetched, single)
-            images = await self.decode_images(headers, single)
-            items, counts = await self.in_prep_thread(self.prepare_items, raw_items, images, request, adapter, single)
-            job = Job(items, sum(counts), options.return_multivector, request.truncate)
-            future = self.batcher.submit(job, ticket)
+            images = await self.request_images(raw_items, single)
+            prepared = await self.in_prep_thread(self.prepare_items, raw_items, images, request, adapter, single)
+            tokens = sum(len(t) for t in prepared.tokenized)
+            future = self.batcher.submit(Job(prepared, tokens, options.return_multivector), ticket)
         finally:
             self.batcher.release(ticket)
         try:
             vectors = await future
-        except Exception as error:  # noqa: BLE001 - mapped to 400/500 below
-            raise self.encode_error(error, single) from None
-        bad = first_non_finite(vectors)
-        if bad is not None:
-            raise non_finite_error(bad, items[bad], single)
+        except Exception as error:  # noqa: BLE001 - mapped to 400/409/500 below
+            raise self.encode_error(error, prepared, single) from None
         echoed = request.model if request.model is not None else self.settings.model_name  # as vLLM: the name used
-        body = await self.in_prep_thread(embedding_response, vectors, options, echoed, sum(counts))
-        self.metrics.observe_embedding(len(items), sum(counts), time.monotonic() - started)
+        respond = functools.partial(response_body, vectors, prepared, options, echoed, tokens, single)
+        body = respond() if is_small_response(vectors, options) else await self.in_prep_thread(respond)
+        self.metrics.observe_embedding(len(prepared), tokens, time.monotonic() - started)
         return body
 
     # ------------------------------------------------------------------ adapters
@@ -469,20 +475,33 @@ class NovaServer:
         )
 
 
-class _ItemProblem(ValueError):
-    """Same shape as the processor's ItemError (index, problem), for checks made by the server."""
-
-    def __init__(self, index: int, problem: str):
-        super().__init__(f"item {index}: {problem}")
-        self.index = index
-        self.problem = problem
+def remote_code_constant(obj: Any, name: str) -> Any:
+    """A constant of the remote-code module that defines ``obj``'s class (the model's or the processor's): those
+    modules are loaded dynamically by transformers, so they cannot be imported by name here."""
+    return getattr(sys.modules[type(obj).__module__], name)
 
 
-def non_finite_error(index: int, item: dict, single: bool) -> ApiError:
+def response_body(vectors: Any, prepared: Any, options: OutputOptions, model_name: str, tokens: int,
+                  single: bool) -> bytes:
+    """A request's vectors checked and serialised (prep thread: neither the event loop nor the encode thread
+    spends time on one request's output)."""
+    bad = first_non_finite(vectors)
+    if bad is not None:
+        raise non_finite_error(bad, prepared.tokenized[bad].item, single)
+    return embedding_response(vectors, options, model_name, tokens)
+
+
+def is_small_response(vectors: Any, options: OutputOptions) -> bool:
+    """A base64 response small enough to write on the event loop (float JSON is ~20x slower: never inline)."""
+    floats = vectors.numel() if isinstance(vectors, torch.Tensor) else sum(v.numel() for v in vectors)
+    return options.encoding_format == "base64" and floats <= INLINE_RESPONSE_FLOATS
+
+
+def non_finite_error(index: int, item: Any, single: bool) -> ApiError:
     """NaN or infinity in an output vector: never sent. Out-of-range ``image_embeds`` are the request's fault (400);
-    anything else is the model's (500, logged)."""
+    anything else is the model's (500, logged). ``item`` is the processor's validated item."""
     param = item_param(index, single)
-    if "image_embeds" in item:
+    if item.image_embeds is not None:
         return ApiError(400, f"{param}: 'image_embeds' values are out of range for the model: its vector came out "
                              "non-finite (NaN or infinity)", param=param, code="invalid_input")
     logger.error("encode() returned a non-finite vector for %s", param)
@@ -503,22 +522,6 @@ def is_fatal_device_error(error: BaseException) -> bool:
     if isinstance(error, torch.OutOfMemoryError):
         return False
     return type(error).__name__ == "AcceleratorError" or "CUDA error" in str(error)
-
-
-def _encode_item(normalized: Any, prepared: dict) -> dict:
-    """The validated item as an encode() item: resolved task and instructions, decoded image, adapter if given."""
-    item: dict[str, Any] = {"task": normalized.task}
-    if normalized.text is not None:
-        item["text"] = normalized.text
-    if normalized.image is not None:
-        item["image"] = normalized.image
-    if normalized.image_embeds is not None:
-        item["image_embeds"], item["image_grid_thw"] = normalized.image_embeds, normalized.image_grid_thw
-    if normalized.instructions is not None:
-        item["instructions"] = normalized.instructions
-    if "adapter" in prepared:
-        item["adapter"] = prepared["adapter"]
-    return item
 
 
 def adapter_folder(path: str) -> Path:

@@ -2,17 +2,21 @@
 
 One worker task (on the event loop) takes jobs from a queue until the batch reaches its token or item
 budget, or ``max_wait`` has passed since it took the first; it then runs ``encode()`` in a single-thread
-executor (the event loop never waits on the GPU) and slices the output back per job, in order. Jobs
-whose encode settings differ (``return_multivector``, ``truncate``) share the wait but run as separate
-calls. If a call fails, its jobs are retried one by one, so a bad request fails alone.
+executor (the event loop never waits on the GPU) and slices the output back per job, in order. A job's
+items arrive prepared (validated and tokenised in a preparation thread: ``model.prepare_items``); the jobs
+of one call are joined with ``+``, so nothing is tokenised again on the encode thread. Jobs whose
+``return_multivector`` differs share the wait but run as separate calls. If a call fails, its jobs are
+retried one by one, so a bad request fails alone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
+import operator
 import time
 from collections import deque
 from concurrent.futures import Executor
@@ -23,7 +27,7 @@ from .metrics import Metrics
 
 logger = logging.getLogger("nova_server")
 
-EncodeFn = Callable[[list[dict], bool, bool], Any]  # (items, return_multivector, truncate) -> vectors
+EncodeFn = Callable[[Any, bool], Any]  # (prepared items of one or more jobs, return_multivector) -> vectors
 
 
 class QueueFull(Exception):
@@ -48,18 +52,18 @@ class Ticket:
 
 @dataclass
 class Job:
-    """One request's items, as the processor validated them, and where its vectors go."""
+    """One request's items, prepared (``model.prepare_items``: a sized object that joins with ``+``), their token
+    count, and where its vectors go."""
 
-    items: list[dict]
+    prepared: Any
     tokens: int
     return_multivector: bool = False
-    truncate: bool = False
     future: asyncio.Future | None = None
 
     @property
-    def key(self) -> tuple[bool, bool]:
-        """Settings that must be uniform within one encode() call."""
-        return self.return_multivector, self.truncate
+    def key(self) -> bool:
+        """The setting that must be uniform within one encode() call (truncation was applied when preparing)."""
+        return self.return_multivector
 
 
 class Batcher:
@@ -98,7 +102,7 @@ class Batcher:
 
     @property
     def queue_items(self) -> int:
-        return sum(len(job.items) for job in self._pending)
+        return sum(len(job.prepared) for job in self._pending)
 
     @property
     def closing(self) -> bool:
@@ -180,7 +184,7 @@ class Batcher:
             while self._pending and (not batch or self._fits(self._pending[0], tokens, items)):
                 job = self._pending.popleft()
                 batch.append(job)
-                tokens, items = tokens + job.tokens, items + len(job.items)
+                tokens, items = tokens + job.tokens, items + len(job.prepared)
             full = bool(self._pending) or tokens >= self.max_batch_tokens or items >= self.max_batch_items
             remaining = deadline - time.monotonic()
             if full or self._closing or remaining <= 0:
@@ -190,22 +194,22 @@ class Batcher:
                 await asyncio.wait_for(self._wakeup.wait(), remaining)
 
     def _fits(self, job: Job, tokens: int, items: int) -> bool:
-        return tokens + job.tokens <= self.max_batch_tokens and items + len(job.items) <= self.max_batch_items
+        return tokens + job.tokens <= self.max_batch_tokens and items + len(job.prepared) <= self.max_batch_items
 
     async def _run_batch(self, batch: list[Job]) -> None:
         """One encode() call per settings group; then hand each job its slice."""
         live = [job for job in batch if not job.future.done()]  # a cancelled request costs nothing
-        groups: dict[tuple[bool, bool], list[Job]] = {}
+        groups: dict[bool, list[Job]] = {}
         for job in live:
             groups.setdefault(job.key, []).append(job)
         for jobs in groups.values():
             await self._run_group(jobs)
 
     async def _run_group(self, jobs: list[Job]) -> None:
-        items = [item for job in jobs for item in job.items]
+        prepared = functools.reduce(operator.add, (job.prepared for job in jobs))
         started = time.monotonic()
         try:
-            vectors = await self._call_encode(items, jobs[0])
+            vectors = await self._call_encode(prepared, jobs[0].return_multivector)
         except Exception as error:  # noqa: BLE001 - any failure: isolate the bad request(s), below
             if len(jobs) == 1:
                 _resolve(jobs[0], error=error)
@@ -215,18 +219,16 @@ class Batcher:
                 await self._run_group([job])
             return
         seconds = time.monotonic() - started
-        self._metrics.observe_batch(len(jobs), len(items), seconds)
-        self._update_throughput(len(items), seconds)
+        self._metrics.observe_batch(len(jobs), len(prepared), seconds)
+        self._update_throughput(len(prepared), seconds)
         offset = 0
         for job in jobs:
-            _resolve(job, result=vectors[offset : offset + len(job.items)])
-            offset += len(job.items)
+            _resolve(job, result=vectors[offset : offset + len(job.prepared)])
+            offset += len(job.prepared)
 
-    async def _call_encode(self, items: list[dict], settings: Job) -> Any:
+    async def _call_encode(self, prepared: Any, return_multivector: bool) -> Any:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._executor, self._encode, items, settings.return_multivector, settings.truncate
-        )
+        return await loop.run_in_executor(self._executor, self._encode, prepared, return_multivector)
 
     def _update_throughput(self, items: int, seconds: float) -> None:
         rate = items / max(seconds, 1e-6)

@@ -8,8 +8,9 @@ allowed), by connecting to the checked address (no second lookup to rebind), wit
 cap and no redirects. Anything else (a path, ``file://``) is refused.
 
 Image bytes are then opened here too, lazily: the header alone gives the size (for the server's budgets)
-before anything is decoded, and only the formats in ``ACCEPTED_FORMATS`` are tried, so PIL's other
-decoders (PostScript through Ghostscript, and the rest) are never reached from a request.
+before anything is decoded, and only the formats the processor accepts (its ``IMAGE_FORMATS``, passed in by
+the server) are tried, so PIL's other decoders (PostScript through Ghostscript, and the rest) are never
+reached from a request.
 """
 
 from __future__ import annotations
@@ -24,9 +25,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from PIL import Image
-
-ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
-
 
 class ImageSourceError(ValueError):
     """An ``image`` string the server will not use; the message says why (the caller names the item)."""
@@ -52,15 +50,15 @@ def decode_inline_image(source: str) -> bytes:
                                "URL; local paths are refused") from None
 
 
-def open_image_header(data: bytes) -> Image.Image:
-    """Open image bytes lazily: size and mode are read from the header; nothing is decoded yet."""
+def open_image_header(data: bytes, formats: tuple[str, ...]) -> Image.Image:
+    """Open image bytes lazily, trying only PIL's decoders of ``formats``: size and mode are read from the header;
+    nothing is decoded yet."""
     try:
-        return Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+        return Image.open(io.BytesIO(data), formats=formats)
     except Image.DecompressionBombError as error:
         raise ImageSourceError(f"image is too large: {error}") from None
     except Exception:  # noqa: BLE001 - PIL raises many types for bad headers; all mean "not an image we read"
-        raise ImageSourceError(f"unreadable image: not a {', '.join(ACCEPTED_FORMATS[:-1])} or "
-                               f"{ACCEPTED_FORMATS[-1]} file") from None
+        raise ImageSourceError(f"unreadable image: not a {', '.join(formats[:-1])} or {formats[-1]} file") from None
 
 
 def decode_image(image: Image.Image) -> Image.Image:

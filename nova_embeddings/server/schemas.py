@@ -236,7 +236,7 @@ def embedding_response(
 
 def first_non_finite(vectors: torch.Tensor | list[torch.Tensor]) -> int | None:
     """Index of the first vector holding NaN or infinity (never sent: JSON has no such numbers), else None."""
-    for index, vector in enumerate(vectors):
-        if not torch.isfinite(vector).all():
-            return index
-    return None
+    if isinstance(vectors, torch.Tensor):  # single vectors: one check for the whole request
+        finite = torch.isfinite(vectors).all(dim=-1)
+        return None if bool(finite.all()) else int((~finite).nonzero()[0])
+    return next((index for index, vector in enumerate(vectors) if not torch.isfinite(vector).all()), None)
