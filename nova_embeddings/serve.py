@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-batch-tokens", type=int, default=16384, help="token budget of one batch (default: %(default)s)")
     add("--max-batch-items", type=int, default=256, help="item budget of one batch (default: %(default)s)")
     add("--max-wait-ms", type=float, default=5.0,
-        help="how long a batch waits for more requests, in ms (default: %(default)s)")
+        help="how long a batch waits for requests still being prepared, in ms (default: %(default)s)")
     add("--max-queue", type=int, default=1024, help="queued requests before a 429 (default: %(default)s)")
     add("--max-items-per-request", type=int, default=2048,
         help="items in one request; more get a 400 (default: %(default)s)")

@@ -1035,3 +1035,57 @@ def test_a_fatal_device_error_turns_health_to_failed(model, monkeypatch):
     assert failed.status_code == 500 and failed.json()["error"]["type"] == "server_error"
     assert health.status_code == 503 and health.json() == {"status": "failed"}
     assert after.status_code == 503
+
+
+# ---------------------------------------------------------------------- the batcher's wait
+def batcher_for_test(max_wait_s: float):
+    """A Batcher over a recording encode function; prepared items are plain lists (sized, joined with +)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from nova_embeddings.server.batcher import Batcher
+    from nova_embeddings.server.metrics import Metrics
+
+    calls: list[list] = []
+
+    def encode(prepared, return_multivector):
+        calls.append(list(prepared))
+        return list(prepared)
+
+    batcher = Batcher(encode, ThreadPoolExecutor(max_workers=1), Metrics(), max_batch_tokens=1000,
+                      max_batch_items=100, max_wait_s=max_wait_s, max_queue_requests=10)
+    return batcher, calls
+
+
+def test_batcher_runs_at_once_when_no_other_request_is_being_prepared():
+    """max_wait is for requests on their way: a lone request (one client, concurrency 1) does not wait for it."""
+    from nova_embeddings.server.batcher import Job
+
+    async def scenario():
+        batcher, calls = batcher_for_test(max_wait_s=3600.0)
+        batcher.start()
+        future = batcher.submit(Job(prepared=["a"], tokens=1), batcher.admit())
+        result = await asyncio.wait_for(future, timeout=60)  # a hang guard: with the old wait this took an hour
+        await batcher.close()
+        return result, calls
+
+    result, calls = run(scenario())
+    assert result == ["a"] and calls == [["a"]]
+
+
+def test_batcher_waits_for_a_request_still_being_prepared_and_joins_it():
+    from nova_embeddings.server.batcher import Job
+
+    async def scenario():
+        batcher, calls = batcher_for_test(max_wait_s=3600.0)
+        batcher.start()
+        first_ticket, second_ticket = batcher.admit(), batcher.admit()  # two requests admitted, both preparing
+        first = batcher.submit(Job(prepared=["a"], tokens=1), first_ticket)
+        await asyncio.sleep(0.05)  # the second is still being prepared: the worker holds the first
+        assert calls == []
+        second = batcher.submit(Job(prepared=["b", "c"], tokens=2), second_ticket)
+        results = await asyncio.wait_for(asyncio.gather(first, second), timeout=60)
+        await batcher.close()
+        return results, calls
+
+    results, calls = run(scenario())
+    assert results == [["a"], ["b", "c"]] and calls == [["a", "b", "c"]]

@@ -1,7 +1,8 @@
 """Dynamic batching: items of many requests share one ``encode()`` call, each request gets its own back.
 
 One worker task (on the event loop) takes jobs from a queue until the batch reaches its token or item
-budget, or ``max_wait`` has passed since it took the first; it then runs ``encode()`` in a single-thread
+budget, or ``max_wait`` has passed since it took the first, or no other request is being prepared (nothing
+could join: waiting would only add latency, e.g. to every request of a single client); it then runs ``encode()`` in a single-thread
 executor (the event loop never waits on the GPU) and slices the output back per job, in order. A job's
 items arrive prepared (validated and tokenised in a preparation thread: ``model.prepare_items``); the jobs
 of one call are joined with ``+``, so nothing is tokenised again on the encode thread. Jobs whose
@@ -171,7 +172,8 @@ class Batcher:
 
     # ------------------------------------------------------------------ batching
     async def _collect(self) -> list[Job] | None:
-        """The next batch: wait for a first job, then add jobs until a budget is full or the wait is over."""
+        """The next batch: wait for a first job, then add jobs until a budget is full, the wait is over, or no
+        admitted request is still being prepared."""
         while not self._pending:
             if self._closing and self._admitted == 0:
                 return None
@@ -187,7 +189,7 @@ class Batcher:
                 tokens, items = tokens + job.tokens, items + len(job.prepared)
             full = bool(self._pending) or tokens >= self.max_batch_tokens or items >= self.max_batch_items
             remaining = deadline - time.monotonic()
-            if full or self._closing or remaining <= 0:
+            if full or self._closing or remaining <= 0 or self._admitted == 0:
                 return batch
             self._wakeup.clear()
             with contextlib.suppress(asyncio.TimeoutError, TimeoutError):

@@ -13,7 +13,7 @@ class ServerSettings:
 
     served_model_names: names accepted in a request's ``model`` (the first is the one reported back).
     max_batch_tokens / max_batch_items: budget of one batch formed from the queue (and of each forward).
-    max_wait_ms: how long the batcher waits for more requests once it holds one.
+    max_wait_ms: how long the batcher waits for more requests once it holds one, while others are being prepared.
     max_queue_requests: requests admitted but not yet in a batch; past it, 429 with Retry-After.
     max_items_per_request / max_request_bytes: size limits of one request.
     api_key: with it, every endpoint but /health needs ``Authorization: Bearer <api_key>``.
