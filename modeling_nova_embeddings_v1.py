@@ -746,8 +746,9 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
             inputs = self.processor.collate(batch_items, min_pixels=limits[0], max_pixels=limits[1])
             inputs["position_ids"] = self.rope_position_ids(
                 inputs["input_ids"], inputs["attention_mask"], inputs.get("image_grid_thw"))
-        if self.device.type == "cuda":
-            for key, value in inputs.items():
+        replayed = packed and SmallCallGraphs.accepts(inputs) and self.small_call_graphs() is not None
+        if self.device.type == "cuda" and not replayed:
+            for key, value in inputs.items():  # (a graph replay copies its inputs into its own buffers)
                 if isinstance(value, torch.Tensor):
                     inputs[key] = value.pin_memory()
         return inputs
