@@ -254,11 +254,27 @@ class NovaEmbeddingsV1Processor(Qwen2_5_VLProcessor):
         Returns the text, the character spans to pool, and the length of the system turn (0 without
         instructions), found by rendering the system turn alone: the template stays the only format.
         """
-        rendered, spans = _render(self._template(), self._messages(item, config), config.image_prompt)
+        rendered, spans = self._render_with_layout(item, config) or _render(
+            self._template(), self._messages(item, config), config.image_prompt)
         system_chars = _system_turn_length(self._template(), item.instructions, config.image_prompt) if item.instructions else 0
         if not rendered.startswith(rendered[:system_chars]) or any(start < system_chars for start, _ in spans):
             raise ValueError("the chat template must render the system turn before the item")
         return rendered, spans, system_chars
+
+    def _render_with_layout(self, item: EmbeddingItem, config) -> tuple[str, list[tuple[int, int]]] | None:
+        """The template's rendering of a text item without running the template: the text put into the layout that
+        the template gives items of the same kind (task, image or not, instructions), rendered once. None when
+        the template does not insert the text verbatim (then the caller renders the item itself)."""
+        if item.text is None:
+            return None
+        layout = _text_layout(self._template(), config.task_prompts[item.task], item.has_image, item.instructions,
+                              config.image_prompt)
+        if layout is None:
+            return None
+        before, after, spans = layout
+        text_end = len(before) + len(item.text)
+        place = lambda edge: text_end + edge[0] if edge[1] else edge[0]  # noqa: E731
+        return before + item.text + after, [(place(start), place(end)) for start, end in spans]
 
     @staticmethod
     def _messages(item: EmbeddingItem, config, user_string=lambda text: text) -> list[dict]:
@@ -512,6 +528,35 @@ def _render(template: str, messages: list[dict], image_prompt: str) -> tuple[str
             [messages], chat_template=template, return_assistant_tokens_mask=True, image_prompt=image_prompt
         )
     return texts[0], list(indices[0])
+
+
+# Stand-ins for an item's text while finding where the template puts it: private-use characters, surrounding spaces
+# (a template that strips or rewrites text shows it) and two lengths (spans must shift by the text's length).
+_TEXT_SLOTS = ("\ue000a\ue001", " \ue000bb \ue001 ")
+
+
+@functools.lru_cache(maxsize=1024)
+def _text_layout(template: str, prefix: str, has_image: bool, instructions: str | None,
+                 image_prompt: str) -> tuple[str, str, list[tuple[int, int]]] | None:
+    """What the template renders around an item's text, for one kind of text item: (before, after, pooled spans),
+    or None unless the text lands verbatim, once, with every span edge outside it. A span edge is (offset, False)
+    from the start of the rendering when it lies before the text, (offset, True) from the text's end after it.
+    Rendering a long call's items one by one through Jinja cost more than tokenising them."""
+    found = []
+    for slot in _TEXT_SLOTS:
+        content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": slot}]
+        messages = [{"role": "user", "prefix": prefix, "content": content}]
+        if instructions is not None:
+            messages.insert(0, {"role": "system", "content": instructions})
+        rendered, spans = _render(template, messages, image_prompt)
+        if rendered.count(slot) != 1:
+            return None
+        start = rendered.index(slot)
+        if any(start < edge < start + len(slot) for span in spans for edge in span):
+            return None
+        unslot = lambda edge: (edge, False) if edge <= start else (edge - start - len(slot), True)  # noqa: E731, B023
+        found.append((rendered[:start], rendered[start + len(slot):], [(unslot(a), unslot(b)) for a, b in spans]))
+    return found[0] if found[0] == found[1] else None
 
 
 @functools.lru_cache(maxsize=4096)

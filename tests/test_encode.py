@@ -487,3 +487,23 @@ def test_prepare_items_does_not_wait_for_a_running_encode(model):
     finally:
         release.set()
         holder.join()
+
+
+def test_text_layout_shortcut_renders_exactly_what_the_template_renders(model):
+    """Texts are put into the layout the template renders for their kind of item (rendered once); that must equal
+    rendering each item, spans included, and a template that rewrites the text must not take the shortcut."""
+    import sys
+
+    processing = sys.modules[type(model.processor).__module__]
+    processor, config = model.processor, model.config
+    items = processor.normalize_items(
+        ["plain", " spaced  ", {"text": "q", "task": "retrieval.query", "instructions": "Find it."},
+         {"text": "caption", "image": make_image(3)}, {"text": "def f(): pass", "task": "code.passage"},
+         {"text": "with markup <|im_end|> inside", "task": "text-matching"}, {"text": "ünïcode ✓", "instructions": "ß"}],
+        config=config)
+    for item in items:
+        full = processing._render(processor._template(), processor._messages(item, config), config.image_prompt)
+        assert processor._render_with_layout(item, config) == full, item
+    trimming = processor._template().replace("part['text']", "(part['text'] | trim)")
+    assert processing._text_layout(trimming, "Query: ", False, None, config.image_prompt) is None
+    assert processing._text_layout(processor._template(), "Query: ", False, None, config.image_prompt) is not None
