@@ -205,3 +205,19 @@ def test_a_separately_loaded_processor_routes_the_same(model, tiny_nova_dir):
     expected = model.encode(ITEMS)
     model.processor = AutoProcessor.from_pretrained(tiny_nova_dir, trust_remote_code=True)
     torch.testing.assert_close(model.encode(ITEMS), expected)
+
+
+def test_fast_merge_adds_what_peft_merge_adds(model):
+    """The one-addmm_ merge of a plain LoRA layer gives PEFT's merged weight (W + its get_delta_weight)."""
+    manager = model.adapter_manager
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and "retrieval" in m.lora_A]
+    originals = {layer: layer.get_base_layer().weight.detach().clone() for layer in layers}
+    deltas = {layer: layer.get_delta_weight("retrieval").detach().clone() for layer in layers}
+    try:
+        manager.merge("retrieval", layers)
+        for layer in layers:
+            assert layer.merged_adapters == ["retrieval"]
+            torch.testing.assert_close(layer.get_base_layer().weight, originals[layer] + deltas[layer], atol=1e-6, rtol=1e-5)
+    finally:
+        manager.restore_merged()
+    assert all(torch.equal(layer.get_base_layer().weight, originals[layer]) for layer in layers)
