@@ -826,8 +826,7 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
 
 
 # ---------------------------------------------------------------------- packed (variable-length) attention
-@functools.lru_cache(maxsize=None)
-def _varlen_kernel():
+def _find_varlen_kernel():
     """torch's variable-length flash attention (torch >= 2.10 on CUDA) and its extra keyword arguments, or None."""
     try:
         from torch.nn.attention.varlen import varlen_attn
@@ -835,6 +834,13 @@ def _varlen_kernel():
         return None
     extra = {"enable_gqa": True} if "enable_gqa" in inspect.signature(varlen_attn).parameters else {}
     return functools.partial(varlen_attn, **extra)
+
+
+_VARLEN_KERNEL = _find_varlen_kernel()  # found once at import: a plain global, which compiled blocks read as a constant
+
+
+def _varlen_kernel():
+    return _VARLEN_KERNEL
 
 
 def packed_attention_forward(
