@@ -47,7 +47,6 @@ from nova_embeddings.corpus_encode import (
     EncodeSettings,
     check_settings,
     encode_prepared,
-    load_model,
     output_dims,
     prepare_rows,
     resolve_dtype,
@@ -55,6 +54,7 @@ from nova_embeddings.corpus_encode import (
     vector_type,
 )
 from nova_embeddings.corpus_input import CorpusError, CorpusIndex, read_rows, row_item, scan_corpus
+from nova_embeddings.data import load_model
 from nova_embeddings.corpus_pipeline import StageTimes, run_pipeline, timed
 
 try:
@@ -425,7 +425,8 @@ def encode_corpus(args: argparse.Namespace, dist: Distributed, model: Any = None
         raise CorpusError(f"--prepare-ahead must be 0 or more, got {args.prepare_ahead}")
     index = scan_corpus(args.inputs, args.shard_size)
     if model is None:
-        model = load_model(args.model, args.revision, resolve_dtype(args.dtype, dist.device), dist.device)
+        model = load_model(args.model, dtype=resolve_dtype(args.dtype, dist.device), device=dist.device,
+                           revision=args.revision)
     check_settings(model, settings)
     dims = output_dims(model, settings)
     run = run_description(args, model, settings, dims, model.dtype)

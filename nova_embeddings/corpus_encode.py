@@ -194,13 +194,5 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_model(path: str, revision: str | None, dtype: torch.dtype, device: torch.device) -> Any:
-    """The model exactly as the README loads it."""
-    from transformers import AutoModel
-
-    kwargs = {"revision": revision} if revision else {}
-    return AutoModel.from_pretrained(path, trust_remote_code=True, dtype=dtype, **kwargs).to(device)
-
-
 __all__ = ["EncodeSettings", "VECTOR_KINDS", "DTYPES", "prepare_rows", "encode_prepared", "encode_items", "vector_column",
-           "vector_type", "output_dims", "check_settings", "load_model", "resolve_dtype"]
+           "vector_type", "output_dims", "check_settings", "resolve_dtype"]

@@ -30,12 +30,12 @@ from nova_embeddings.corpus_encode import (
     EncodeSettings,
     check_settings,
     encode_items,
-    load_model,
     output_dims,
     resolve_dtype,
     vector_column,
 )
 from nova_embeddings.corpus_input import CorpusError, row_item
+from nova_embeddings.data import load_model
 
 
 class NovaEmbedder:
@@ -64,7 +64,7 @@ class NovaEmbedder:
     ):
         self.settings = EncodeSettings(**settings)
         chosen = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-        self.model = load_model(model, revision, resolve_dtype(dtype, chosen), chosen)
+        self.model = load_model(model, dtype=resolve_dtype(dtype, chosen), device=chosen, revision=revision)
         check_settings(self.model, self.settings)
         self.dims = output_dims(self.model, self.settings)
         self.skip_bad_rows = skip_bad_rows

@@ -62,15 +62,20 @@ def item_problem(error: ValueError, base_dir: Path | None = None) -> tuple[int |
 
 
 def load_model(
-    name_or_path: str, *, dtype: str = "float32", device: str | None = None, load_task_adapters: bool = True
+    name_or_path: str, *, dtype: str | torch.dtype = "float32", device: str | torch.device | None = None,
+    load_task_adapters: bool = True, revision: str | None = None,
 ) -> torch.nn.Module:
-    """The nova model through transformers' remote code, in ``dtype``, on ``device`` (default: cuda if present)."""
+    """The nova model exactly as the README loads it (transformers' remote code), in ``dtype`` (a name or a torch
+    dtype), on ``device`` (default: cuda if present), at ``revision`` if given."""
     from transformers import AutoModel
 
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+        dtype = DTYPES[dtype]
+    kwargs = {"revision": revision} if revision else {}
     model = AutoModel.from_pretrained(
-        name_or_path, trust_remote_code=True, dtype=DTYPES[dtype], load_task_adapters=load_task_adapters
+        name_or_path, trust_remote_code=True, dtype=dtype, load_task_adapters=load_task_adapters, **kwargs
     )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device)

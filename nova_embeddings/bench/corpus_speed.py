@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from ..corpus import Distributed, build_parser, encode_corpus
-from ..corpus_encode import load_model, resolve_dtype
+from ..corpus_encode import resolve_dtype
+from ..data import load_model
 from ..corpus_pipeline import StageTimes
 
 
@@ -114,7 +115,7 @@ def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
 def warm_comparison(args: argparse.Namespace, model_dir: Path, texts: list[str]) -> None:
     """Both sides on one warmed-up model; prints rates, ratio and encode-corpus's breakdown."""
     rows = len(texts)
-    model = load_model(str(model_dir), None, resolve_dtype(args.dtype, args.device), args.device)
+    model = load_model(str(model_dir), dtype=resolve_dtype(args.dtype, args.device), device=args.device)
     print(f"model {model_dir.name}, {model.dtype}, {args.device}; warmup {model.warmup():.1f} s", flush=True)
 
     start = time.perf_counter()
@@ -180,7 +181,7 @@ def cold_comparison(args: argparse.Namespace, model_dir: Path) -> None:
 
 def cold_encode_child(args: argparse.Namespace, model_dir: Path) -> None:
     """The cold encode() side: load, read the texts, encode them in one call."""
-    model = load_model(str(model_dir), None, resolve_dtype(args.dtype, args.device), args.device)
+    model = load_model(str(model_dir), dtype=resolve_dtype(args.dtype, args.device), device=args.device)
     with (args.workdir / "corpus.jsonl").open() as handle:
         texts = [json.loads(line)["text"] for line in handle]
     model.encode(texts, adapter=None, **encode_kwargs(args))
