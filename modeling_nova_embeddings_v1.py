@@ -108,6 +108,7 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         self.compile_options: dict[str, Any] = {"emulate_precision_casts": True}
         self.cuda_graphs = "auto"  # "auto": small text calls replay CUDA graphs when packed on CUDA; "on"; "off"
         self._graphs: SmallCallGraphs | None = None
+        self._graphs_lock = threading.Lock()
         self.fast_vision = True  # vision tower through FastVisionTower (same result, cached grid tables); False: stock
         self.post_init()
 
@@ -292,14 +293,19 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
     def small_call_graphs(self) -> SmallCallGraphs | None:
         """The CUDA graphs small packed text calls replay (``cuda_graphs``): captured on CUDA; "on" elsewhere runs
         the same padded static-buffer body eagerly (for tests); None when off."""
+        if not self.graphs_enabled():
+            return None
+        capture = self.device.type == "cuda"
+        with self._graphs_lock:  # two threads' first calls build one set of graphs
+            if self._graphs is None or self._graphs.capture != capture:
+                self._graphs = SmallCallGraphs(self, capture=capture)
+            return self._graphs
+
+    def graphs_enabled(self) -> bool:
+        """Whether small packed text batches go through ``SmallCallGraphs`` (``cuda_graphs``, the device)."""
         if self.cuda_graphs not in ("auto", "on", "off"):
             raise ValueError(f"cuda_graphs must be 'auto', 'on' or 'off', got {self.cuda_graphs!r}")
-        capture = self.device.type == "cuda"
-        if self.cuda_graphs == "off" or (self.cuda_graphs == "auto" and not capture):
-            return None
-        if self._graphs is None or self._graphs.capture != capture:
-            self._graphs = SmallCallGraphs(self, capture=capture)
-        return self._graphs
+        return self.cuda_graphs == "on" or (self.cuda_graphs == "auto" and self.device.type == "cuda")
 
     def use_packed_attention(self) -> bool:
         """Whether encode packs batches: ``attention_packing`` "on", or "auto" on CUDA in half precision."""
@@ -746,7 +752,7 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
             inputs = self.processor.collate(batch_items, min_pixels=limits[0], max_pixels=limits[1])
             inputs["position_ids"] = self.rope_position_ids(
                 inputs["input_ids"], inputs["attention_mask"], inputs.get("image_grid_thw"))
-        replayed = packed and SmallCallGraphs.accepts(inputs) and self.small_call_graphs() is not None
+        replayed = packed and SmallCallGraphs.accepts(inputs) and self.graphs_enabled()
         if self.device.type == "cuda" and not replayed:
             for key, value in inputs.items():  # (a graph replay copies its inputs into its own buffers)
                 if isinstance(value, torch.Tensor):

@@ -144,3 +144,17 @@ def test_replay_follows_a_new_adapter_and_keeps_earlier_outputs(tiny_nova_dir):
     model.cuda_graphs = "off"
     eager = model.encode([{"text": "one query", "adapter": "legal"}])
     assert float(torch.nn.functional.cosine_similarity(replayed, eager).min()) >= 0.999
+
+
+def test_threads_share_the_static_buffers_safely(model):
+    """Replays from several threads at once (a server's callers): each call gets its own vectors, as serially."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    packed(model, "on")
+    rng = random.Random(5)
+    calls = [random_items(rng, rng.randint(1, 4), max_words=rng.choice([3, 12])) for _ in range(24)]
+    expected = [model.encode(items) for items in calls]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        got = list(pool.map(model.encode, calls))
+    for mine, theirs in zip(got, expected):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-6)

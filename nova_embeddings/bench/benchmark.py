@@ -683,7 +683,7 @@ def w2_latency(bench: Bench, w: Workload) -> None:
     if ref_out is not None and our_out is not None:
         compare(ours, ref, cosines(our_out, ref_out))
     graphs_setting = getattr(bench.model, "cuda_graphs", None)
-    if graphs_setting is not None and bench.model.small_call_graphs() is not None:  # what the replay saves
+    if graphs_setting is not None and bench.model.graphs_enabled():  # what the replay saves
         bench.model.cuda_graphs = "off"
         try:
             plain, plain_out = latency_row(bench, w, "ours, cuda_graphs='off'",
