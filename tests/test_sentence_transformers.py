@@ -163,3 +163,24 @@ def test_multi_vector_encoder_built_on_the_module(st_model, model) -> None:
     want = model.score_multi_vector(model.encode_query(TEXTS, return_multivector=True),
                                     model.encode_document(items, return_multivector=True))
     close(mv.similarity(queries, documents), want)
+
+
+def test_threads_mixing_st_and_encode_on_one_model_get_serial_results(st_model) -> None:
+    """sentence-transformers' forward and the model's own encode, from several threads on the same model: each
+    routes its rows to other adapters, and none sees the other's routing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    nova = st_model[0].model
+    jobs = [("st", TEXTS), ("encode", [{"text": t, "task": "code.passage"} for t in TEXTS])] * 6
+
+    def run(job):
+        kind, inputs = job
+        if kind == "st":
+            return st_model.encode_query(inputs, convert_to_tensor=True, batch_size=1).cpu()
+        return nova.encode(inputs)
+
+    expected = [run(job) for job in jobs[:2]]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(run, jobs))
+    for index, result in enumerate(results):
+        close(result, expected[index % 2])
