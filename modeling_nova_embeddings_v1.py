@@ -293,6 +293,17 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
 
+    @property
+    def execution_device(self) -> torch.device:
+        """Where inputs go: the weights' device, or, when accelerate offloaded every weight (they wait on the meta
+        device until its hooks load them for each pass), the device those hooks run the model on."""
+        device = self.device
+        if device.type != "meta":
+            return device
+        hook = getattr(self.get_input_embeddings(), "_hf_hook", None) or getattr(self, "_hf_hook", None)
+        execution = getattr(hook, "execution_device", None)
+        return torch.device(execution) if execution is not None else torch.device("cpu")
+
     def small_call_graphs(self) -> SmallCallGraphs | None:
         """The CUDA graphs small packed text calls replay (``cuda_graphs``): captured on CUDA; "on" elsewhere runs
         the same padded static-buffer body eagerly (for tests); None when off."""
@@ -738,7 +749,7 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
                 if graphs is not None and row_names is None and router.merged is None and graphs.accepts(inputs):
                     vectors = graphs.run(inputs, names[0], return_multivector)
                 else:
-                    out = self(**inputs.to(self.device, non_blocking=True), return_multivector=return_multivector,
+                    out = self(**inputs.to(self.execution_device, non_blocking=True), return_multivector=return_multivector,
                                adapter_names=row_names)
                     vectors = out.multi_vector if return_multivector else out.single_vector
                 device_outputs.append((batch, vectors, output_mask))
@@ -756,7 +767,7 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
             inputs["position_ids"] = self.rope_position_ids(
                 inputs["input_ids"], inputs["attention_mask"], inputs.get("image_grid_thw"))
         replayed = packed and SmallCallGraphs.accepts(inputs) and self.graphs_enabled()
-        if self.device.type == "cuda" and not replayed:
+        if self.execution_device.type == "cuda" and not replayed:
             for key, value in inputs.items():  # (a graph replay copies its inputs into its own buffers)
                 if isinstance(value, torch.Tensor):
                     inputs[key] = value.pin_memory()
@@ -799,9 +810,9 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
             pixels = processor.image_processor(
                 images=[item.image for item in chunk], size={"shortest_edge": low, "longest_edge": high}, return_tensors="pt"
             )
-            grid = pixels["image_grid_thw"].to(self.device)
+            grid = pixels["image_grid_thw"].to(self.execution_device)
             with self._adapter_lock, self.dropout_disabled():  # one GPU user at a time, as encode
-                features = self.vision_tower(pixels["pixel_values"].to(self.device), grid)
+                features = self.vision_tower(pixels["pixel_values"].to(self.execution_device), grid)
             for embeds, thw in zip(features, grid.cpu()):
                 results.append({"image_embeds": embeds.cpu(), "image_grid_thw": thw})
         return results

@@ -63,3 +63,11 @@ def test_offloaded_bare_backbone_encodes_as_the_loaded_model(tiny_nova_dir: Path
     with pytest.raises(ValueError, match="offloaded by its device_map"):
         model.load_adapter(tiny_nova_dir / "adapters" / "retrieval", adapter_name="extra")
     assert model.list_adapters() == []
+
+
+def test_every_weight_offloaded_still_encodes_as_the_loaded_model(tiny_nova_dir: Path, reference, tmp_path: Path) -> None:
+    """With every weight on disk the parameters sit on the meta device: inputs go where accelerate's hooks run."""
+    model = AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True, device_map="auto", max_memory={"cpu": 1000},
+                                      offload_folder=str(tmp_path / "offload"), load_task_adapters=False)
+    assert set(model.hf_device_map.values()) == {"disk"} and model.device.type == "meta"
+    torch.testing.assert_close(model.encode(TEXTS, adapter=None), reference.encode(TEXTS, adapter=None), atol=1e-6, rtol=0)
