@@ -279,15 +279,9 @@ class NovaEmbeddingsV1Processor(Qwen2_5_VLProcessor):
     @staticmethod
     def _messages(item: EmbeddingItem, config, user_string=lambda text: text) -> list[dict]:
         """The item as a conversation for the template; ``user_string`` maps the strings the user wrote."""
-        content = []
-        if item.has_image:
-            content.append({"type": "image"})
-        if item.text is not None:
-            content.append({"type": "text", "text": user_string(item.text)})
-        messages = [{"role": "user", "prefix": config.task_prompts[item.task], "content": content}]
-        if item.instructions is not None:
-            messages.insert(0, {"role": "system", "content": user_string(item.instructions)})
-        return messages
+        text = user_string(item.text) if item.text is not None else None
+        instructions = user_string(item.instructions) if item.instructions is not None else None
+        return _conversation(config.task_prompts[item.task], item.has_image, text, instructions)
 
     def _tokenize_rendered(self, item: EmbeddingItem, config, rendered: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Token ids and character offsets of a rendered item; special-token markup the user wrote is plain text.
@@ -530,6 +524,16 @@ def _render(template: str, messages: list[dict], image_prompt: str) -> tuple[str
     return texts[0], list(indices[0])
 
 
+def _conversation(prefix: str, has_image: bool, text: str | None, instructions: str | None) -> list[dict]:
+    """One item as the template's conversation: the instructions as a system turn, then the user turn (task prefix,
+    image part, text part)."""
+    content = ([{"type": "image"}] if has_image else []) + ([{"type": "text", "text": text}] if text is not None else [])
+    messages = [{"role": "user", "prefix": prefix, "content": content}]
+    if instructions is not None:
+        messages.insert(0, {"role": "system", "content": instructions})
+    return messages
+
+
 # Stand-ins for an item's text while finding where the template puts it: private-use characters, surrounding spaces
 # (a template that strips or rewrites text shows it) and two lengths (spans must shift by the text's length).
 _TEXT_SLOTS = ("\ue000a\ue001", " \ue000bb \ue001 ")
@@ -544,11 +548,7 @@ def _text_layout(template: str, prefix: str, has_image: bool, instructions: str 
     Rendering a long call's items one by one through Jinja cost more than tokenising them."""
     found = []
     for slot in _TEXT_SLOTS:
-        content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": slot}]
-        messages = [{"role": "user", "prefix": prefix, "content": content}]
-        if instructions is not None:
-            messages.insert(0, {"role": "system", "content": instructions})
-        rendered, spans = _render(template, messages, image_prompt)
+        rendered, spans = _render(template, _conversation(prefix, has_image, slot, instructions), image_prompt)
         if rendered.count(slot) != 1:
             return None
         start = rendered.index(slot)
