@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .benchmark import make_page
-from .corpus_speed import build_model_dir
+from .corpus_speed import build_model_dir, min_cosine, read_vectors
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORDS = ["alpha", "beta", "gamma", "delta", "page", "model", "vector", "query", "table", "figure"]
@@ -128,31 +128,17 @@ def run_corpus(args: argparse.Namespace, model_dir: Path, corpus: Path, nproc: i
     return {"nproc": nproc, "seconds": seconds, "gpu_utilisation": sampler.mean_per_gpu(), "out": out}
 
 
-def read_output(out: Path) -> tuple[list[str], dict[str, np.ndarray]]:
-    """The manifest's ids and every id's single vector."""
-    import pyarrow.parquet as pq
-
-    manifest = json.loads((out / "manifest.json").read_text())
-    vectors = {}
-    for shard in manifest["shards"]:
-        table = pq.read_table(out / shard["file"], columns=["id", "vector"])
-        for row_id, vector in zip(table.column("id").to_pylist(), table.column("vector").to_numpy(zero_copy_only=False)):
-            vectors[row_id] = np.asarray(vector, dtype=np.float64)
-    return manifest["ids"], vectors
-
-
 def compare_outputs(one: Path, many: Path, expected_ids: list[str]) -> dict[str, Any]:
-    """Same ids, in input order, each once, in both; the lowest cosine between matching vectors."""
-    ids_one, vectors_one = read_output(one)
-    ids_many, vectors_many = read_output(many)
+    """Same ids, in input order, each once, in both manifests; then the lowest cosine between matching vectors
+    (both outputs hold their vectors in manifest order)."""
     problems = []
-    for name, ids in (("1 process", ids_one), ("N processes", ids_many)):
+    for name, out in (("1 process", one), ("N processes", many)):
+        ids = json.loads((out / "manifest.json").read_text())["ids"]
         if ids != expected_ids:
             problems.append(f"{name}: manifest ids differ from the input's ({len(ids)} vs {len(expected_ids)}, "
                             f"{len(set(ids))} distinct)")
-    cosines = [float(a @ vectors_many[i] / (np.linalg.norm(a) * np.linalg.norm(vectors_many[i])))
-               for i, a in vectors_one.items() if i in vectors_many]
-    return {"ids_equal": not problems, "problems": problems, "min_cosine": min(cosines) if cosines else None}
+    cosine = None if problems else min_cosine(read_vectors(one), read_vectors(many))
+    return {"ids_equal": not problems, "problems": problems, "min_cosine": cosine}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -193,9 +179,10 @@ def main(argv: list[str] | None = None) -> int:
               f"tokens/s ({run['seconds']:.1f} s, cold); GPU utilisation {run['gpu_utilisation'] or 'n/a'}", flush=True)
     scaling = runs[0]["seconds"] / runs[1]["seconds"]
     check = compare_outputs(runs[0]["out"], runs[1]["out"], expected_ids)
-    print(f"scaling: {scaling:.2f}x on {args.nproc} processes ({scaling / args.nproc:.2f} of linear); ids "
-          f"{'equal, each once' if check['ids_equal'] else 'DIFFER: ' + '; '.join(check['problems'])}; min cosine "
-          f"1 vs {args.nproc} processes {check['min_cosine']:.6f}", flush=True)
+    agreement = (f"ids equal, each once; min cosine 1 vs {args.nproc} processes {check['min_cosine']:.6f}"
+                 if check["ids_equal"] else "ids DIFFER: " + "; ".join(check["problems"]))
+    print(f"scaling: {scaling:.2f}x on {args.nproc} processes ({scaling / args.nproc:.2f} of linear); {agreement}",
+          flush=True)
     result = {"rows": args.rows, "tokens": tokens, "device": args.device, "nproc": args.nproc, "scaling": scaling,
               "runs": [{k: v for k, v in run.items() if k != "out"} for run in runs], **check}
     if args.json:
