@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -81,4 +82,15 @@ def load_model(
     return model.to(device)
 
 
-__all__ = ["DataError", "DTYPES", "iter_jsonl", "resolve_image", "resolve_item_images", "item_problem", "load_model"]
+def exit_status(command: Callable[[], Any]) -> int:
+    """Run a subcommand's work for its ``main``: 0, or 2 with a one-line message for bad input (a ``ValueError``:
+    bad data, an unknown adapter or task), never a traceback for the user's mistake."""
+    try:
+        command()
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+__all__ = ["DataError", "DTYPES", "iter_jsonl", "resolve_image", "resolve_item_images", "item_problem", "load_model", "exit_status"]

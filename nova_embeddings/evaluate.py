@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .data import DataError, item_problem, iter_jsonl, load_model, resolve_image
+from .data import DataError, exit_status, item_problem, iter_jsonl, load_model, resolve_image
 
 NO_INSTRUCTION = "no instruction"
 WITH_INSTRUCTION = "with instruction"
@@ -397,12 +397,7 @@ def run(args: argparse.Namespace, model=None) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except ValueError as error:  # bad data (DataError), unknown adapter or task: a message, not a traceback
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import DataError, item_problem, iter_jsonl, load_model, resolve_item_images
+from .data import DataError, exit_status, item_problem, iter_jsonl, load_model, resolve_item_images
 
 # Every q/k/v/o/gate/up/down projection of the language model and the multi-vector projector; never the
 # vision tower (its module names hold "visual", not "language_model"). Same targets as jina's task adapters.
@@ -653,12 +653,7 @@ def config_defaults(parser: argparse.ArgumentParser, path: Path) -> dict[str, An
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        train(args)
-    except ValueError as error:  # bad data (DataError), unknown task or adapter: a message, not a traceback
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(lambda: train(args))
 
 
 if __name__ == "__main__":
