@@ -58,6 +58,18 @@ async def assert_still_serving(client: httpx.AsyncClient, model) -> None:
     assert_vectors_equal(vectors_of(response), list(model.encode(["still fine"])))
 
 
+def refused_then_still_serving(app, model, body: dict) -> httpx.Response:
+    """Post ``body`` (a request to refuse), then check a normal request still gets its vector; the first response."""
+
+    async def scenario():
+        async with serving(app) as client:
+            refused = await post(client, body)
+            await assert_still_serving(client, model)
+            return refused
+
+    return run(scenario())
+
+
 def assert_openai_error(response: httpx.Response, status: int, param: str | None, fragment: str) -> None:
     assert response.status_code == status, response.text
     error = response.json()["error"]
@@ -73,13 +85,7 @@ def test_request_pixel_budget_is_checked_from_headers_before_decoding(model):
     app = app_for(model, max_image_pixels=50_000_000, max_request_pixels=70_000_000)
     items = [{"image": png_header_only(6000, 6000)}, "text", {"image": png_header_only(6000, 6000)}]
 
-    async def scenario():
-        async with serving(app) as client:
-            refused = await post(client, {"input": items})
-            await assert_still_serving(client, model)
-            return refused
-
-    response = run(scenario())
+    response = refused_then_still_serving(app, model, {"input": items})
     assert_openai_error(response, 413, "input[2]", "over the per-request limit of 70000000 decoded pixels")
     assert "--max-request-pixels" in response.json()["error"]["message"]
 
@@ -87,13 +93,8 @@ def test_request_pixel_budget_is_checked_from_headers_before_decoding(model):
 def test_request_image_token_budget(model):
     app = app_for(model, max_request_image_tokens=1)
 
-    async def scenario():
-        async with serving(app) as client:
-            refused = await post(client, {"input": ["text", {"image": b64_png(1)}]})
-            await assert_still_serving(client, model)
-            return refused
-
-    assert_openai_error(run(scenario()), 413, "input[1]", "--max-request-image-tokens")
+    response = refused_then_still_serving(app, model, {"input": ["text", {"image": b64_png(1)}]})
+    assert_openai_error(response, 413, "input[1]", "--max-request-image-tokens")
 
 
 def test_images_within_the_budgets_are_served(model):
@@ -166,13 +167,7 @@ def test_accepted_image_formats(model, fmt):
 def test_other_image_formats_are_refused(model, fmt):
     payload = encoded(make_image(5, 32, 24), fmt)
 
-    async def scenario():
-        async with serving(app_for(model)) as client:
-            refused = await post(client, {"input": ["ok", {"image": payload}]})
-            await assert_still_serving(client, model)
-            return refused
-
-    response = run(scenario())
+    response = refused_then_still_serving(app_for(model), model, {"input": ["ok", {"image": payload}]})
     assert_openai_error(response, 400, "input[1]", "unreadable image")
     assert "PNG, JPEG, WEBP, GIF, BMP or TIFF" in response.json()["error"]["message"]
 
