@@ -33,7 +33,7 @@ from .adapters_nova_embeddings_v1 import (
     BASE, AdapterManager, lora_layers, module_index, repository_adapter_folders, rows_routed,
 )
 from .configuration_nova_embeddings_v1 import NovaEmbeddingsV1Config
-from .graphs_nova_embeddings_v1 import SmallCallGraphs
+from .graphs_nova_embeddings_v1 import MAX_ITEMS as GRAPH_MAX_ITEMS, TOKEN_BUCKETS as GRAPH_TOKEN_BUCKETS, SmallCallGraphs
 from .processing_nova_embeddings_v1 import TASK_ADAPTER, EmbeddingItem, NovaEmbeddingsV1Processor, TokenizedItem
 from .vision_nova_embeddings_v1 import attention_implementation, fast_vision_tower
 
@@ -278,7 +278,8 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
 
     def warmup(self, text_lengths: Sequence[int] = (16, 48, 112, 240, 480), images: int = 1) -> float:
         """Run ``encode`` on dummy texts (and a dummy page) so that compilation, kernel selection and the CUDA-graph
-        capture of each token bucket (one text per length, default task) happen now, not in a user's first
+        capture of each token bucket (one text per short length, then calls of ~125-token texts filling the larger
+        buckets; default task) happen now, not in a user's first
         request; returns the seconds it took. The server calls it at start-up."""
         import time
 
@@ -287,7 +288,9 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         start = time.perf_counter()
         texts = [" ".join(["warm"] * n) for n in text_lengths]
         pages = [{"image": Image.new("RGB", (448, 448), "white")} for _ in range(images)]
-        for items in [[text] for text in texts] + [texts + pages]:  # short calls, then a mixed batch
+        passage = " ".join(["warm"] * 120)  # ~125 tokens with the prompt: n - 1 of them fill the bucket of 128 n
+        medium = [[passage] * (bucket // 128 - 1) for bucket in GRAPH_TOKEN_BUCKETS if bucket > 512]  # server batches
+        for items in [[text] for text in texts] + medium + [texts + pages]:  # short calls, medium, a mixed batch
             self.encode(items)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -611,6 +614,8 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         tokenized, adapters = prepared.tokenized, prepared.adapters
         packed = self.use_packed_attention()
         groups = adapters if (packed or self.adapter_batching == "group") else None  # a packed row has one adapter
+        if packed and self.graphs_enabled():  # batches of a few thousand tokens then replay graphs (at most MAX_ITEMS)
+            batch_size = min(batch_size, GRAPH_MAX_ITEMS)
         batches = self.plan_batches(tokenized, batch_size, max_batch_tokens, groups=groups, padded=not packed)
         outputs = self._run_batches(tokenized, batches, adapters, prepared.limits, return_multivector, packed,
                                     show_progress_bar)

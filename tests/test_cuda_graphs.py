@@ -62,10 +62,22 @@ def test_calls_too_big_for_a_bucket_take_the_plain_path(model):
     packed(model, "on")
     model._graphs.graphs.clear()
     long_text = " ".join(["word"] * (TOKEN_BUCKETS[-1] + 10))
-    many = [f"item {i}" for i in range(MAX_ITEMS + 1)]
     model.encode([long_text])
-    model.encode(many, batch_size=MAX_ITEMS + 1)
     assert model._graphs.graphs == {}
+    assert not model._graphs.accepts(model.processor.collate_packed(
+        model.prepare_items([f"item {i}" for i in range(MAX_ITEMS + 1)]).tokenized, min_pixels=1, max_pixels=10**7))
+
+
+def test_many_short_items_are_cut_into_batches_that_replay(model):
+    """With graphs on, batches hold at most MAX_ITEMS items, so a call of many short texts replays graphs
+    (whatever batch_size asks: it is an upper bound) and equals the plain path, in order."""
+    many = [f"item {i} " + " ".join(WORDS[: i % 7 + 1]) for i in range(2 * MAX_ITEMS + 5)]
+    expected = packed(model, "off").encode(many, batch_size=256)
+    model = packed(model, "on")
+    model._graphs.graphs.clear()
+    got = model.encode(many, batch_size=256)
+    assert model._graphs.graphs
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
 def test_graphs_follow_adapter_loads_and_weight_changes(tiny_nova_dir):
@@ -108,12 +120,14 @@ def test_cuda_graphs_setting_is_checked(model):
 # ---------------------------------------------------------------------- CUDA: captured and replayed
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_replays_equal_eager_for_many_distinct_inputs(tiny_nova_dir):
-    """>= 200 distinct calls (lengths across every bucket, 1..8 items, every task adapter, single and multi
+    """>= 200 distinct calls (lengths across every bucket, 1..MAX_ITEMS items, every task adapter, single and multi
     vectors) replayed from captured graphs equal the eager packed path in bf16."""
     model = load(tiny_nova_dir, dtype=torch.bfloat16).to("cuda")
     rng = random.Random(1)
     calls = [(random_items(rng, rng.randint(1, 8), max_words=rng.choice([2, 6, 20, 60])), i % 4 == 0)
-             for i in range(220)]
+             for i in range(200)]
+    calls += [(random_items(rng, rng.randint(20, MAX_ITEMS), max_words=rng.choice([30, 120])), i % 4 == 0)
+              for i in range(20)]  # the larger buckets, up to MAX_ITEMS items (a server's batches)
     model.cuda_graphs = "off"
     expected = [model.encode(items, return_multivector=multi) for items, multi in calls]
     model.cuda_graphs = "auto"
