@@ -7,7 +7,9 @@ or the fixed image prompt expanded by the image processor's grid), run through t
 
 from __future__ import annotations
 
+
 import base64
+import sys
 import http.server
 import threading
 
@@ -372,6 +374,23 @@ def test_oversized_image_and_long_text(tiny_nova_dir):
 
 
 # ---------------------------------------------------------------------- packed (variable-length) attention
+def test_pictures_are_batched_a_few_at_a_time_with_the_same_vectors(model):
+    """A batch holds at most PICTURES_PER_BATCH pictures (their preprocessing pipelines with the GPU); precomputed
+    image embeddings are not pictures; vectors equal one-by-one encodes, in order."""
+    PICTURES_PER_BATCH = sys.modules[type(model).__module__].PICTURES_PER_BATCH  # the remote-code module
+    pages = [{"image": make_image(40 + i, width=60 + 4 * i)} for i in range(PICTURES_PER_BATCH * 2 + 3)]
+    embeds = model.get_image_embeddings([make_image(70)])
+    items = pages[:5] + ["a text between pages", {"image_embeds": embeds[0]}] + pages[5:]
+    prepared = model.prepare_items(items)
+    batches = model.plan_batches(prepared.tokenized, batch_size=64, max_batch_tokens=10**6)
+    pictures = [sum(prepared.tokenized[i].item.image is not None for i in batch) for batch in batches]
+    assert max(pictures) == PICTURES_PER_BATCH and sum(pictures) == len(pages)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(items)))
+    together = model.encode(items)
+    alone = torch.stack([model.encode([item])[0] for item in items])
+    torch.testing.assert_close(together, alone, atol=1e-6, rtol=1e-5)
+
+
 def test_packed_and_padded_paths_agree(model):
     """attention_packing="on" runs the packed path (per-sequence SDPA on CPU, varlen flash on CUDA)."""
     items = ["short", "a much longer text about late interaction and retrieval of pages", {"image": make_image(30)},
