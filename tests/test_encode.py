@@ -7,10 +7,9 @@ or the fixed image prompt expanded by the image processor's grid), run through t
 
 from __future__ import annotations
 
-
 import base64
-import sys
 import http.server
+import sys
 import threading
 
 import numpy as np
