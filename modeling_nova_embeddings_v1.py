@@ -42,6 +42,7 @@ OUTPUT_FORMATS = ("torch", "numpy", "list", "base64")
 # vision tower hands over its cu_seqlens (one call per layer instead of one per window).
 PACKED_ATTENTION = "nova_flash_varlen"
 PREFETCH_BATCHES = 3  # batches collated ahead by worker threads
+CHARS_PER_TOKEN = 4  # about what a BPE tokenizer gives on English text; sizes encode's first tokenised items
 
 
 @dataclass
@@ -540,20 +541,32 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         item's adapter. Returns what ``encode`` accepts in place of raw items, so that a server or a corpus
         pipeline can prepare the next items in another thread while the GPU runs the current ones, and
         tokenise each item exactly once. Arguments as in ``encode``."""
+        normalized, adapters, limits = self._route_items(items, task=task, instructions=instructions, truncate=truncate,
+                                                         min_pixels=min_pixels, max_pixels=max_pixels, adapter=adapter)
+        return PreparedItems(self._tokenize_items(normalized, limits, truncate), adapters, limits)
+
+    def _route_items(self, items, *, task, instructions, truncate, min_pixels, max_pixels,
+                     adapter) -> tuple[list[EmbeddingItem], list[str], tuple[int, int]]:
+        """First step of ``prepare_items``: validate every item and pick its adapter (a bad item fails here, before
+        any tokenisation or GPU work); returns the items, their adapters and the call's pixel limits."""
         if not isinstance(truncate, bool):
             raise TypeError(f"truncate must be True or False, got {truncate!r}")
         processor, config = self.processor, self.config
         limits = processor.pixel_limits(config, min_pixels, max_pixels)
         if isinstance(items, (list, tuple)) and not items:
-            return PreparedItems([], [], limits)
+            return [], [], limits
         normalized = processor.normalize_items(items, task=task, instructions=instructions, config=config)
         with self._adapter_names_lock:  # one consistent view of the adapters; _run_batches checks it again
             names = self.list_adapters()
             adapters = [self.adapter_manager.resolve(item, adapter, names) for item in normalized]
-        tokenized = processor.tokenize_items(
-            normalized, config=config, min_pixels=limits[0], max_pixels=limits[1], truncate=truncate
-        )
-        return PreparedItems(tokenized, adapters, limits)
+        return normalized, adapters, limits
+
+    def _tokenize_items(self, normalized: Sequence[EmbeddingItem], limits: tuple[int, int],
+                        truncate: bool) -> list[TokenizedItem]:
+        """Second step of ``prepare_items``: render and tokenise validated items (any slice of a call's items: errors
+        and warnings name each item by its index in the call)."""
+        return self.processor.tokenize_items(normalized, config=self.config, min_pixels=limits[0], max_pixels=limits[1],
+                                             truncate=truncate)
 
     @torch.inference_mode()
     def encode(
@@ -602,23 +615,68 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
                 given["adapter"] = adapter
             if given:
                 raise ValueError(f"{sorted(given)} apply when items are prepared: pass them to prepare_items instead")
-            prepared = items
+            normalized, tokenized, adapters, limits = None, items.tokenized, items.adapters, items.limits
         else:
-            prepared = self.prepare_items(items, task=task, instructions=instructions, truncate=truncate,
-                                          min_pixels=min_pixels, max_pixels=max_pixels, adapter=adapter)
-        if not prepared.tokenized:
+            normalized, adapters, limits = self._route_items(items, task=task, instructions=instructions,
+                                                             truncate=truncate, min_pixels=min_pixels,
+                                                             max_pixels=max_pixels, adapter=adapter)
+        if not adapters:
             return self._empty_result(return_multivector, dimensions, output)
-        tokenized, adapters = prepared.tokenized, prepared.adapters
         packed = self.use_packed_attention()
+        run = functools.partial(self._run_items, adapters=adapters, limits=limits, packed=packed, batch_size=batch_size,
+                                max_batch_tokens=max_batch_tokens, return_multivector=return_multivector,
+                                results=[None] * len(adapters))
+        lead = self._pipeline_lead(normalized, packed, batch_size, max_batch_tokens, limits)
+        if lead is not None:
+            show = len(adapters) >= 256 if show_progress_bar is None else show_progress_bar
+            results = self._run_pipelined(run, normalized, lead, limits, truncate, show_progress_bar=show)
+        else:
+            if normalized is not None:
+                tokenized = self._tokenize_items(normalized, limits, truncate)
+            results = run(tokenized, show_progress_bar=show_progress_bar)
+        return _convert(self._finish(results, return_multivector, dimensions), return_multivector, output)
+
+    def _pipeline_lead(self, normalized: list[EmbeddingItem] | None, packed: bool, batch_size: int,
+                       max_batch_tokens: int, limits: tuple[int, int]) -> int | None:
+        """How many items ``encode`` tokenises before the GPU starts (about one batch), or None to tokenise the whole
+        call first: prepared items, padded batches (sorted longest-first over the whole call to limit padding), or
+        a call of less than two such leads (too little left to hide)."""
+        if normalized is None or not packed:
+            return None
+        lead = _lead_items(normalized, batch_size, max_batch_tokens, self._image_token_bound(limits))
+        return lead if len(normalized) >= 2 * lead else None
+
+    def _run_pipelined(self, run, normalized: list[EmbeddingItem], lead: int, limits: tuple[int, int], truncate: bool,
+                       show_progress_bar: bool) -> list[torch.Tensor]:
+        """Tokenise the first ``lead`` items and run them while a worker thread tokenises the rest (the Rust
+        tokenizer releases the GIL), then run the rest: the GPU starts after one batch's tokenisation instead of the
+        whole call's. An error in the rest's tokenisation (too long, bad image size) is raised here as it was raised
+        there. The adapter lock is held across both parts: no adapter changes between them."""
+        head = self._tokenize_items(normalized[:lead], limits, truncate)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nova-tokenize") as pool, self._adapter_lock:
+            rest = pool.submit(self._tokenize_items, normalized[lead:], limits, truncate)
+            run(head, show_progress_bar=False)
+            return run(rest.result(), offset=lead, show_progress_bar=show_progress_bar)
+
+    def _run_items(self, tokenized: Sequence[TokenizedItem], *, adapters: Sequence[str], limits: tuple[int, int],
+                   packed: bool, batch_size: int, max_batch_tokens: int, return_multivector: bool,
+                   results: list[torch.Tensor | None], show_progress_bar: bool | None,
+                   offset: int = 0) -> list[torch.Tensor | None]:
+        """Plan ``tokenized`` (the call's items from ``offset`` on) into batches and run them; each item's vectors
+        land in ``results`` at its index in the call, which is returned."""
+        adapters = adapters[offset:offset + len(tokenized)]
         groups = adapters if (packed or self.adapter_batching == "group") else None  # a packed row has one adapter
         batches = self.plan_batches(tokenized, batch_size, max_batch_tokens, groups=groups, padded=not packed)
-        outputs = self._run_batches(tokenized, batches, adapters, prepared.limits, return_multivector, packed,
-                                    show_progress_bar)
-        results: list[torch.Tensor | None] = [None] * len(tokenized)
+        outputs = self._run_batches(tokenized, batches, adapters, limits, return_multivector, packed, show_progress_bar)
         for batch, vectors in outputs:
             for index, vector in zip(batch, vectors):
-                results[index] = vector
-        return _convert(self._finish(results, return_multivector, dimensions), return_multivector, output)
+                results[offset + index] = vector
+        return results
+
+    def _image_token_bound(self, limits: tuple[int, int]) -> int:
+        """The most tokens an image can take under these pixel limits (one token per merged patch)."""
+        image_processor = self.processor.image_processor
+        return limits[1] // (image_processor.patch_size * image_processor.merge_size) ** 2
 
     def encode_query(self, items, **kwargs):
         """``encode`` with the retrieval query prompt (the task can still be given per item)."""
@@ -914,6 +972,21 @@ AttentionInterface.register(PACKED_ATTENTION, packed_attention_forward)
 # ---------------------------------------------------------------------- helpers
 def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _lead_items(items: Sequence[EmbeddingItem], batch_size: int, max_batch_tokens: int, image_tokens: int) -> int:
+    """How many items to tokenise before the GPU starts: about one batch (``batch_size`` items, or about
+    ``max_batch_tokens`` tokens, counted before tokenisation as characters / CHARS_PER_TOKEN and images at their
+    most tokens); at least one item."""
+    count, tokens = 0, 0
+    for item in items[:batch_size]:
+        text = len(item.text or "") + len(item.instructions or "")
+        image = item.image_embeds.shape[0] if item.image_embeds is not None else image_tokens if item.has_image else 0
+        tokens += text // CHARS_PER_TOKEN + image
+        if count and tokens > max_batch_tokens:
+            break
+        count += 1
+    return max(count, 1)
 
 
 def _progress(batches: Iterable, show: bool | None, n_items: int, total: int) -> Iterable:
