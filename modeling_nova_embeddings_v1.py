@@ -4,7 +4,8 @@ The model holds transformers' ``Qwen2_5_VLModel`` (vision tower + language model
 ``multi_vector_projector``. ``forward`` maps a padded batch from the processor to the final-norm hidden
 states, one L2-normalised mean-pooled vector per item and L2-normalised per-token vectors.
 ``encode`` is the user-facing loop: validate -> tokenise -> sort by length -> batch by a token budget
--> forward -> unsort -> convert.
+-> forward -> unsort -> convert (packed calls of several batches tokenise the first batch's items, run them,
+and tokenise the rest meanwhile).
 """
 
 from __future__ import annotations
@@ -650,8 +651,8 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
                        show_progress_bar: bool) -> list[torch.Tensor]:
         """Tokenise the first ``lead`` items and run them while a worker thread tokenises the rest (the Rust
         tokenizer releases the GIL), then run the rest: the GPU starts after one batch's tokenisation instead of the
-        whole call's. An error in the rest's tokenisation (too long, bad image size) is raised here as it was raised
-        there. The adapter lock is held across both parts: no adapter changes between them."""
+        whole call's. An error from the rest's tokenisation (too long, bad image size) is re-raised unchanged. The
+        adapter lock is held across both parts, so no adapter is loaded or removed between them."""
         head = self._tokenize_items(normalized[:lead], limits, truncate)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nova-tokenize") as pool, self._adapter_lock:
             rest = pool.submit(self._tokenize_items, normalized[lead:], limits, truncate)

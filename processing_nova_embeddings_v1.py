@@ -204,7 +204,8 @@ class NovaEmbeddingsV1Processor(Qwen2_5_VLProcessor):
         return [self._tokenized_item(item, config, limits, truncate, max_length, spans, system_chars, *encoding)
                 for item, (_, spans, system_chars), encoding in zip(items, rendered, encodings)]
 
-    def _tokenize_all(self, items: Sequence[EmbeddingItem], config, rendered: list[str]) -> list[tuple[list[int], np.ndarray]]:
+    def _tokenize_all(self, items: Sequence[EmbeddingItem], config,
+                      rendered: list[str]) -> list[tuple[list[int], np.ndarray]]:
         """Token ids and (tokens, 2) character offsets of every rendered item: one batched backend call (parallel in
         the Rust tokenizer) for the items without user-written markup, the markup-aware path for the others."""
         markup = self._special_markup()

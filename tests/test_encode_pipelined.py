@@ -158,7 +158,8 @@ def test_tokenisation_gives_the_ids_and_masks_of_transformers_tokenizer_call(tin
         if item.has_image:  # the reference's single placeholder, repeated once per merged patch
             count = len(tokens) - len(ids) + 1
             repeat = [count if token == processor.image_token_id else 1 for token in ids]
-            ids, pooled, output = ([v for v, r in zip(values, repeat) for _ in range(r)] for values in (ids, pooled, output))
+            ids, pooled, output = ([v for v, r in zip(values, repeat) for _ in range(r)]
+                                   for values in (ids, pooled, output))
         assert tokens.input_ids == ids, item.index
         assert tokens.pooling_mask == pooled and tokens.output_mask == output, item.index
 
