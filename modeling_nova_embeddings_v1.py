@@ -4,7 +4,8 @@ The model holds transformers' ``Qwen2_5_VLModel`` (vision tower + language model
 ``multi_vector_projector``. ``forward`` maps a padded batch from the processor to the final-norm hidden
 states, one L2-normalised mean-pooled vector per item and L2-normalised per-token vectors.
 ``encode`` is the user-facing loop: validate -> tokenise -> sort by length -> batch by a token budget
--> forward -> unsort -> convert.
+-> forward -> unsort -> convert (packed calls of several batches tokenise the first batch's items, run them,
+and tokenise the rest meanwhile).
 """
 
 from __future__ import annotations
@@ -49,6 +50,17 @@ PREFETCH_BATCHES = 3  # batches collated ahead by worker threads
 # 106 in one of 64).
 PICTURES_PER_BATCH = 8
 PICTURE_PREFETCH_BATCHES = 6  # more batches ahead when they hold pictures (the processor's work releases the GIL)
+CHARS_PER_TOKEN = 4  # about what a BPE tokenizer gives on English text; sizes encode's first tokenised items
+
+
+@dataclass
+class _RunPart:
+    """Batches of one part of an ``encode`` call, run and not yet collected: ``outputs`` hold (indices into
+    ``tokenized``, vectors on the device, output mask) per batch; ``offset`` is the part's first item in the call."""
+
+    offset: int
+    tokenized: Sequence[TokenizedItem]
+    outputs: list[tuple[list[int], torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -550,20 +562,32 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         item's adapter. Returns what ``encode`` accepts in place of raw items, so that a server or a corpus
         pipeline can prepare the next items in another thread while the GPU runs the current ones, and
         tokenise each item exactly once. Arguments as in ``encode``."""
+        normalized, adapters, limits = self._route_items(items, task=task, instructions=instructions, truncate=truncate,
+                                                         min_pixels=min_pixels, max_pixels=max_pixels, adapter=adapter)
+        return PreparedItems(self._tokenize_items(normalized, limits, truncate), adapters, limits)
+
+    def _route_items(self, items, *, task, instructions, truncate, min_pixels, max_pixels,
+                     adapter) -> tuple[list[EmbeddingItem], list[str], tuple[int, int]]:
+        """First step of ``prepare_items``: validate every item and pick its adapter (a bad item fails here, before
+        any tokenisation or GPU work); returns the items, their adapters and the call's pixel limits."""
         if not isinstance(truncate, bool):
             raise TypeError(f"truncate must be True or False, got {truncate!r}")
         processor, config = self.processor, self.config
         limits = processor.pixel_limits(config, min_pixels, max_pixels)
         if isinstance(items, (list, tuple)) and not items:
-            return PreparedItems([], [], limits)
+            return [], [], limits
         normalized = processor.normalize_items(items, task=task, instructions=instructions, config=config)
         with self._adapter_names_lock:  # one consistent view of the adapters; _run_batches checks it again
             names = self.list_adapters()
             adapters = [self.adapter_manager.resolve(item, adapter, names) for item in normalized]
-        tokenized = processor.tokenize_items(
-            normalized, config=config, min_pixels=limits[0], max_pixels=limits[1], truncate=truncate
-        )
-        return PreparedItems(tokenized, adapters, limits)
+        return normalized, adapters, limits
+
+    def _tokenize_items(self, normalized: Sequence[EmbeddingItem], limits: tuple[int, int],
+                        truncate: bool) -> list[TokenizedItem]:
+        """Second step of ``prepare_items``: render and tokenise validated items (any slice of a call's items: errors
+        and warnings name each item by its index in the call)."""
+        return self.processor.tokenize_items(normalized, config=self.config, min_pixels=limits[0], max_pixels=limits[1],
+                                             truncate=truncate)
 
     @torch.inference_mode()
     def encode(
@@ -612,25 +636,77 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
                 given["adapter"] = adapter
             if given:
                 raise ValueError(f"{sorted(given)} apply when items are prepared: pass them to prepare_items instead")
-            prepared = items
+            normalized, tokenized, adapters, limits = None, items.tokenized, items.adapters, items.limits
         else:
-            prepared = self.prepare_items(items, task=task, instructions=instructions, truncate=truncate,
-                                          min_pixels=min_pixels, max_pixels=max_pixels, adapter=adapter)
-        if not prepared.tokenized:
+            normalized, adapters, limits = self._route_items(items, task=task, instructions=instructions,
+                                                             truncate=truncate, min_pixels=min_pixels,
+                                                             max_pixels=max_pixels, adapter=adapter)
+        if not adapters:
             return self._empty_result(return_multivector, dimensions, output)
-        tokenized, adapters = prepared.tokenized, prepared.adapters
         packed = self.use_packed_attention()
+        run = functools.partial(self._run_items, adapters=adapters, limits=limits, packed=packed, batch_size=batch_size,
+                                max_batch_tokens=max_batch_tokens, return_multivector=return_multivector)
+        lead = self._pipeline_lead(normalized, packed, batch_size, max_batch_tokens, limits)
+        if lead is not None:
+            show = len(adapters) >= 256 if show_progress_bar is None else show_progress_bar
+            parts = self._run_pipelined(run, normalized, lead, limits, truncate, show_progress_bar=show)
+        else:
+            if normalized is not None:
+                tokenized = self._tokenize_items(normalized, limits, truncate)
+            parts = [run(tokenized, show_progress_bar=show_progress_bar)]
+        results = self._gather(parts, len(adapters), return_multivector, packed)
+        return _convert(self._finish(results, return_multivector, dimensions), return_multivector, output)
+
+    def _pipeline_lead(self, normalized: list[EmbeddingItem] | None, packed: bool, batch_size: int,
+                       max_batch_tokens: int, limits: tuple[int, int]) -> int | None:
+        """How many items ``encode`` tokenises before the GPU starts (about one batch), or None to tokenise the whole
+        call first: prepared items, padded batches (sorted longest-first over the whole call to limit padding), or
+        a call of less than two such leads (too little left to hide)."""
+        if normalized is None or not packed:
+            return None
+        lead = _lead_items(normalized, batch_size, max_batch_tokens, self._image_token_bound(limits))
+        return lead if len(normalized) >= 2 * lead else None
+
+    def _run_pipelined(self, run, normalized: list[EmbeddingItem], lead: int, limits: tuple[int, int], truncate: bool,
+                       show_progress_bar: bool) -> list["_RunPart"]:
+        """Tokenise the first ``lead`` items and run them while a worker thread tokenises the rest (the Rust
+        tokenizer releases the GIL), then run the rest: the GPU starts after one batch's tokenisation instead of the
+        whole call's. An error from the rest's tokenisation (too long, bad image size) is re-raised unchanged. The
+        adapter lock is held across both parts, so no adapter is loaded or removed between them."""
+        head = self._tokenize_items(normalized[:lead], limits, truncate)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nova-tokenize") as pool, self._adapter_lock:
+            rest = pool.submit(self._tokenize_items, normalized[lead:], limits, truncate)
+            first = run(head, show_progress_bar=False)  # queued on the GPU, not waited for
+            return [first, run(rest.result(), offset=lead, show_progress_bar=show_progress_bar)]
+
+    def _run_items(self, tokenized: Sequence[TokenizedItem], *, adapters: Sequence[str], limits: tuple[int, int],
+                   packed: bool, batch_size: int, max_batch_tokens: int, return_multivector: bool,
+                   show_progress_bar: bool | None, offset: int = 0) -> "_RunPart":
+        """Plan ``tokenized`` (the call's items from ``offset`` on) into batches and run them; the outputs stay on the
+        device (``_gather`` collects them), so a next part's batches queue behind these without a sync."""
+        adapters = adapters[offset:offset + len(tokenized)]
         groups = adapters if (packed or self.adapter_batching == "group") else None  # a packed row has one adapter
         if packed and self.graphs_enabled():  # batches of a few thousand tokens then replay graphs (at most MAX_ITEMS)
             batch_size = min(batch_size, GRAPH_MAX_ITEMS)
         batches = self.plan_batches(tokenized, batch_size, max_batch_tokens, groups=groups, padded=not packed)
-        outputs = self._run_batches(tokenized, batches, adapters, prepared.limits, return_multivector, packed,
-                                    show_progress_bar)
-        results: list[torch.Tensor | None] = [None] * len(tokenized)
-        for batch, vectors in outputs:
-            for index, vector in zip(batch, vectors):
-                results[index] = vector
-        return _convert(self._finish(results, return_multivector, dimensions), return_multivector, output)
+        outputs = self._run_batches(tokenized, batches, adapters, limits, return_multivector, packed, show_progress_bar)
+        return _RunPart(offset, tokenized, outputs)
+
+    def _gather(self, parts: Sequence["_RunPart"], count: int, return_multivector: bool,
+                packed: bool) -> list[torch.Tensor]:
+        """Every item's vectors on the CPU, at its index in the call."""
+        results: list[torch.Tensor | None] = [None] * count
+        for part in parts:
+            for batch, vectors, masks in part.outputs:
+                lengths = [len(part.tokenized[i]) for i in batch]
+                for index, vector in zip(batch, self._split_vectors(vectors, masks, lengths, return_multivector, packed)):
+                    results[part.offset + index] = vector
+        return results
+
+    def _image_token_bound(self, limits: tuple[int, int]) -> int:
+        """The most tokens an image can take under these pixel limits (one token per merged patch)."""
+        image_processor = self.processor.image_processor
+        return limits[1] // (image_processor.patch_size * image_processor.merge_size) ** 2
 
     def encode_query(self, items, **kwargs):
         """``encode`` with the retrieval query prompt (the task can still be given per item)."""
@@ -740,7 +816,7 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         return batches
 
     def _run_batches(self, tokenized, batches, adapters, limits, return_multivector, packed, show_progress_bar):
-        """Run every batch on the model, in order; returns (indices, per-item vectors on the CPU) per batch.
+        """Run every batch on the model, in order; returns (indices, vectors on the device, output mask) per batch.
 
         Worker threads collate (and, for images, preprocess) the next batches while the GPU runs the current
         one; outputs stay on the device until the end so the GPU queue never waits on a copy. The adapter lock
@@ -771,8 +847,7 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
                                adapter_names=row_names)
                     vectors = out.multi_vector if return_multivector else out.single_vector
                 device_outputs.append((batch, vectors, output_mask))
-        return [(batch, self._split_vectors(vectors, masks, [len(tokenized[i]) for i in batch], return_multivector, packed))
-                for batch, vectors, masks in device_outputs]
+        return device_outputs
 
     def _prepare_batch(self, batch_items: list[TokenizedItem], limits: tuple[int, int], packed: bool):
         """CPU side of a batch (runs in a worker thread): collate, rope positions, pinned memory."""
@@ -934,6 +1009,21 @@ AttentionInterface.register(PACKED_ATTENTION, packed_attention_forward)
 # ---------------------------------------------------------------------- helpers
 def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _lead_items(items: Sequence[EmbeddingItem], batch_size: int, max_batch_tokens: int, image_tokens: int) -> int:
+    """How many items to tokenise before the GPU starts: about one batch (``batch_size`` items, or about
+    ``max_batch_tokens`` tokens, counted before tokenisation as characters / CHARS_PER_TOKEN and images at their
+    most tokens); at least one item."""
+    count, tokens = 0, 0
+    for item in items[:batch_size]:
+        text = len(item.text or "") + len(item.instructions or "")
+        image = item.image_embeds.shape[0] if item.image_embeds is not None else image_tokens if item.has_image else 0
+        tokens += text // CHARS_PER_TOKEN + image
+        if count and tokens > max_batch_tokens:
+            break
+        count += 1
+    return max(count, 1)
 
 
 def _progress(batches: Iterable, show: bool | None, n_items: int, total: int) -> Iterable:
