@@ -298,7 +298,7 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
     def warmup(self, text_lengths: Sequence[int] = (16, 48, 112, 240, 480), images: int = 1) -> float:
         """Run ``encode`` on dummy texts (and a dummy page) so that compilation, kernel selection and the CUDA-graph
         capture of each token bucket (one text per short length, then calls of ~125-token texts filling the larger
-        buckets; default task) happen now, not in a user's first
+        buckets; once per task adapter) happen now, not in a user's first
         request; returns the seconds it took. The server calls it at start-up."""
         import time
 
@@ -309,11 +309,21 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         pages = [{"image": Image.new("RGB", (448, 448), "white")} for _ in range(images)]
         passage = " ".join(["warm"] * 120)  # ~125 tokens with the prompt: n - 1 of them fill the bucket of 128 n
         medium = [[passage] * (bucket // 128 - 1) for bucket in GRAPH_TOKEN_BUCKETS if bucket > 512]  # server batches
-        for items in [[text] for text in texts] + medium + [texts + pages]:  # short calls, medium, a mixed batch
-            self.encode(items)
+        graphs = self.graphs_enabled()  # (without graphs one call per length is enough: compiled shapes are dynamic)
+        for task in self._one_task_per_adapter() if graphs else [self.config.default_task]:  # graphs: per adapter
+            for items in [[text] for text in texts] + (medium if graphs else []):  # short calls, then larger buckets
+                self.encode(items, task=task)
+        self.encode(texts + pages)  # a mixed batch: the vision tower's kernels
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
+
+    def _one_task_per_adapter(self) -> list[str]:
+        """A task for each distinct adapter that tasks route to (retrieval.query and retrieval.passage share one)."""
+        by_adapter: dict[str, str] = {}
+        for task in self.config.task_prompts:
+            by_adapter.setdefault(self.config.adapter_task(task), task)
+        return list(by_adapter.values())
 
     @property
     def execution_device(self) -> torch.device:

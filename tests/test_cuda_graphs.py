@@ -172,3 +172,16 @@ def test_threads_share_the_static_buffers_safely(model):
         got = list(pool.map(model.encode, calls))
     for mine, theirs in zip(got, expected):
         torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-6)
+
+
+def test_warmup_captures_larger_buckets_for_every_task_adapter(tiny_nova_dir):
+    """The server's start-up warm-up: graphs for short calls and for the larger buckets, for each adapter that
+    tasks route to (a server batch groups items by adapter), so no request pays a capture."""
+    model = packed(load(tiny_nova_dir), "on")
+    model.warmup()
+    adapters = {model.config.adapter_task(task) for task in model.config.task_prompts}
+    captured = {(bucket, adapter) for bucket, adapter, _ in model._graphs.graphs}
+    assert {adapter for _, adapter in captured} == adapters
+    for adapter in adapters:
+        buckets = {bucket for bucket, name in captured if name == adapter}
+        assert min(buckets) <= 64 and max(buckets) == TOKEN_BUCKETS[-1] and len(buckets) >= 6
