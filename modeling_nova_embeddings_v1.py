@@ -26,7 +26,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface, Qwen2_5_VLModel
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLPreTrainedModel
@@ -43,13 +42,6 @@ OUTPUT_FORMATS = ("torch", "numpy", "list", "base64")
 # transformers routes attention through its AttentionInterface registry; the name contains "flash" so that the
 # vision tower hands over its cu_seqlens (one call per layer instead of one per window).
 PACKED_ATTENTION = "nova_flash_varlen"
-# Batches whose items are all long run attention per item through SDPA, where the GPU has a faster kernel than
-# the varlen flash one (cuDNN on Hopper: 650 vs 340 TFLOP/s for 8k-token causal attention on the H200, where
-# attention was a third of the GPU time at 8k tokens). Items are right-padded to a multiple of LONG_SEQUENCE_PAD
-# (causal: no real token sees the padding) so that the kernel's per-shape plans stay few.
-LONG_ATTENTION = "nova_sdpa_per_item"
-LONG_SEQUENCE_TOKENS = 4096
-LONG_SEQUENCE_PAD = 512
 PREFETCH_BATCHES = 3  # batches collated ahead by worker threads
 # Pictures per batch. Preprocessing a page takes ~19 ms of CPU (transformers' image processor, measured on the
 # H200 machine) and the model ~17 ms of GPU: small picture batches let the GPU start after the first few pages
@@ -137,9 +129,6 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         self._graphs: SmallCallGraphs | None = None
         self._graphs_lock = threading.Lock()
         self.fast_vision = True  # vision tower through FastVisionTower (same result, cached grid tables); False: stock
-        # "auto": packed batches of long items (>= LONG_SEQUENCE_TOKENS each) attend per item through SDPA's cuDNN
-        # kernel on Hopper GPUs in half precision; "on" (any device: the same per-item path, for tests); "off"
-        self.long_sequence_attention = "auto"
         self.post_init()
 
     @classmethod
@@ -182,7 +171,6 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
-        cu_seqlens_host: torch.Tensor | None = None,
         return_multivector: bool = True,
         adapter_names: list[str] | None = None,
         **kwargs: Any,
@@ -190,8 +178,7 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         """Embed a batch built by the processor: padded (``collate``) or packed (``collate_packed``).
 
         Padded: (batch, seq) tensors with an ``attention_mask``. Packed: one (1, tokens) row holding every
-        item back to back, ``cu_seqlens`` marking where each starts; attention stays inside each item
-        (``cu_seqlens_host``, the same on the CPU, lets batches of long items attend per item without a sync).
+        item back to back, ``cu_seqlens`` marking where each starts; attention stays inside each item.
         Without ``pooling_mask`` every token is pooled; without ``output_mask`` every token is kept as a
         multi vector. ``adapter_names`` (one per row, ``"__base__"`` for none) routes rows to LoRA adapters
         through PEFT's mixed-batch forward; without it the adapter selected with ``set_adapter`` (PEFT's or ours)
@@ -211,7 +198,7 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
             inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw, image_embeds, image_is_precomputed)
             if cu_seqlens is not None:
                 hidden = self._language_model_packed(inputs_embeds, input_ids, cu_seqlens, max_seqlen, image_grid_thw,
-                                                     position_ids, cu_seqlens_host=cu_seqlens_host, **kwargs)
+                                                     position_ids, **kwargs)
             else:
                 if position_ids is None:
                     position_ids = self.rope_position_ids(input_ids, attention_mask, image_grid_thw)
@@ -241,17 +228,14 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         return inputs_embeds.masked_scatter(image_mask, features.to(inputs_embeds.dtype))
 
     def _language_model_packed(self, inputs_embeds, input_ids, cu_seqlens, max_seqlen, image_grid_thw, position_ids,
-                               cu_seqlens_host: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+                               **kwargs) -> torch.Tensor:
         """The language model over packed items: no padding, no mask tensor, positions restart per item."""
         if position_ids is None:
             position_ids = self.packed_position_ids(input_ids, cu_seqlens, image_grid_thw)
         cu = cu_seqlens.to(inputs_embeds.device, torch.int32)
         max_seqlen = int(max_seqlen if max_seqlen is not None else (cu[1:] - cu[:-1]).max())
         no_mask = {layer_type: None for layer_type in set(self.model.language_model.config.layer_types)}
-        attention = PACKED_ATTENTION
-        if cu_seqlens_host is not None and self.attends_per_item(cu_seqlens_host, inputs_embeds):
-            attention, kwargs = LONG_ATTENTION, dict(kwargs, cu_seqlens_host=cu_seqlens_host)
-        with attention_implementation(self.model.language_model, attention):
+        with attention_implementation(self.model.language_model, PACKED_ATTENTION):
             return self.model.language_model(
                 inputs_embeds=inputs_embeds, attention_mask=no_mask, position_ids=position_ids, use_cache=False,
                 cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_seqlen, max_length_k=max_seqlen, **kwargs,
@@ -368,21 +352,6 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         if self.cuda_graphs not in ("auto", "on", "off"):
             raise ValueError(f"cuda_graphs must be 'auto', 'on' or 'off', got {self.cuda_graphs!r}")
         return self.cuda_graphs == "on" or (self.cuda_graphs == "auto" and self.device.type == "cuda")
-
-    def attends_per_item(self, cu_seqlens_host: torch.Tensor, hidden: torch.Tensor) -> bool:
-        """Whether a packed batch attends per item through SDPA (``long_sequence_attention``): every item has at
-        least LONG_SEQUENCE_TOKENS tokens, and "on", or "auto" in half precision on a Hopper (or newer) GPU with
-        cuDNN attention enabled (where it was measured faster than the varlen flash kernel)."""
-        if self.long_sequence_attention not in ("auto", "on", "off"):
-            raise ValueError(f"long_sequence_attention must be 'auto', 'on' or 'off', got {self.long_sequence_attention!r}")
-        lengths = cu_seqlens_host[1:] - cu_seqlens_host[:-1]
-        if self.long_sequence_attention == "off" or len(lengths) == 0 or int(lengths.min()) < LONG_SEQUENCE_TOKENS:
-            return False
-        if self.long_sequence_attention == "on":
-            return True
-        return (hidden.is_cuda and hidden.dtype in (torch.float16, torch.bfloat16)
-                and torch.cuda.get_device_capability(hidden.device) >= (9, 0)
-                and torch.backends.cuda.cudnn_sdp_enabled())
 
     def use_packed_attention(self) -> bool:
         """Whether encode packs batches: ``attention_packing`` "on", or "auto" on CUDA in half precision."""
@@ -884,9 +853,8 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
                 if graphs is not None and row_names is None and router.merged is None and graphs.accepts(inputs):
                     vectors = graphs.run(inputs, names[0], return_multivector)
                 else:
-                    host = {"cu_seqlens_host": inputs["cu_seqlens"]} if packed else {}  # before .to() moves it
                     out = self(**inputs.to(self.execution_device, non_blocking=True), return_multivector=return_multivector,
-                               adapter_names=row_names, **host)
+                               adapter_names=row_names)
                     vectors = out.multi_vector if return_multivector else out.single_vector
                 device_outputs.append((batch, vectors, output_mask))
         return device_outputs
@@ -1046,45 +1014,6 @@ def _attention_per_sequence(q, k, v, bounds: list[int], causal: bool, scaling: f
 
 
 AttentionInterface.register(PACKED_ATTENTION, packed_attention_forward)
-
-
-@torch.compiler.disable  # a Python loop over items: compiled blocks call it as it is (one graph break per layer)
-def per_item_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    is_causal: bool | None = None,
-    cu_seqlens_host: torch.Tensor | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """Attention over packed items, one SDPA call per item: (1, heads, tokens, dim) -> (1, tokens, heads, dim).
-
-    For batches of long items (see LONG_ATTENTION): on CUDA, SDPA may pick cuDNN's kernel (else flash). A causal
-    item is right-padded to a multiple of LONG_SEQUENCE_PAD: its real tokens never attend to the padding after
-    them, and the padded rows are dropped.
-    """
-    if cu_seqlens_host is None:
-        raise ValueError("per-item attention needs cu_seqlens_host (the model passes it for batches of long items)")
-    causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-    bounds = cu_seqlens_host.tolist()
-    backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
-    outputs = []
-    with sdpa_kernel(backends) if query.is_cuda else nullcontext():
-        for start, end in zip(bounds[:-1], bounds[1:]):
-            q, k, v = (t[:, :, start:end] for t in (query, key, value))  # (1, heads, length, dim) views
-            pad = -(end - start) % LONG_SEQUENCE_PAD if causal else 0
-            if pad:
-                q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scaling, enable_gqa=True)
-            outputs.append(out[:, :, : end - start].transpose(1, 2))
-    return torch.cat(outputs, dim=1), None
-
-
-AttentionInterface.register(LONG_ATTENTION, per_item_attention_forward)
 
 
 # ---------------------------------------------------------------------- helpers

@@ -411,60 +411,6 @@ def test_packed_and_padded_paths_agree(model):
     torch.testing.assert_close(model.encode([{"image_embeds": embeds[0]}])[0], padded[2], atol=1e-5, rtol=1e-4)
 
 
-def test_batches_of_long_items_attend_per_item_with_the_same_vectors(tiny_nova_dir, monkeypatch):
-    """long_sequence_attention: when every item of a packed batch is long, attention runs per item through SDPA
-    (items right-padded to a multiple of LONG_SEQUENCE_PAD): the same vectors as the varlen path; a batch with a
-    short item keeps the varlen path."""
-    from transformers import AttentionInterface
-
-    model = AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True)
-    module = sys.modules[type(model).__module__]
-    model.attention_packing = "on"
-    items = [" ".join(["long text about rivers and"] * n) for n in (3, 5, 8)] + [
-        {"text": "an item with instructions that is long enough", "instructions": "Answer briefly"},
-        {"text": "a code passage: def f(x): return x * 2 + 1", "task": "code.passage"}]
-    model.long_sequence_attention = "off"
-    expected, expected_multi = model.encode(items), model.encode(items, return_multivector=True)
-    monkeypatch.setattr(module, "LONG_SEQUENCE_TOKENS", 8)
-    monkeypatch.setattr(module, "LONG_SEQUENCE_PAD", 16)
-    calls = []
-    original = module.per_item_attention_forward
-    AttentionInterface.register(module.LONG_ATTENTION, lambda *a, **k: (calls.append(1), original(*a, **k))[1])
-    try:
-        model.long_sequence_attention = "on"
-        got, got_multi = model.encode(items), model.encode(items, return_multivector=True)
-        assert calls, "the per-item path did not run"
-        calls.clear()
-        model.encode(items[:3] + ["short"])  # one short item in the (one) batch: varlen path
-        assert not calls
-    finally:
-        AttentionInterface.register(module.LONG_ATTENTION, original)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
-    for mine, theirs in zip(got_multi, expected_multi):
-        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-4)
-    model.long_sequence_attention = "auto"
-    assert not model.attends_per_item(torch.tensor([0, 40, 90]), torch.zeros(1, dtype=torch.bfloat16))  # CPU
-    model.long_sequence_attention = "bogus"
-    with pytest.raises(ValueError, match="long_sequence_attention must be"):
-        model.encode(items)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_long_items_on_cuda_match_the_varlen_path(tiny_nova_dir, monkeypatch):
-    """On the GPU ("auto": cuDNN's kernel on Hopper, else SDPA's flash): per-item attention of long items, padded to
-    LONG_SEQUENCE_PAD, gives the varlen kernel's vectors in bf16, compiled blocks included."""
-    model = AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True, dtype=torch.bfloat16).to("cuda")
-    module = sys.modules[type(model).__module__]
-    items = [" ".join(["long text about rivers and"] * n) for n in (3, 5, 8, 13)]
-    model.long_sequence_attention = "off"
-    expected = model.encode(items, task="retrieval.passage")
-    monkeypatch.setattr(module, "LONG_SEQUENCE_TOKENS", 8)
-    monkeypatch.setattr(module, "LONG_SEQUENCE_PAD", 16)
-    model.long_sequence_attention = "on"
-    got = model.encode(items, task="retrieval.passage")
-    assert float(F.cosine_similarity(got, expected).min()) >= 0.999
-
-
 def test_packed_batches_count_real_tokens(model):
     processor = model.processor
     tokenized = processor.tokenize_items(processor.normalize_items(["a " * n for n in (1, 30, 5, 12, 2, 40)], config=model.config),
