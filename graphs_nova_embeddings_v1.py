@@ -1,9 +1,9 @@
-"""CUDA graphs for small and medium encode calls (one short query, a server's batch of a few dozen texts).
+"""CUDA graphs for small encode calls (one short query, a handful of texts).
 
-Such a call is launch-bound: the language model's ~36 blocks x (7 LoRA-wrapped projections, norms, rotary,
-attention) issue thousands of kernels, and Python issuing them (~20 ms per forward pass, compiled blocks
-included, measured on an H200) takes longer than the GPU running them for anything up to a few thousand
-tokens. A CUDA graph records those launches once and replays them with one call.
+A short call is launch-bound: the language model's ~36 blocks x (7 LoRA-wrapped projections, norms, rotary,
+attention) issue thousands of kernels, and Python issuing them (~17 ms per forward pass, compiled blocks
+included, measured on an H200) takes longer than the GPU running them. A CUDA graph records those launches
+once and replays them with one call.
 
 Every input of a replay lives in a static buffer that the graph reads, refilled with ``copy_`` (never rebound):
 the packed token ids padded to a token bucket, their rope positions, ``cu_seqlens`` padded with zero-length
@@ -28,12 +28,12 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from .modeling_nova_embeddings_v1 import NovaEmbeddingsV1Model
 
-# A call of n packed tokens replays the smallest bucket >= n. Up to 4096 tokens the GPU work of a pass (~30 ms at
-# 4096) is still near the host's cost of issuing it eagerly, so graphs pay; steps of 1.5x bound the padding.
-TOKEN_BUCKETS = (32, 64, 128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096)
-# Items per replay; cu_seqlens holds MAX_ITEMS + 2 entries (items, the padding run, empty tails). 64 covers a
-# server batch's adapter group; zero-length entries cost the varlen kernel only blocks that exit at once.
-MAX_ITEMS = 64
+# A call of n packed tokens replays the smallest bucket >= n. Larger buckets (up to 4096 tokens, 64 items) were
+# measured on the H200: their padding cost more GPU time than the replays saved in host time (a server's batches of
+# ~1,100-token adapter groups: 1,452 items/s with them, 1,495 without; encode() in calls of 256 short texts:
+# 1,686 items/s with them, 2,078 without).
+TOKEN_BUCKETS = (32, 64, 128, 256, 512)
+MAX_ITEMS = 16  # items per replay; cu_seqlens holds MAX_ITEMS + 2 entries (items, the padding run, empty tails)
 WARMUP_RUNS = 2  # eager runs on a side stream before capture (kernel selection, lazy initialisation)
 
 

@@ -34,7 +34,7 @@ from .adapters_nova_embeddings_v1 import (
     BASE, AdapterManager, lora_layers, module_index, repository_adapter_folders, rows_routed,
 )
 from .configuration_nova_embeddings_v1 import NovaEmbeddingsV1Config
-from .graphs_nova_embeddings_v1 import MAX_ITEMS as GRAPH_MAX_ITEMS, TOKEN_BUCKETS as GRAPH_TOKEN_BUCKETS, SmallCallGraphs
+from .graphs_nova_embeddings_v1 import SmallCallGraphs
 from .processing_nova_embeddings_v1 import TASK_ADAPTER, EmbeddingItem, NovaEmbeddingsV1Processor, TokenizedItem
 from .vision_nova_embeddings_v1 import attention_implementation, fast_vision_tower
 
@@ -297,9 +297,9 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
 
     def warmup(self, text_lengths: Sequence[int] = (16, 48, 112, 240, 480), images: int = 1) -> float:
         """Run ``encode`` on dummy texts (and a dummy page) so that compilation, kernel selection and the CUDA-graph
-        capture of each token bucket (one text per short length, then calls of ~125-token texts filling the larger
-        buckets; once per task adapter) happen now, not in a user's first
-        request; returns the seconds it took. The server calls it at start-up."""
+        capture of each token bucket (one text per length; with graphs, once per task adapter, since graphs are
+        captured per adapter) happen now, not in a user's first request; returns the seconds it took. The server
+        calls it at start-up."""
         import time
 
         from PIL import Image
@@ -307,12 +307,10 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         start = time.perf_counter()
         texts = [" ".join(["warm"] * n) for n in text_lengths]
         pages = [{"image": Image.new("RGB", (448, 448), "white")} for _ in range(images)]
-        passage = " ".join(["warm"] * 120)  # ~125 tokens with the prompt: n - 1 of them fill the bucket of 128 n
-        medium = [[passage] * (bucket // 128 - 1) for bucket in GRAPH_TOKEN_BUCKETS if bucket > 512]  # server batches
-        graphs = self.graphs_enabled()  # (without graphs one call per length is enough: compiled shapes are dynamic)
-        for task in self._one_task_per_adapter() if graphs else [self.config.default_task]:  # graphs: per adapter
-            for items in [[text] for text in texts] + (medium if graphs else []):  # short calls, then larger buckets
-                self.encode(items, task=task)
+        tasks = self._one_task_per_adapter() if self.graphs_enabled() else [self.config.default_task]
+        for task in tasks:
+            for text in texts:  # short calls: one per token bucket
+                self.encode([text], task=task)
         self.encode(texts + pages)  # a mixed batch: the vision tower's kernels
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -696,8 +694,6 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         device (``_gather`` collects them), so a next part's batches queue behind these without a sync."""
         adapters = adapters[offset:offset + len(tokenized)]
         groups = adapters if (packed or self.adapter_batching == "group") else None  # a packed row has one adapter
-        if packed and self.graphs_enabled():  # batches of a few thousand tokens then replay graphs (at most MAX_ITEMS)
-            batch_size = min(batch_size, GRAPH_MAX_ITEMS)
         batches = self.plan_batches(tokenized, batch_size, max_batch_tokens, groups=groups, padded=not packed)
         outputs = self._run_batches(tokenized, batches, adapters, limits, return_multivector, packed, show_progress_bar)
         return _RunPart(offset, tokenized, outputs)
