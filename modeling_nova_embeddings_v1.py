@@ -47,9 +47,9 @@ PREFETCH_BATCHES = 3  # batches collated ahead by worker threads
 # H200 machine) and the model ~17 ms of GPU: small picture batches let the GPU start after the first few pages
 # and keep worker threads preprocessing the next batches while it runs (41 pages in one batch kept the GPU idle
 # for their whole preprocessing). Eight pages still fill the GPU (the vision tower: 100 pages/s in batches of 8,
-# 106 in one of 64).
+# 106 in one of 64). Measured with 64 pages, batches of 4, 8 and 16 pictures and 2 to 6 batches prepared ahead
+# all gave 34-37 pages/s: the CPU's preprocessing, not the batching, is what is left.
 PICTURES_PER_BATCH = 8
-PICTURE_PREFETCH_BATCHES = 6  # more batches ahead when they hold pictures (the processor's work releases the GIL)
 CHARS_PER_TOKEN = 4  # about what a BPE tokenizer gives on English text; sizes encode's first tokenised items
 
 
@@ -835,9 +835,7 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         if not self._compiled and self.should_compile():
             self.compile_layers()
         graphs = self.small_call_graphs() if packed else None
-        with_pictures = any(item.item.image is not None for item in tokenized)
-        ahead = PICTURE_PREFETCH_BATCHES if with_pictures else PREFETCH_BATCHES
-        with self._adapter_lock, _Prefetcher(self._prepare_batch, tokenized, batches, limits, packed, ahead) as prepared, \
+        with self._adapter_lock, _Prefetcher(self._prepare_batch, tokenized, batches, limits, packed) as prepared, \
                 self.dropout_disabled(), self.adapter_manager.call_scope() as router:
             missing = sorted(set(adapters) - set(self.list_adapters()) - {BASE})
             if missing:
