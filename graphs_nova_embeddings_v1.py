@@ -28,10 +28,11 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from .modeling_nova_embeddings_v1 import NovaEmbeddingsV1Model
 
-# A call of n packed tokens replays the smallest bucket >= n. Larger buckets (up to 4096 tokens, 64 items) were
-# measured on the H200: their padding cost more GPU time than the replays saved in host time (a server's batches of
-# ~1,100-token adapter groups: 1,452 items/s with them, 1,495 without; encode() in calls of 256 short texts:
-# 1,686 items/s with them, 2,078 without).
+# A call of n packed tokens replays the smallest bucket >= n. Larger buckets (up to 4096 tokens and 64 items, in
+# steps of 1.5-2x) were measured on the H200 with the load test: the server's batches (~120 short texts over three
+# adapter groups) went from 1,195-1,279 to 1,452-1,495 items/s, but encode() in calls of 256 short texts fell from
+# 2,078-2,155 to 1,686 items/s (at ~2.5k tokens per adapter group the bucket padding costs more GPU time than the
+# replay saves in host time). Kept small until buckets are finer or chosen by cost.
 TOKEN_BUCKETS = (32, 64, 128, 256, 512)
 MAX_ITEMS = 16  # items per replay; cu_seqlens holds MAX_ITEMS + 2 entries (items, the padding run, empty tails)
 WARMUP_RUNS = 2  # eager runs on a side stream before capture (kernel selection, lazy initialisation)
