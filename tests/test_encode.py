@@ -327,6 +327,31 @@ def test_cuda_matches_cpu(tiny_nova_dir, model):
     assert F.cosine_similarity(packed, padded).min() > 0.999
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_dense_attention_for_long_equal_length_items(tiny_nova_dir, monkeypatch):
+    """On CUDA in bf16, equal-length items of DENSE_MIN_LENGTH tokens and more run cuDNN's dense attention;
+    their vectors agree with the varlen flash kernel's; unequal lengths keep the varlen kernel."""
+    half = AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True, dtype=torch.bfloat16).to("cuda")
+    half.compile_blocks = "off"  # count the kernel's calls (a compiled block would have traced the original)
+    modeling = sys.modules[type(half).__module__]
+    calls = []
+    cudnn = modeling._cudnn_attention
+    monkeypatch.setattr(modeling, "_cudnn_attention", lambda *args: calls.append(args[0].shape) or cudnn(*args))
+    body = " ".join(["word"] * modeling.DENSE_MIN_LENGTH)
+    texts = [f"{letter} {body}" for letter in "abc"]
+    lengths = {len(item) for item in half.prepare_items(texts).tokenized}
+    assert len(lengths) == 1 and lengths.pop() >= modeling.DENSE_MIN_LENGTH
+    dense = half.encode(texts)
+    assert calls and all(shape[0] == 3 for shape in calls)
+    monkeypatch.setattr(modeling, "DENSE_ATTENTION", False)
+    varlen = half.encode(texts)
+    assert F.cosine_similarity(dense, varlen).min() > 0.999
+    calls.clear()
+    monkeypatch.setattr(modeling, "DENSE_ATTENTION", True)
+    half.encode(texts + [body + " and more words"])
+    assert not calls
+
+
 # ---------------------------------------------------------------------- errors
 @pytest.mark.parametrize(
     "items,kwargs,message",
@@ -409,6 +434,53 @@ def test_packed_and_padded_paths_agree(model):
     for a, b in zip(packed_multi, padded_multi):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(model.encode([{"image_embeds": embeds[0]}])[0], padded[2], atol=1e-5, rtol=1e-4)
+
+
+def sdpa_kernel(q, k, v, causal, scaling):
+    """What cuDNN's dense attention computes, on the CPU."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scaling)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("kv_heads", [4, 1])
+def test_dense_attention_of_equal_length_items_equals_per_sequence(model, causal, kv_heads):
+    """A packed row of equal-length items viewed as a dense batch (grouped KV heads repeated) gives what each
+    sequence gives alone, in the (1, tokens, heads, dim) layout of the varlen path."""
+    modeling = sys.modules[type(model).__module__]
+    torch.manual_seed(0)
+    items, length, heads, dim = 3, 7, 4, 8
+    # transformers' layout: projections viewed (1, tokens, heads, dim) then transposed to (1, heads, tokens, dim)
+    query, key, value = (torch.randn(1, items * length, h, dim).transpose(1, 2) for h in (heads, kv_heads, kv_heads))
+    dense = modeling.dense_attention(query, key, value, items, causal, 0.3, sdpa_kernel)
+    bounds = list(range(0, items * length + 1, length))
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    expected = modeling._attention_per_sequence(q, k, v, bounds, causal, 0.3)
+    assert dense.shape == (1, items * length, heads, dim)
+    torch.testing.assert_close(dense[0], expected, atol=1e-6, rtol=1e-5)
+
+
+def test_equal_length_texts_through_dense_attention_match_the_padded_path(model, monkeypatch):
+    """The model's packed path with the dense kernel taken for equal-length items (as on CUDA for long ones)."""
+    modeling = sys.modules[type(model).__module__]
+    candidates = [f"text number {n} about retrieval" for n in range(40)]
+    by_length: dict[int, list[str]] = {}
+    for text, item in zip(candidates, model.prepare_items(candidates).tokenized):
+        by_length.setdefault(len(item), []).append(text)
+    texts = max(by_length.values(), key=len)[:3]  # distinct texts, one token count
+    assert len(texts) == 3
+    model.attention_packing = "off"
+    try:
+        padded = model.encode(texts)
+        model.attention_packing = "on"
+        taken = []
+        monkeypatch.setattr(modeling, "_dense_kernel_fits",
+                            lambda query, items, max_length: taken.append(items) or items * max_length == query.shape[2])
+        monkeypatch.setattr(modeling, "_cudnn_attention", sdpa_kernel)
+        dense = model.encode(texts)
+    finally:
+        model.attention_packing = "auto"
+    assert taken and set(taken) == {3}
+    torch.testing.assert_close(dense, padded, atol=1e-5, rtol=1e-4)
 
 
 def test_packed_batches_count_real_tokens(model):

@@ -237,3 +237,40 @@ def test_benchmark_vision_runs_and_agrees(model):
     rows = benchmark_vision(model, 3, "56x84,112x56", warmup=1, repeats=1)
     assert [row["attention"] for row in rows] == ["packed", "sdpa"]
     assert all(acceptable(row) and row["stock_ms"] > 0 and row["fast_ms"] > 0 for row in rows), rows
+
+
+# ---------------------------------------------------------------------- aligned vision MLP
+def test_vision_blocks_use_the_aligned_mlp_with_the_same_weight_keys(model, vision, tiny_nova_dir):
+    """The model's vision blocks hold ``AlignedVisionMLP``; its weights load from the checkpoint's stock keys."""
+    from safetensors.torch import load_file
+
+    blocks = model.model.visual.blocks
+    assert all(type(block.mlp) is vision.AlignedVisionMLP for block in blocks)
+    saved = {}
+    for path in tiny_nova_dir.glob("*.safetensors"):
+        saved.update(load_file(path))
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        key = next(k for k in saved if k.endswith(f"blocks.0.mlp.{name}.weight"))
+        assert torch.equal(getattr(blocks[0].mlp, name).weight.detach().cpu(), saved[key].to(torch.float32))
+
+
+@pytest.mark.parametrize("pad", [1, 4, 13])
+def test_padded_mlp_equals_the_stock_mlp(vision, pad):
+    """Zero rows/columns added to the intermediate width change nothing (gate, up and bias padded, SiLU(0)*0=0)."""
+    torch.manual_seed(0)
+    config = Qwen2_5_VLConfig(vision_config=WIDE_VISION).vision_config
+    mlp = vision.AlignedVisionMLP(config, bias=True)
+    for parameter in mlp.parameters():  # biases too: nn.Linear's init is fine, make them clearly non-zero
+        torch.nn.init.normal_(parameter, std=0.5)
+    x = torch.randn(37, config.hidden_size)
+    stock = super(vision.AlignedVisionMLP, mlp).forward(x)
+    assert torch.allclose(mlp.padded_forward(x, pad), stock, atol=ATOL, rtol=1e-5)
+    assert mlp.padding(x) == 0  # on the CPU the stock path runs
+
+
+def test_aligned_width(vision):
+    """Qwen2.5-VL's 3,420-wide vision MLP: +4 columns in half precision (16-byte rows), none in float32."""
+    assert vision.aligned_width(3420, 2, 16) == 3424
+    assert vision.aligned_width(3420, 4, 16) == 3420
+    assert vision.aligned_width(3424, 2, 16) == 3424
+    assert vision.aligned_width(1, 2, 16) == 8
