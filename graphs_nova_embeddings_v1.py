@@ -1,11 +1,13 @@
-"""CUDA graphs for small encode calls (one short query, a handful of texts).
+"""CUDA graphs for small encode calls (a short query, a handful of texts, a server batch's adapter group of short
+texts: up to 2048 tokens and 64 items).
 
 A short call is launch-bound: the language model's ~36 blocks x (7 LoRA-wrapped projections, norms, rotary,
 attention) issue thousands of kernels, and Python issuing them (~17 ms per forward pass, compiled blocks
 included, measured on an H200) takes longer than the GPU running them. A CUDA graph records those launches
 once and replays them with one call.
 
-Every input of a replay lives in a static buffer that the graph reads, refilled with ``copy_`` (never rebound):
+Every input of a replay lives in a static buffer that the graph reads, refilled with ``copy_`` (never rebound; on
+CUDA asynchronously, from pinned staging buffers):
 the packed token ids padded to a token bucket, their rope positions, ``cu_seqlens`` padded with zero-length
 sequences to a fixed item count, and a pooling matrix (one row per item: its pooled tokens' weights, 1/count), so
 padding tokens are never pooled. Python numbers that a capture freezes are bucket constants (``max_seqlen`` is
@@ -28,13 +30,19 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from .modeling_nova_embeddings_v1 import NovaEmbeddingsV1Model
 
-# A call of n packed tokens replays the smallest bucket >= n. Larger buckets (up to 4096 tokens and 64 items, in
-# steps of 1.5-2x) were measured on the H200 with the load test: the server's batches (~120 short texts over three
-# adapter groups) went from 1,195-1,279 to 1,452-1,495 items/s, but encode() in calls of 256 short texts fell from
-# 2,078-2,155 to 1,686 items/s (at ~2.5k tokens per adapter group the bucket padding costs more GPU time than the
-# replay saves in host time). Kept small until buckets are finer or chosen by cost.
-TOKEN_BUCKETS = (32, 64, 128, 256, 512)
-MAX_ITEMS = 16  # items per replay; cu_seqlens holds MAX_ITEMS + 2 entries (items, the padding run, empty tails)
+# A call of n packed tokens replays the smallest bucket >= n, padded to it. History, measured on the H200 with the
+# load test (64 clients x 4 short texts, three task adapters): buckets of 32..512 tokens and 16 items left the
+# server's batches (~120 texts, three adapter groups of ~40 texts / ~800 tokens) eager, ~20 ms of launches for ~8 ms
+# of GPU work (the server at 0.55x of encode()'s throughput); coarse buckets up to 4096 tokens / 64 items (steps of
+# 1.5-2x) raised the server ~20% (1,195-1,279 -> 1,452-1,495 items/s) but encode() in calls of 256 short texts fell
+# ~20% (2,078-2,155 -> 1,686 items/s): its GPU-bound adapter groups of ~1.7-2.5k tokens were padded up to 60%.
+# Hence: doubling up to 256 tokens (at most ~3 ms of GPU work under ~20 ms of launches: padding is free there), then
+# steps of 128 up to 1024 and of 256 up to 2048, so that from 512 tokens on, where the GPU work starts to count, a
+# call pays at most 25% padding (bucket / (previous bucket + 1)) and ~12% on average. Capped at 2048: at ~10 us of GPU
+# work per token, ~2k tokens run GPU-bound even eagerly, so a replay there saves no time and its padding would cost.
+# Each bucket is one capture per adapter and output kind (``warmup`` captures them all for the task adapters).
+TOKEN_BUCKETS = (32, 64, 128, 256, 384, 512, 640, 768, 896, 1024, 1280, 1536, 1792, 2048)
+MAX_ITEMS = 64  # items per replay (encode's default batch_size); cu_seqlens holds MAX_ITEMS + 2 entries
 WARMUP_RUNS = 2  # eager runs on a side stream before capture (kernel selection, lazy initialisation)
 
 
@@ -43,40 +51,92 @@ def token_bucket(tokens: int) -> int | None:
     return next((bucket for bucket in TOKEN_BUCKETS if tokens <= bucket), None)
 
 
+def bucket_filling_lengths(tokens_of: Callable[[int], int]) -> list[int]:
+    """For ``warmup``: per token bucket, the most words whose text still fits it, so that one call per length
+    captures every bucket once. ``tokens_of(n)``: the packed length of an n-word text (its prompt included), which
+    grows with n. A bucket no text lands in (a prompt longer than it, words of more tokens than its step) is left
+    out."""
+    lengths: list[int] = []
+    previous, low = 0, 1
+    for bucket in TOKEN_BUCKETS:
+        if tokens_of(low) <= bucket:
+            high = bucket  # a word is at least one token
+            while low < high:  # the most words that fit the bucket
+                middle = (low + high + 1) // 2
+                low, high = (middle, high) if tokens_of(middle) <= bucket else (low, middle - 1)
+            if tokens_of(low) > previous:
+                lengths.append(low)
+        previous = bucket
+    return lengths
+
+
+INPUT_NAMES = ("input_ids", "position_ids", "cu_seqlens", "pooling")  # the buffers a replay refills
+
+
 @dataclass
 class StaticBatch:
-    """The buffers one graph reads and writes; a replay refills the inputs in place."""
+    """The buffers one graph reads and writes; a replay refills the inputs in place.
+
+    On CUDA the inputs are written into pinned host copies (``staging``) and copied in asynchronously (a copy from
+    pageable memory would wait for all the GPU work queued before it); ``copied``, recorded after each copy, keeps
+    the next fill from overwriting staging buffers that a queued copy has yet to read. Elsewhere the inputs are
+    written into the buffers themselves.
+    """
 
     input_ids: torch.Tensor  # (1, bucket) long
     position_ids: torch.Tensor  # (3, 1, bucket) long
-    cu_seqlens: torch.Tensor  # (MAX_ITEMS + 2,) int32
+    cu_seqlens: torch.Tensor  # (MAX_ITEMS + 2,) int32: the items', then the padding run's end, then empty tails
     pooling: torch.Tensor  # (MAX_ITEMS, bucket) float32: row i = item i's pooled tokens, each 1 / count
     output: torch.Tensor | None = None  # (MAX_ITEMS, hidden) single vectors or (bucket, dim) multi vectors
+    staging: "StaticBatch | None" = None  # CUDA: pinned host buffers of the same shapes
+    copied: "torch.cuda.Event | None" = None  # CUDA: recorded after the last copy out of ``staging``
 
     @classmethod
     def empty(cls, bucket: int, device: torch.device) -> "StaticBatch":
+        """Buffers for one bucket on ``device``, with pinned staging buffers when it is a CUDA device."""
+        batch = cls.allocate(bucket, device)
+        if device.type == "cuda":
+            batch.staging = cls.allocate(bucket, torch.device("cpu"), pin_memory=True)
+            batch.copied = torch.cuda.Event()
+        return batch
+
+    @classmethod
+    def allocate(cls, bucket: int, device: torch.device, pin_memory: bool = False) -> "StaticBatch":
+        full = lambda shape, value, dtype: torch.full(shape, value, dtype=dtype, device=device,  # noqa: E731
+                                                      pin_memory=pin_memory)
         return cls(
-            input_ids=torch.zeros(1, bucket, dtype=torch.long, device=device),
-            position_ids=torch.zeros(3, 1, bucket, dtype=torch.long, device=device),
-            cu_seqlens=torch.full((MAX_ITEMS + 2,), bucket, dtype=torch.int32, device=device),
-            pooling=torch.zeros(MAX_ITEMS, bucket, dtype=torch.float32, device=device),
+            input_ids=full((1, bucket), 0, torch.long),
+            position_ids=full((3, 1, bucket), 0, torch.long),
+            cu_seqlens=full((MAX_ITEMS + 2,), bucket, torch.int32),
+            pooling=full((MAX_ITEMS, bucket), 0.0, torch.float32),
         )
 
     def fill(self, inputs: dict[str, torch.Tensor]) -> None:
-        """Copy one packed text batch (CPU tensors from ``collate_packed``) into the buffers, padding the rest."""
+        """Put one packed text batch (CPU tensors from ``collate_packed``) into the buffers the graph reads."""
+        if self.staging is None:
+            self.write(inputs)
+            return
+        self.copied.synchronize()  # the previous copy out of the staging buffers has read them
+        self.staging.write(inputs)
+        for name in INPUT_NAMES:
+            getattr(self, name).copy_(getattr(self.staging, name), non_blocking=True)
+        self.copied.record(torch.cuda.current_stream(self.input_ids.device))  # the stream the copies and replay run on
+
+    def write(self, inputs: dict[str, torch.Tensor]) -> None:
+        """Overwrite every input buffer in place (on the host) with the batch, padding the rest."""
         ids, positions, cu = inputs["input_ids"], inputs["position_ids"], inputs["cu_seqlens"].to(torch.int32)
         tokens, items, bucket = ids.shape[1], len(cu) - 1, self.input_ids.shape[1]
-        host = StaticBatch.empty(bucket, torch.device("cpu"))
-        host.input_ids[:, :tokens] = ids
-        host.position_ids[:, :, :tokens] = positions
-        host.position_ids[:, :, tokens:] = torch.arange(bucket - tokens)  # the padding run, as one more sequence
-        host.cu_seqlens[: items + 1] = cu
+        self.input_ids[:, :tokens] = ids
+        self.input_ids[:, tokens:] = 0
+        self.position_ids[:, :, :tokens] = positions
+        self.position_ids[:, :, tokens:] = torch.arange(bucket - tokens)  # the padding run, as one more sequence
+        self.cu_seqlens[: items + 1] = cu
+        self.cu_seqlens[items + 1 :] = bucket  # the padding run ends the row; the tails are empty sequences
         segment = torch.repeat_interleave(torch.arange(items), (cu[1:] - cu[:-1]).long())
         weights = inputs["pooling_mask"][0].to(torch.float32)
-        host.pooling[segment, torch.arange(tokens)] = weights
-        host.pooling[:items] /= host.pooling[:items].sum(-1, keepdim=True).clamp(min=1.0)
-        for name in ("input_ids", "position_ids", "cu_seqlens", "pooling"):
-            getattr(self, name).copy_(getattr(host, name), non_blocking=True)
+        self.pooling.zero_()
+        self.pooling[segment, torch.arange(tokens)] = weights
+        self.pooling[:items] /= self.pooling[:items].sum(-1, keepdim=True).clamp(min=1.0)
 
 
 class SmallCallGraphs:

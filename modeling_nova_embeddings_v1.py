@@ -300,23 +300,32 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
             return self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16)
         return self.compile_blocks == "on"
 
-    def warmup(self, text_lengths: Sequence[int] = (16, 48, 112, 240, 480), images: int = 1) -> float:
+    def warmup(self, text_lengths: Sequence[int] | None = None, images: int = 1) -> float:
         """Run ``encode`` on dummy texts (and a dummy page) so that compilation, kernel selection and the CUDA-graph
-        capture of each token bucket (one text per length; with graphs, once per task adapter, since graphs are
-        captured per adapter) happen now, not in a user's first request; returns the seconds it took. The server
-        calls it at start-up."""
+        capture of every token bucket happen now, not in a user's first request; returns the seconds it took. The
+        server calls it at start-up.
+
+        One call per text length (words), by default one per token bucket: the most words that fit it under the
+        task's prompt; with graphs, once per task adapter, since graphs are captured per adapter. Then one mixed
+        call of those texts and ``images`` pages (the vision tower's kernels).
+        """
+        import functools
         import time
 
         from PIL import Image
 
+        from .graphs_nova_embeddings_v1 import bucket_filling_lengths
+
         start = time.perf_counter()
-        texts = [" ".join(["warm"] * n) for n in text_lengths]
-        pages = [{"image": Image.new("RGB", (448, 448), "white")} for _ in range(images)]
+        words = lambda n: " ".join(["warm"] * n)  # noqa: E731
         tasks = self._one_task_per_adapter() if self.graphs_enabled() else [self.config.default_task]
         for task in tasks:
-            for text in texts:  # short calls: one per token bucket
-                self.encode([text], task=task)
-        self.encode(texts + pages)  # a mixed batch: the vision tower's kernels
+            tokens_of = functools.cache(lambda n: len(self.prepare_items([words(n)], task=task).tokenized[0]))
+            lengths = text_lengths if text_lengths is not None else bucket_filling_lengths(tokens_of)
+            for n in lengths:  # single-text calls: one per token bucket
+                self.encode([words(n)], task=task)
+        pages = [{"image": Image.new("RGB", (448, 448), "white")} for _ in range(images)]
+        self.encode([words(n) for n in lengths] + pages)  # a mixed batch: the vision tower's kernels
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - start

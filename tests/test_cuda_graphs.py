@@ -15,7 +15,7 @@ import torch
 from peft import LoraConfig
 from transformers import AutoModel
 
-from graphs_nova_embeddings_v1 import MAX_ITEMS, TOKEN_BUCKETS
+from graphs_nova_embeddings_v1 import MAX_ITEMS, TOKEN_BUCKETS, bucket_filling_lengths, token_bucket
 
 TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 TASKS = ["retrieval.query", "retrieval.passage", "text-matching", "code.query", "code.passage"]
@@ -31,6 +31,21 @@ def random_items(rng: random.Random, count: int, max_words: int) -> list[dict]:
             for _ in range(count)]
 
 
+def items_filling(model, rng: random.Random, tokens: int) -> tuple[list[dict], int]:
+    """Random retrieval queries and passages (one adapter: one packed batch) added while their packed length stays
+    within ``tokens``, at most MAX_ITEMS of them; returns them and that length."""
+    items, total = [], 0
+    while len(items) < MAX_ITEMS:
+        item = {"text": " ".join(rng.choices(WORDS, k=rng.randint(1, max(2, tokens // 128)))),
+                "task": rng.choice(["retrieval.query", "retrieval.passage"])}
+        length = len(model.prepare_items([item]).tokenized[0])
+        if total + length > tokens:
+            break
+        items.append(item)
+        total += length
+    return items, total
+
+
 def packed(model, graphs: str):
     model.attention_packing, model.cuda_graphs = "on", graphs
     return model
@@ -41,21 +56,34 @@ def model(tiny_nova_dir):
     return load(tiny_nova_dir)
 
 
+def assert_same_vectors(got, expected, multi: bool) -> None:
+    if multi:
+        assert len(got) == len(expected)
+        for mine, theirs in zip(got, expected):
+            torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-5)
+    else:
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
 def test_static_buffer_body_equals_the_packed_path_on_cpu(model):
-    """Every bucket, one to MAX_ITEMS items, every task adapter, single and multi vectors."""
+    """Short calls of 1..8 items over every task adapter, then one-adapter calls of 30..MAX_ITEMS items filling the
+    large buckets (each replays exactly the graph of its bucket); single and multi vectors."""
     rng = random.Random(0)
-    for round_ in range(12):
-        items = random_items(rng, rng.randint(1, MAX_ITEMS // 2), max_words=rng.choice([2, 8, 30]))
+    for round_ in range(8):
+        items = random_items(rng, rng.randint(1, 8), max_words=rng.choice([2, 8, 30]))
         multi = round_ % 3 == 0
         expected = packed(model, "off").encode(items, return_multivector=multi)
-        got = packed(model, "on").encode(items, return_multivector=multi)
-        if multi:
-            assert len(got) == len(expected)
-            for mine, theirs in zip(got, expected):
-                torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-5)
-        else:
-            torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+        assert_same_vectors(packed(model, "on").encode(items, return_multivector=multi), expected, multi)
     assert {key[0] for key in model._graphs.graphs} >= {TOKEN_BUCKETS[0], TOKEN_BUCKETS[1]}
+    for round_, target in enumerate((700, 1000, 1400, 1900, TOKEN_BUCKETS[-1])):
+        items, tokens = items_filling(model, rng, target)
+        assert 30 <= len(items) <= MAX_ITEMS and TOKEN_BUCKETS[5] < tokens <= TOKEN_BUCKETS[-1]
+        multi = round_ % 2 == 1
+        expected = packed(model, "off").encode(items, return_multivector=multi)
+        model._graphs.graphs.clear()
+        got = packed(model, "on").encode(items, return_multivector=multi)
+        assert set(model._graphs.graphs) == {(token_bucket(tokens), "retrieval", multi)}
+        assert_same_vectors(got, expected, multi)
 
 
 def test_calls_too_big_for_a_bucket_take_the_plain_path(model):
@@ -108,17 +136,20 @@ def test_cuda_graphs_setting_is_checked(model):
 # ---------------------------------------------------------------------- CUDA: captured and replayed
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_replays_equal_eager_for_many_distinct_inputs(tiny_nova_dir):
-    """>= 200 distinct calls (lengths across every bucket, 1..8 items, every task adapter, single and multi
-    vectors) replayed from captured graphs equal the eager packed path in bf16."""
+    """>= 200 distinct calls (lengths across every bucket, 1..8 items, every task adapter; then one-adapter calls of
+    30..MAX_ITEMS items in the large buckets; single and multi vectors) replayed from captured graphs equal the eager
+    packed path in bf16."""
     model = load(tiny_nova_dir, dtype=torch.bfloat16).to("cuda")
     rng = random.Random(1)
     calls = [(random_items(rng, rng.randint(1, 8), max_words=rng.choice([2, 6, 20, 60])), i % 4 == 0)
-             for i in range(220)]
+             for i in range(200)]
+    calls += [(items_filling(model, rng, rng.randint(600, TOKEN_BUCKETS[-1]))[0], i % 4 == 0) for i in range(24)]
     model.cuda_graphs = "off"
     expected = [model.encode(items, return_multivector=multi) for items, multi in calls]
     model.cuda_graphs = "auto"
     got = [model.encode(items, return_multivector=multi) for items, multi in calls]
     assert model._graphs is not None and model._graphs.capture and len(model._graphs.graphs) >= 10
+    assert max(key[0] for key in model._graphs.graphs) > 512
     lowest = 1.0
     for (items, multi), mine, theirs in zip(calls, got, expected):
         if multi:
@@ -146,6 +177,21 @@ def test_replay_follows_a_new_adapter_and_keeps_earlier_outputs(tiny_nova_dir):
     assert float(torch.nn.functional.cosine_similarity(replayed, eager).min()) >= 0.999
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_back_to_back_replays_of_one_graph_read_their_own_inputs(tiny_nova_dir):
+    """One call of many one-item batches in one bucket: each replay's inputs go through the same pinned staging
+    buffers, queued without a sync in between; none may be overwritten before its copy has read it."""
+    model = load(tiny_nova_dir, dtype=torch.bfloat16).to("cuda")
+    texts = [f"query {i}: " + " ".join(random.Random(i).choices(WORDS, k=3)) for i in range(48)]
+    model.cuda_graphs = "off"
+    expected = model.encode(texts, task="retrieval.query", batch_size=1)
+    model.cuda_graphs = "auto"
+    got = model.encode(texts, task="retrieval.query", batch_size=1)
+    statics = [static for _, static in model._graphs.graphs.values()]
+    assert len(statics) == 1 and statics[0].staging.input_ids.is_pinned() and statics[0].staging.pooling.is_pinned()
+    assert float(torch.nn.functional.cosine_similarity(got, expected).min()) >= 0.999
+
+
 def test_threads_share_the_static_buffers_safely(model):
     """Replays from several threads at once (a server's callers): each call gets its own vectors, as serially."""
     from concurrent.futures import ThreadPoolExecutor
@@ -166,7 +212,19 @@ def test_warmup_captures_every_bucket_for_every_task_adapter(tiny_nova_dir):
     model = packed(load(tiny_nova_dir), "on")
     model.warmup()
     adapters = {model.config.adapter_task(task) for task in model.config.task_prompts}
-    captured = {(bucket, adapter) for bucket, adapter, _ in model._graphs.graphs}
-    assert {adapter for _, adapter in captured} == adapters
-    for adapter in adapters:
-        assert len({bucket for bucket, name in captured if name == adapter}) >= 3
+    assert len(adapters) == 3
+    assert set(model._graphs.graphs) == {(bucket, adapter, False) for bucket in TOKEN_BUCKETS for adapter in adapters}
+
+
+def test_bucket_filling_lengths_land_in_every_bucket_once():
+    """Whatever the prompt and the tokens per word, each length is the most words that fit its bucket, and a
+    bucket no text can land in is left out rather than filled twice."""
+    for prompt, per_word in ((2, 3), (7, 1), (40, 2), (5, 300)):
+        tokens_of = lambda n: prompt + per_word * n  # noqa: E731
+        lengths = bucket_filling_lengths(tokens_of)
+        buckets = [token_bucket(tokens_of(n)) for n in lengths]
+        assert len(set(buckets)) == len(buckets)
+        reachable = {token_bucket(tokens_of(n)) for n in range(1, TOKEN_BUCKETS[-1] + 1)} - {None}
+        assert set(buckets) == reachable
+        for n, bucket in zip(lengths, buckets):
+            assert tokens_of(n + 1) > bucket
