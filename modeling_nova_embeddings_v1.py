@@ -997,30 +997,44 @@ def packed_attention_forward(
     if cu_seq_lens_q is None:
         raise ValueError("packed attention needs cu_seq_lens_q (the model passes it in packed mode)")
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-    items = cu_seq_lens_q.shape[0] - 1
-    if _dense_kernel_fits(query, items, max_length_q):
-        return dense_attention(query, key, value, items, causal, scaling, _cudnn_attention), None
+    if _may_run_dense(query, max_length_q):
+        return _long_packed_attention(query, key, value, cu_seq_lens_q, int(max_length_q), causal, scaling), None
+    return _varlen_attention(query, key, value, cu_seq_lens_q, max_length_q, causal, scaling), None
+
+
+def _varlen_attention(query, key, value, cu_seq_lens: torch.Tensor, max_length: int, causal: bool,
+                      scaling: float | None) -> torch.Tensor:
+    """One ``varlen_attn`` call on CUDA in half precision, per-sequence SDPA elsewhere: (1, tokens, heads, dim)."""
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, dim)
     kernel = _varlen_kernel()
     if kernel is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        cu = cu_seq_lens_q.to(device=q.device, dtype=torch.int32)
-        out = kernel(q, k, v, cu, cu, int(max_length_q), int(max_length_q), scale=scaling,
+        cu = cu_seq_lens.to(device=q.device, dtype=torch.int32)
+        out = kernel(q, k, v, cu, cu, int(max_length), int(max_length), scale=scaling,
                      window_size=(-1, 0) if causal else (-1, -1))
     else:
-        out = _attention_per_sequence(q, k, v, cu_seq_lens_q.tolist(), causal, scaling)
-    return out.unsqueeze(0), None
+        out = _attention_per_sequence(q, k, v, cu_seq_lens.tolist(), causal, scaling)
+    return out.unsqueeze(0)
 
 
-def _dense_kernel_fits(query: torch.Tensor, items: int, max_length: int | None) -> bool:
-    """Whether a packed row is ``items`` sequences of one length, long enough for cuDNN's dense attention.
+def _may_run_dense(query: torch.Tensor, max_length: int | None) -> bool:
+    """Rows whose longest item is long enough for cuDNN's dense attention to pay, on CUDA in half precision, at
+    inference. Only the longest length is tested here (inside compiled blocks: one guard, two variants)."""
+    return (DENSE_ATTENTION and max_length is not None and query.is_cuda
+            and query.dtype in (torch.float16, torch.bfloat16) and not torch.is_grad_enabled()
+            and int(max_length) >= DENSE_MIN_LENGTH)
 
-    Packed rows of equal-length items are a dense batch seen flat, so they need no copy to run as one. Needs no
-    device sync: the row's length, the item count and the longest length are host numbers."""
-    if not (DENSE_ATTENTION and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)):
-        return False
-    if max_length is None or torch.is_grad_enabled():  # inference only: training keeps the varlen kernel
-        return False
-    return int(max_length) >= DENSE_MIN_LENGTH and items * int(max_length) == query.shape[2]
+
+@torch.compiler.disable
+def _long_packed_attention(query, key, value, cu_seq_lens: torch.Tensor, max_length: int, causal: bool,
+                           scaling: float | None) -> torch.Tensor:
+    """Attention of a row of long items: dense cuDNN when they all have one length, else varlen flash.
+
+    Runs outside compiled blocks (a graph break, negligible next to attention over thousands of tokens), so the
+    choice, made on host numbers at every call, never adds a guard that a new item count would recompile."""
+    items = cu_seq_lens.shape[0] - 1
+    if items * max_length == query.shape[2]:
+        return dense_attention(query, key, value, items, causal, scaling, _cudnn_attention)
+    return _varlen_attention(query, key, value, cu_seq_lens, max_length, causal, scaling)
 
 
 def dense_attention(query, key, value, items: int, causal: bool, scaling: float | None, kernel) -> torch.Tensor:

@@ -459,28 +459,34 @@ def test_dense_attention_of_equal_length_items_equals_per_sequence(model, causal
     torch.testing.assert_close(dense[0], expected, atol=1e-6, rtol=1e-5)
 
 
-def test_equal_length_texts_through_dense_attention_match_the_padded_path(model, monkeypatch):
-    """The model's packed path with the dense kernel taken for equal-length items (as on CUDA for long ones)."""
+def test_long_rows_take_dense_attention_only_when_their_items_have_one_length(model, monkeypatch):
+    """The model's packed path, with every row treated as long (as on CUDA past DENSE_MIN_LENGTH): equal-length
+    items run the dense kernel, a row of unequal lengths the varlen one; both give the padded path's vectors."""
     modeling = sys.modules[type(model).__module__]
     candidates = [f"text number {n} about retrieval" for n in range(40)]
     by_length: dict[int, list[str]] = {}
     for text, item in zip(candidates, model.prepare_items(candidates).tokenized):
         by_length.setdefault(len(item), []).append(text)
-    texts = max(by_length.values(), key=len)[:3]  # distinct texts, one token count
-    assert len(texts) == 3
+    equal = max(by_length.values(), key=len)[:3]  # distinct texts, one token count
+    assert len(equal) == 3
+    unequal = equal[:2] + ["a longer text than the others, with quite a few more words in it"]
     model.attention_packing = "off"
     try:
-        padded = model.encode(texts)
+        expected = {"equal": model.encode(equal), "unequal": model.encode(unequal)}
         model.attention_packing = "on"
-        taken = []
-        monkeypatch.setattr(modeling, "_dense_kernel_fits",
-                            lambda query, items, max_length: taken.append(items) or items * max_length == query.shape[2])
-        monkeypatch.setattr(modeling, "_cudnn_attention", sdpa_kernel)
-        dense = model.encode(texts)
+        dense_calls = []
+        monkeypatch.setattr(modeling, "_may_run_dense", lambda query, max_length: True)
+        monkeypatch.setattr(modeling, "_cudnn_attention",
+                            lambda q, *args: dense_calls.append(q.shape[0]) or sdpa_kernel(q, *args))
+        got_equal = model.encode(equal)
+        assert dense_calls and set(dense_calls) == {3}
+        dense_calls.clear()
+        got_unequal = model.encode(unequal)
+        assert not dense_calls
     finally:
         model.attention_packing = "auto"
-    assert taken and set(taken) == {3}
-    torch.testing.assert_close(dense, padded, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got_equal, expected["equal"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got_unequal, expected["unequal"], atol=1e-5, rtol=1e-4)
 
 
 def test_packed_batches_count_real_tokens(model):
