@@ -327,13 +327,21 @@ def test_cuda_matches_cpu(tiny_nova_dir, model):
     assert F.cosine_similarity(packed, padded).min() > 0.999
 
 
+def packed_attention_module():
+    """The module whose ``packed_attention_forward`` transformers calls: the last copy of the remote code imported
+    registers it, and a test run imports the code from several checkpoint folders, so patch that copy's globals."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return sys.modules[ALL_ATTENTION_FUNCTIONS["nova_flash_varlen"].__module__]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_dense_attention_for_long_equal_length_items(tiny_nova_dir, monkeypatch):
     """On CUDA in bf16, equal-length items of DENSE_MIN_LENGTH tokens and more run cuDNN's dense attention;
     their vectors agree with the varlen flash kernel's; unequal lengths keep the varlen kernel."""
     half = AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True, dtype=torch.bfloat16).to("cuda")
     half.compile_blocks = "off"  # count the kernel's calls (a compiled block would have traced the original)
-    modeling = sys.modules[type(half).__module__]
+    modeling = packed_attention_module()
     calls = []
     cudnn = modeling._cudnn_attention
     monkeypatch.setattr(modeling, "_cudnn_attention", lambda *args: calls.append(args[0].shape) or cudnn(*args))
@@ -462,7 +470,7 @@ def test_dense_attention_of_equal_length_items_equals_per_sequence(model, causal
 def test_long_rows_take_dense_attention_only_when_their_items_have_one_length(model, monkeypatch):
     """The model's packed path, with every row treated as long (as on CUDA past DENSE_MIN_LENGTH): equal-length
     items run the dense kernel, a row of unequal lengths the varlen one; both give the padded path's vectors."""
-    modeling = sys.modules[type(model).__module__]
+    modeling = packed_attention_module()
     candidates = [f"text number {n} about retrieval" for n in range(40)]
     by_length: dict[int, list[str]] = {}
     for text, item in zip(candidates, model.prepare_items(candidates).tokenized):
