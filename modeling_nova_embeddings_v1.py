@@ -119,6 +119,7 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         align_vision_mlps(self.model.visual)
         self.multi_vector_projector = nn.Linear(config.text_config.hidden_size, config.multi_vector_projector_dim)
         self._processor: NovaEmbeddingsV1Processor | None = None
+        self._processor_lock = threading.Lock()  # several threads' first calls load one processor
         self._adapter_lock = threading.RLock()  # no batch ever runs while adapters are being loaded or removed
         # held only while the set of adapters changes: prepare_items reads the names under it, so preparing the
         # next items never waits for a running encode call (which holds _adapter_lock throughout)
@@ -152,9 +153,16 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
     # ------------------------------------------------------------------ processor
     @property
     def processor(self) -> NovaEmbeddingsV1Processor:
-        """The processor saved beside the weights, loaded on first use."""
+        """The processor saved beside the weights, loaded once on first use, whichever thread uses it first.
+
+        Two threads loading it at once would parse the remote code with ``ast`` concurrently, which CPython 3.11
+        does not survive (python/cpython#106905), so the load runs under a lock.
+        """
         if self._processor is None:
-            self._processor = NovaEmbeddingsV1Processor.from_pretrained(self.config._name_or_path, trust_remote_code=True)
+            with self._processor_lock:
+                if self._processor is None:
+                    self._processor = NovaEmbeddingsV1Processor.from_pretrained(
+                        self.config._name_or_path, trust_remote_code=True)
         return self._processor
 
     @processor.setter

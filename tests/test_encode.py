@@ -611,3 +611,28 @@ def test_text_layout_shortcut_renders_exactly_what_the_template_renders(model):
     trimming = processor._template().replace("part['text']", "(part['text'] | trim)")
     assert processing._text_layout(trimming, "Query: ", False, None, config.image_prompt) is None
     assert processing._text_layout(processor._template(), "Query: ", False, None, config.image_prompt) is not None
+
+
+def test_first_calls_from_several_threads_load_the_processor_once(tiny_nova_dir, monkeypatch):
+    """The processor loads on first use. Several threads' first calls (a corpus pipeline's prepare workers, a
+    server's callers) must load it once: two concurrent loads parse the remote code with ``ast`` in two threads at
+    once, which CPython 3.11 does not survive (python/cpython#106905: "AST constructor recursion depth mismatch")."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True)
+    processor_class = type(model).processor.fget.__globals__["NovaEmbeddingsV1Processor"]
+    original, loads = processor_class.from_pretrained.__func__, []
+
+    def slow_from_pretrained(cls, *args, **kwargs):
+        loads.append(threading.get_ident())
+        time.sleep(0.3)  # wide window: every thread has asked for the processor before the first load returns
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(processor_class, "from_pretrained", classmethod(slow_from_pretrained))
+    texts = [f"text number {i}" for i in range(4)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        vectors = list(pool.map(lambda text: model.encode([text]), texts))
+    assert len(loads) == 1
+    for text, vector in zip(texts, vectors):
+        torch.testing.assert_close(vector, model.encode([text]), rtol=0, atol=0)
