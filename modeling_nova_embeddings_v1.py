@@ -119,7 +119,7 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         align_vision_mlps(self.model.visual)
         self.multi_vector_projector = nn.Linear(config.text_config.hidden_size, config.multi_vector_projector_dim)
         self._processor: NovaEmbeddingsV1Processor | None = None
-        self._processor_lock = threading.Lock()  # several threads' first calls load one processor
+        self._first_use_lock = threading.Lock()  # several threads' first calls load one processor, compile once
         self._adapter_lock = threading.RLock()  # no batch ever runs while adapters are being loaded or removed
         # held only while the set of adapters changes: prepare_items reads the names under it, so preparing the
         # next items never waits for a running encode call (which holds _adapter_lock throughout)
@@ -159,7 +159,7 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         does not survive (python/cpython#106905), so the load runs under a lock.
         """
         if self._processor is None:
-            with self._processor_lock:
+            with self._first_use_lock:
                 if self._processor is None:
                     self._processor = NovaEmbeddingsV1Processor.from_pretrained(
                         self.config._name_or_path, trust_remote_code=True)
@@ -301,6 +301,14 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         for block in blocks:
             block.compile(**compile_kwargs)
         self._compiled = True
+
+    def _compile_before_first_batch(self) -> None:
+        """``compile_layers`` when ``should_compile`` and not done yet: once, whichever thread's call comes first."""
+        if self._compiled or not self.should_compile():
+            return
+        with self._first_use_lock:
+            if not self._compiled:
+                self.compile_layers()
 
     def should_compile(self) -> bool:
         """Whether ``encode`` compiles the blocks: ``compile_blocks`` "on", or "auto" on CUDA in half precision."""
@@ -856,8 +864,7 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         for batch in batches:
             group_tokens[adapters[batch[0]]] = group_tokens.get(adapters[batch[0]], 0) + sum(len(tokenized[i]) for i in batch)
         device_outputs = []
-        if not self._compiled and self.should_compile():
-            self.compile_layers()
+        self._compile_before_first_batch()
         graphs = self.small_call_graphs() if packed else None
         with self._adapter_lock, _Prefetcher(self._prepare_batch, tokenized, batches, limits, packed) as prepared, \
                 self.dropout_disabled(), self.adapter_manager.call_scope() as router:

@@ -544,6 +544,23 @@ def test_compile_blocks_on_compiles_once_and_keeps_vectors(tiny_nova_dir, model)
     assert all(getattr(block, "_compiled_call_impl", None) for block in compiled.model.language_model.layers)
 
 
+def test_first_calls_from_several_threads_compile_once(tiny_nova_dir, model):
+    """A server's first requests arrive together: the blocks are compiled by one of them, not by each."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    compiled = AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True, load_task_adapters=False)
+    compiled.compile_blocks = "on"
+    calls, original = [], compiled.compile_layers
+    compiled.compile_layers = lambda **kw: (calls.append(kw), time.sleep(0.3), original(backend="eager"))[2]
+    texts = [f"text number {i}" for i in range(4)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        vectors = list(pool.map(lambda text: compiled.encode([text]), texts))
+    assert len(calls) == 1
+    plain = AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True, load_task_adapters=False)
+    torch.testing.assert_close(torch.cat(vectors), plain.encode(texts), atol=1e-5, rtol=1e-4)
+
+
 def test_prepared_items_give_the_same_vectors_and_join(model):
     """prepare_items + encode (a server's or corpus pipeline's split) equals encode on the raw items, joined or not."""
     items = [{"text": "alpha beta", "task": "retrieval.query"}, {"image": make_image(2), "text": "page"},
