@@ -958,6 +958,8 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         """
         queries = [torch.as_tensor(q, dtype=torch.float32) for q in queries]
         documents = [torch.as_tensor(d, dtype=torch.float32) for d in documents]
+        if not queries or not documents:  # e.g. encode([]) of an empty corpus chunk: nothing to pad or score
+            return torch.zeros(len(queries), len(documents))
         padded_queries = nn.utils.rnn.pad_sequence(queries, batch_first=True)  # (nq, tq, dim), zero rows add 0
         scores = []
         for start in range(0, len(documents), batch_size):

@@ -274,6 +274,14 @@ def test_maxsim_scores_match_a_plain_loop(model):
     torch.testing.assert_close(scores, expected)
 
 
+def test_maxsim_scores_of_no_queries_or_no_documents_are_empty(model):
+    """encode([]) gives [] for multi vectors; scoring it gives an empty matrix, as score_single_vector does."""
+    queries = model.encode(["late interaction", "cats"], return_multivector=True)
+    assert model.score_multi_vector(queries, []).shape == (2, 0)
+    assert model.score_multi_vector([], queries).shape == (0, 2)
+    assert model.score_multi_vector([], model.encode([], return_multivector=True)).shape == (0, 0)
+
+
 # ---------------------------------------------------------------------- batching
 def test_results_do_not_depend_on_batch_neighbours_or_order(model):
     items = ["short", "a much longer text about late interaction and retrieval of pages", {"image": make_image(14)},
