@@ -201,8 +201,8 @@ class NovaEmbeddingsV1Processor(Qwen2_5_VLProcessor):
         max_length = config.max_length if max_length is None else max_length
         rendered = [self.render_item(item, config) for item in items]
         encodings = self._tokenize_all(items, config, [text for text, _, _ in rendered])
-        return [self._tokenized_item(item, config, limits, truncate, max_length, spans, system_chars, *encoding)
-                for item, (_, spans, system_chars), encoding in zip(items, rendered, encodings)]
+        return [self._tokenized_item(item, config, limits, truncate, max_length, text, spans, system_chars, *encoding)
+                for item, (text, spans, system_chars), encoding in zip(items, rendered, encodings)]
 
     def _tokenize_all(self, items: Sequence[EmbeddingItem], config,
                       rendered: list[str]) -> list[tuple[list[int], np.ndarray]]:
@@ -242,12 +242,12 @@ class NovaEmbeddingsV1Processor(Qwen2_5_VLProcessor):
             raise ValueError(f"need min_pixels <= max_pixels, got min_pixels={low}, max_pixels={high}")
         return low, high
 
-    def _tokenized_item(self, item: EmbeddingItem, config, limits, truncate: bool, max_length: int,
+    def _tokenized_item(self, item: EmbeddingItem, config, limits, truncate: bool, max_length: int, rendered: str,
                         spans: list[tuple[int, int]], system_chars: int, input_ids: list[int],
                         bounds: np.ndarray) -> TokenizedItem:
         """Masks from character offsets (a token is pooled when it overlaps a pooled span), then images, length.
 
-        bounds: (tokens, 2) each token's [start, end) characters in the rendered item."""
+        rendered: the item through the template; bounds: (tokens, 2) each token's [start, end) characters in it."""
         starts, ends = bounds[:, 0], bounds[:, 1]
         pooled = np.zeros(len(bounds), dtype=bool)
         for span_start, span_end in spans:
@@ -261,7 +261,7 @@ class NovaEmbeddingsV1Processor(Qwen2_5_VLProcessor):
             tokenized.image_grid_thw = item.image_grid_thw or self.image_grid(item, limits)
             self._expand_image_tokens(tokenized)
         if len(tokenized) > max_length:
-            self._truncate_or_fail(tokenized, max_length, truncate)
+            self._truncate_or_fail(tokenized, max_length, truncate, _text_token_count(item.text, rendered, spans, bounds))
         return tokenized
 
     def render_item(self, item: EmbeddingItem, config) -> tuple[str, list[tuple[int, int]], int]:
@@ -393,8 +393,11 @@ class NovaEmbeddingsV1Processor(Qwen2_5_VLProcessor):
             raise ItemError(tokenized.item.index, "the rendered item must hold exactly one image placeholder")
         tokenized.input_ids, tokenized.pooling_mask, tokenized.output_mask = ids, pool, out
 
-    def _truncate_or_fail(self, tokenized: TokenizedItem, max_length: int, truncate: bool) -> None:
-        """Cut the end of the item's text, keeping the template's closing tokens; or refuse."""
+    def _truncate_or_fail(self, tokenized: TokenizedItem, max_length: int, truncate: bool,
+                          text_tokens: int | None = None) -> None:
+        """Cut the end of the item's text, keeping the template's closing tokens; or refuse when that would leave
+        none of its text. text_tokens: the tokens that hold the text (None: every pooled token of its span, prefix
+        included)."""
         item, excess = tokenized.item, len(tokenized) - max_length
         if not truncate:
             raise ItemError(item.index, f"{len(tokenized)} tokens, over the maximum of {max_length} (pass truncate=True to cut the text)")
@@ -402,7 +405,8 @@ class NovaEmbeddingsV1Processor(Qwen2_5_VLProcessor):
         text_start = text_end
         while text_start > 0 and tokenized.pooling_mask[text_start - 1] and tokenized.input_ids[text_start - 1] != self.vision_end_id:
             text_start -= 1
-        if item.text is None or text_end - text_start <= excess:
+        cuttable = text_end - text_start if text_tokens is None else min(text_tokens, text_end - text_start)
+        if item.text is None or cuttable <= excess:
             raise ItemError(item.index, f"{len(tokenized)} tokens, over the maximum of {max_length}, and its text is too short to cut")
         cut = slice(text_end - excess, text_end)
         for name in ("input_ids", "pooling_mask", "output_mask"):
@@ -586,6 +590,18 @@ def _text_layout(template: str, prefix: str, has_image: bool, instructions: str 
 def _system_turn_length(template: str, instructions: str, image_prompt: str) -> int:
     """Characters taken by the instructions' system turn, found by rendering it alone."""
     return len(_render(template, [{"role": "system", "content": instructions}], image_prompt)[0])
+
+
+def _text_token_count(text: str | None, rendered: str, spans: list[tuple[int, int]], bounds: np.ndarray) -> int | None:
+    """Tokens overlapping the item's text, which the template renders at the end of its last pooled span
+    (``{prefix}{text}``); None when the text is not found there. Truncation may cut these tokens and no others."""
+    if text is None or not spans:
+        return None
+    end = spans[-1][1]
+    start = end - len(text)
+    if start < 0 or rendered[start:end] != text:
+        return None
+    return int(((bounds[:, 0] < end) & (bounds[:, 1] > start)).sum())
 
 
 def _check_task(task: Any, config, where: str) -> None:

@@ -413,6 +413,24 @@ def test_oversized_image_and_long_text(tiny_nova_dir):
     assert len(instructed[0]) == 40 and model.processor.tokenizer.decode(instructed[0].input_ids).endswith("<|im_end|>\n")
 
 
+@pytest.mark.parametrize("instructions", [None, "Find rivers"])
+def test_truncation_never_cuts_into_the_task_prefix(model, monkeypatch, instructions):
+    """truncate=True cuts the text only: an item whose overshoot is as long as its text is refused, not embedded as
+    its prefix alone ("Query:")."""
+    item = {"text": "hello", "instructions": instructions}
+    prepared = model.prepare_items([item]).tokenized[0]
+    text_tokens = len(model.processor.tokenizer("hello", add_special_tokens=False)["input_ids"])
+    monkeypatch.setattr(model.config, "max_length", len(prepared) - text_tokens)
+    with pytest.raises(ValueError, match="item 0: .* its text is too short to cut"):
+        model.encode([item], truncate=True)
+    monkeypatch.setattr(model.config, "max_length", len(prepared) - text_tokens + 1)  # one text token is left
+    with pytest.warns(UserWarning, match="item 0: truncated"):
+        cut = model.prepare_items([item], truncate=True).tokenized[0]
+    pooled = model.processor.tokenizer.decode([t for t, p in zip(cut.input_ids, cut.pooling_mask) if p])
+    assert pooled == "Query: " + model.processor.tokenizer.decode(
+        model.processor.tokenizer("hello", add_special_tokens=False)["input_ids"][:1])
+
+
 # ---------------------------------------------------------------------- packed (variable-length) attention
 def test_pictures_are_batched_a_few_at_a_time_with_the_same_vectors(model):
     """A batch holds at most PICTURES_PER_BATCH pictures (their preprocessing pipelines with the GPU); precomputed
