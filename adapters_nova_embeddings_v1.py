@@ -306,7 +306,9 @@ class AdapterManager:
         for name in names:
             folder = os.path.join(root, self.model.config.adapters_dir, name)
             os.makedirs(folder, exist_ok=True)
-            state = get_peft_model_state_dict(self.model, adapter_name=name)
+            # no embedding copies: base weights are saved beside the adapters, and "auto" would look the adapter's
+            # base_model_name_or_path up on the Hub to see whether the vocabulary was resized (it never is)
+            state = get_peft_model_state_dict(self.model, adapter_name=name, save_embedding_layers=False)
             state = {PEFT_PREFIX + key: value.detach().cpu().contiguous() for key, value in state.items()}
             save_file(state, os.path.join(folder, ADAPTER_WEIGHTS), metadata={"format": "pt"})
             self.model.peft_config[name].save_pretrained(folder)

@@ -300,6 +300,20 @@ def test_saved_adapters_load_in_stock_peft(tiny_nova_dir, tmp_path):
     torch.testing.assert_close(base.encode(["x"], adapter="code-copy"), expected)
 
 
+def test_save_pretrained_asks_the_hub_nothing(tiny_nova_dir, tmp_path, monkeypatch):
+    """Saving writes local files only: PEFT's check for a resized vocabulary (a Hub lookup of the adapters'
+    base_model_name_or_path, a warning when offline) does not apply, the base weights being saved beside them."""
+    import peft.utils.save_and_load as peft_saving
+
+    def no_hub(repo_id, filename, *args, **kwargs):
+        raise AssertionError(f"save_pretrained looked up {filename} of {repo_id!r} on the Hub")
+
+    monkeypatch.setattr(peft_saving, "check_file_exists_on_hf_hub", no_hub)
+    model = load(tiny_nova_dir)
+    model.save_pretrained(tmp_path / "saved")
+    assert load(tmp_path / "saved").list_adapters() == model.list_adapters()
+
+
 def test_save_after_training_a_custom_adapter(tiny_nova_dir, tmp_path):
     base = load(tiny_nova_dir, load_task_adapters=False)
     peft_model = get_peft_model(base, jina_like_lora(11))
