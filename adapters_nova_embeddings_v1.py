@@ -32,6 +32,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 MERGE_MIN_TOKENS = 4096  # below this, merging (two weight copies of ~5.5 GB at full size) costs more than unmerged LoRA
 PEFT_PREFIX = "base_model.model."  # how PeftModel.save_pretrained prefixes adapter keys
 LOADED_MARK = "_nova_lora_base"  # set on each projection that one of our adapters wraps
+WRAPPER_MARK = "_nova_lora_wrapper"  # set on the LoRA layer wrapping it: a new wrapper (PEFT's, after an unload) lacks it
 
 
 class AdapterStateError(RuntimeError):
@@ -62,7 +63,9 @@ class ModuleIndex:
     modules: list[nn.Module]
     parameters: list[nn.Parameter]
     lora_layers: list["LoraLayer"]
-    unwrapped: int  # projections that held one of our adapters and lost their LoRA layer (PEFT's unload/merge_and_unload)
+    # projections that held one of our adapters and lost its LoRA layer (PEFT's unload/merge_and_unload), even if a
+    # LoRA layer was injected around them again since
+    unwrapped: int
 
 
 def module_index(model: nn.Module) -> ModuleIndex:
@@ -75,8 +78,8 @@ def module_index(model: nn.Module) -> ModuleIndex:
     version = _registrations
     modules = list(model.modules())
     layers = [module for module in modules if isinstance(module, LoraLayer)]
-    wrapped = {id(layer.get_base_layer()) for layer in layers}
-    unwrapped = sum(getattr(m, LOADED_MARK, False) and id(m) not in wrapped for m in modules)
+    ours = {id(layer.get_base_layer()) for layer in layers if getattr(layer, WRAPPER_MARK, False)}
+    unwrapped = sum(getattr(m, LOADED_MARK, False) and id(m) not in ours for m in modules)
     index = ModuleIndex(version, modules, list(model.parameters()), layers, unwrapped)
     object.__setattr__(model, "_nova_module_index", index)  # a plain attribute, not a submodule
     return index
@@ -100,6 +103,13 @@ def _plain_lora_linear(layer: "LoraLayer", name: str, weight: torch.Tensor) -> b
     return (isinstance(layer, Linear) and not layer.fan_in_fan_out and name not in getattr(layer, "lora_variant", {})
             and not getattr(layer, "lora_bias", {}).get(name, False) and a.dtype == b.dtype == weight.dtype
             and a.device == weight.device and weight.dim() == 2)
+
+
+def _unwrapped_message(unwrapped: int) -> str:
+    return (f"{unwrapped} projections lost their LoRA layers outside unload_adapter: the adapters were merged into "
+            "the weights and unloaded (PEFT's merge_and_unload) or unloaded (PEFT's unload), so per-task routing "
+            "is no longer possible on these weights. Reload the model (AutoModel.from_pretrained) to route again, "
+            "or remove adapters with model.unload_adapter(name).")
 
 
 def _set_layer_state(layer: "LoraLayer", active: list[str], disabled: bool) -> None:
@@ -138,11 +148,7 @@ class AdapterManager:
     def check_routable(self, layers: Sequence["LoraLayer"], unwrapped: int) -> None:
         """Refuse the states in which per-item routing would silently compute something else."""
         if unwrapped:
-            raise AdapterStateError(
-                f"{unwrapped} projections lost their LoRA layers outside unload_adapter: the adapters were merged into "
-                "the weights and unloaded (PEFT's merge_and_unload) or unloaded (PEFT's unload), so per-task routing "
-                "is no longer possible on these weights. Reload the model (AutoModel.from_pretrained) to route again, "
-                "or remove adapters with model.unload_adapter(name).")
+            raise AdapterStateError(_unwrapped_message(unwrapped))
         merged = sorted({name for layer in layers if layer not in self._merge_backup for name in layer.merged_adapters})
         if merged:
             raise AdapterStateError(
@@ -188,6 +194,12 @@ class AdapterManager:
             self.restore_merged()
             for layer, active, disabled in saved:
                 _set_layer_state(layer, active, disabled)
+
+    def _refuse_unloaded_weights(self) -> None:
+        """Adding an adapter would wrap projections that may carry a merged adapter and hide that they lost theirs."""
+        unwrapped = module_index(self.model).unwrapped
+        if unwrapped:
+            raise ValueError(_unwrapped_message(unwrapped))
 
     def should_merge(self, group_tokens: int) -> bool:
         if self.merging == "on":
@@ -248,6 +260,7 @@ class AdapterManager:
         from peft import inject_adapter_in_model, set_peft_model_state_dict
 
         _refuse_offloaded_weights(self.model, name)
+        self._refuse_unloaded_weights()
         saved = {layer: (list(layer.active_adapters), layer.disable_adapters) for layer in lora_layers(self.model)}
         # a new layer computes what the model computed before: the others' active adapters, or none at all
         new_layer_state = next(iter(saved.values())) if saved else ([], False)
@@ -265,6 +278,7 @@ class AdapterManager:
         for layer in lora_layers(self.model):
             _set_layer_state(layer, *saved.get(layer, new_layer_state))
             setattr(layer.get_base_layer(), LOADED_MARK, True)
+            setattr(layer, WRAPPER_MARK, True)
             layer.train(self.model.training)  # injected modules start in training mode: dropout would leak into eval
             _place_beside_base_layer(layer, name)
 

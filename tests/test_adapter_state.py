@@ -153,6 +153,24 @@ def test_merge_and_unload_is_refused_clearly(tiny_nova_dir):
         merged.encode(["x"], task="code")
 
 
+@pytest.mark.parametrize("reinject", ["load_adapter", "get_peft_model"])
+def test_merged_and_unloaded_weights_stay_refused_when_adapters_are_added_again(tiny_nova_dir, custom_adapter,
+                                                                                 reinject):
+    """merge_and_unload leaves an adapter inside the base weights: adapters added afterwards (ours or PEFT's) would
+    wrap those weights again and encode would run every item on them, as if they were the bare backbone."""
+    model = load(tiny_nova_dir)
+    PeftModel(model, model.peft_config["retrieval"], adapter_name="retrieval").merge_and_unload()
+    if reinject == "load_adapter":
+        with pytest.raises(ValueError, match="merged into the weights and unloaded"):
+            model.load_adapter(custom_adapter, adapter_name="legal")
+        assert model.list_adapters() == []
+    else:
+        every_projection = f"{TARGETS}|.*multi_vector_projector$"  # wraps every projection that lost its layer
+        get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=every_projection, init_lora_weights=False))
+    with pytest.raises(RuntimeError, match="merged into the weights and unloaded"):
+        model.encode(["x"])
+
+
 def test_peft_merge_adapter_is_refused_clearly(tiny_nova_dir):
     from peft.tuners.lora.layer import LoraLayer
 
