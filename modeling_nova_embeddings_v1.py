@@ -924,13 +924,17 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
     # ------------------------------------------------------------------ precomputed images
     @torch.inference_mode()
     def get_image_embeddings(
-        self, images: Sequence[Any], *, min_pixels: int | None = None, max_pixels: int | None = None, batch_size: int = 8
+        self, images: Sequence[Any] | Any, *, min_pixels: int | None = None, max_pixels: int | None = None,
+        batch_size: int = 8
     ) -> list[dict[str, torch.Tensor]]:
         """Vision-tower output per image, to reuse across tasks, instructions and adapters.
 
         Each entry is ``{"image_embeds": (image_tokens, hidden), "image_grid_thw": (3,)}`` and can be given
-        to ``encode`` as an item's ``image_embeds`` (the dict itself, or its two fields).
+        to ``encode`` as an item's ``image_embeds`` (the dict itself, or its two fields). One image given alone
+        (not in a list or tuple) is one image: a path or bytes is never read as a sequence of images.
         """
+        if not isinstance(images, (list, tuple)):
+            images = [images]
         processor = self.processor
         low, high = processor.pixel_limits(self.config, min_pixels, max_pixels)
         items = processor.normalize_items([{"image": image} for image in images], config=self.config)

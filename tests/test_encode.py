@@ -229,6 +229,18 @@ def test_precomputed_image_embeds_equal_the_image(model):
     torch.testing.assert_close(mixed[1], direct[2], atol=1e-6, rtol=1e-5)
 
 
+def test_one_image_given_alone_is_one_image(model, tmp_path):
+    """get_image_embeddings(image), as encode(item): a lone path is one image, not a sequence of characters."""
+    image = make_image(11)
+    path = tmp_path / "page.png"
+    image.save(path)
+    (expected,) = model.get_image_embeddings([image])
+    for alone in (image, str(path), path, path.read_bytes()):
+        (got,) = model.get_image_embeddings(alone)
+        torch.testing.assert_close(got["image_embeds"], expected["image_embeds"], rtol=0, atol=0)
+        assert got["image_grid_thw"].tolist() == expected["image_grid_thw"].tolist()
+
+
 def test_pixel_limit_override_is_per_call(model):
     image = make_image(11, width=300, height=300)
     before = model.processor.image_processor.size
