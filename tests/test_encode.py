@@ -397,6 +397,8 @@ def test_cuda_dense_attention_for_long_equal_length_items(tiny_nova_dir, monkeyp
         (["ok", {"text": "x", "instructions": ""}], {}, "item 1: instructions is empty"),
         ([{"image_embeds": torch.zeros(4, 64)}], {}, "item 0: 'image_embeds' needs its 'image_grid_thw'"),
         ([{"image_embeds": torch.zeros(3, 64), "image_grid_thw": [1, 4, 4]}], {}, r"item 0: 'image_embeds' has shape"),
+        ([{"image_embeds": {"image_embeds": torch.zeros(4, 64), "image_grid_thw": [1, 4, 4]}, "image_grid_thw": [1, 2, 8]}],
+         {}, r"item 0: 'image_grid_thw' \[1, 2, 8\] differs from the grid in 'image_embeds' \[1, 4, 4\]"),
         (["ok"], {"task": "nope"}, "unknown task 'nope'"),
         (["ok"], {"dimensions": 7}, "dimensions=7 is not allowed"),
         (["ok"], {"dimensions": 16, "return_multivector": True}, "single vectors only"),
