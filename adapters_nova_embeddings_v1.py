@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .processing_nova_embeddings_v1 import TASK_ADAPTER, EmbeddingItem, ItemError
@@ -380,13 +381,16 @@ class BatchRouter:
 
 
 @contextmanager
-def rows_routed(model: nn.Module, adapter_names: Sequence[str] | None):
-    """Route each row to its adapter with PEFT's own mixed-batch pre-forward hook on every LoRA layer."""
+def rows_routed(model: nn.Module, adapter_names: Sequence[str] | None, cu_seqlens: torch.Tensor | None = None):
+    """Route each row (each packed item, given ``cu_seqlens``) to its adapter for one forward pass.
+
+    At inference, when every layer holding these adapters is a plain LoRA linear over the language model's tokens,
+    each layer adds all their deltas in one stacked pass (``StackedLora``); otherwise PEFT's own mixed-batch
+    forward (per-adapter dropout and gradients while training), which needs padded rows.
+    """
     if adapter_names is None:
         yield
         return
-    from peft.tuners.lora.model import _adapter_names_pre_forward_hook
-
     layers = lora_layers(model)
     known = layer_adapter_names(layers) | {BASE}
     unknown = sorted(set(adapter_names) - known)
@@ -396,11 +400,24 @@ def rows_routed(model: nn.Module, adapter_names: Sequence[str] | None):
     if not layers:
         yield
         return
-    hook = functools.partial(_adapter_names_pre_forward_hook, adapter_names=list(adapter_names))
+    names = sorted(set(adapter_names) - {BASE})
+    stacked = can_stack(model, names)
+    if not stacked and cu_seqlens is not None:
+        raise ValueError(f"packed items of several adapters need adapters that stack (plain LoRA on the language "
+                         f"model, at inference); {names} do not: run one adapter per batch, or padded rows")
     saved = [(layer, layer.active_adapters, layer.disable_adapters) for layer in layers]
-    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
-    for layer in layers:  # a disabled layer ignores adapter_names: enable for this call
-        _set_layer_state(layer, layer.active_adapters, False)
+    if stacked:
+        token_adapters = _token_adapters(adapter_names, names, cu_seqlens)
+        for layer in layers:
+            object.__setattr__(layer, STACKED_PASS, stacked_pass(layer, names, token_adapters))
+        handles = [layer.register_forward_hook(add_stacked_deltas) for layer in layers]
+    else:
+        from peft.tuners.lora.model import _adapter_names_pre_forward_hook
+
+        hook = functools.partial(_adapter_names_pre_forward_hook, adapter_names=list(adapter_names))
+        handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
+    for layer in layers:  # stacked: the layer computes the base projection, the hook adds every delta; PEFT's
+        _set_layer_state(layer, layer.active_adapters, stacked)  # mixed forward: enabled (a disabled layer ignores it)
     try:
         yield
     finally:
@@ -408,6 +425,87 @@ def rows_routed(model: nn.Module, adapter_names: Sequence[str] | None):
             handle.remove()
         for layer, active, disabled in saved:
             _set_layer_state(layer, active, disabled)
+            if stacked:
+                object.__setattr__(layer, STACKED_PASS, None)
+
+
+def can_stack(model: nn.Module, names: Sequence[str], dropout_disabled: bool = False) -> bool:
+    """Whether one stacked pass computes exactly what PEFT's mixed batch would for these adapters: inference (no
+    gradients, no active dropout, or ``dropout_disabled`` for the pass), and each layer holding one of them a plain
+    LoRA linear on the language model's tokens (the vision tower's layers see patches, not the rows' tokens)."""
+    if torch.is_grad_enabled():
+        return False
+    vision = getattr(getattr(model, "model", None), "visual", None)
+    vision_layers = {id(module) for module in vision.modules()} if vision is not None else set()
+    for layer in lora_layers(model):
+        for name in names:
+            if name not in layer.lora_A:
+                continue
+            dropout = layer.lora_dropout[name]
+            dropping = dropout.training and getattr(dropout, "p", 0) > 0 and not dropout_disabled
+            if (id(layer) in vision_layers or dropping
+                    or not _plain_lora_linear(layer, name, layer.get_base_layer().weight)):
+                return False
+    return True
+
+
+def _token_adapters(adapter_names: Sequence[str], names: list[str], cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    """Each token's adapter index in ``names`` (-1: the bare backbone), shaped to broadcast over a layer's input
+    without its last dimension: (rows, 1) for padded rows, (1, tokens) for packed items."""
+    index = torch.tensor([names.index(name) if name != BASE else -1 for name in adapter_names])
+    if cu_seqlens is None:
+        return index.unsqueeze(1)
+    bounds = cu_seqlens.cpu()
+    return index.repeat_interleave(bounds[1:] - bounds[:-1]).unsqueeze(0)
+
+
+STACKED_PASS = "_nova_stacked_pass"  # set on each LoRA layer for one stacked forward pass (see add_stacked_deltas)
+RANK_OWNERS = "_nova_rank_owners"  # each LoRA layer's cached (key, owner, scaling) tables
+
+
+@dataclass
+class StackedPass:
+    """One LoRA layer's part of a stacked pass: the adapters it holds, which of them owns each stacked rank and its
+    scaling, and each token's adapter (an index into the pass's adapters, -1 for the bare backbone)."""
+
+    held: tuple[str, ...]
+    owner: torch.Tensor  # (ranks,)
+    scaling: torch.Tensor  # (ranks,)
+    token_adapters: torch.Tensor  # (rows, 1) or (1, tokens)
+
+
+def stacked_pass(layer: "LoraLayer", names: list[str], token_adapters: torch.Tensor) -> StackedPass:
+    """The layer's ``StackedPass``; its rank tables are built once per set of adapters, ranks, scalings and device."""
+    held = tuple(name for name in names if name in layer.lora_A)
+    device = layer.lora_A[held[0]].weight.device if held else torch.device("cpu")
+    key = (tuple(names), held, tuple(layer.r[name] for name in held), tuple(float(layer.scaling[name]) for name in held),
+           device)
+    cached = getattr(layer, RANK_OWNERS, None)
+    if cached is None or cached[0] != key:
+        owner = [names.index(name) for name in held for _ in range(layer.r[name])]
+        scaling = [float(layer.scaling[name]) for name in held for _ in range(layer.r[name])]
+        cached = (key, torch.tensor(owner, device=device), torch.tensor(scaling, device=device))
+        object.__setattr__(layer, RANK_OWNERS, cached)
+    return StackedPass(held, cached[1], cached[2], token_adapters.to(device, non_blocking=True))
+
+
+def add_stacked_deltas(layer: "LoraLayer", args: tuple, output: torch.Tensor) -> torch.Tensor:
+    """Every row's LoRA delta of one layer in one pass (rows of several adapters in one batch, issue 11).
+
+    PEFT's mixed batch loops over adapters (gather, two GEMMs, scatter each); here the layer's adapters are stacked:
+    ``x @ [A_1; ...; A_n].T`` gives every token all ranks, each token keeps only its adapter's block (scaled), and
+    one ``@ [B_1 ... B_n].T`` adds the deltas. The other blocks are multiplied by exact zeros, so each token gets
+    its adapter's delta alone, as in PEFT; the extra FLOPs are the other adapters' ranks (r=32 each). One function
+    for every layer and pass (compiled blocks see the same hook each time); the pass's data is on the layer.
+    """
+    routing: StackedPass = getattr(layer, STACKED_PASS)
+    if not routing.held:
+        return output
+    a = torch.cat([layer.lora_A[name].weight for name in routing.held])  # (ranks, in)
+    b = torch.cat([layer.lora_B[name].weight for name in routing.held], dim=1)  # (out, ranks)
+    keep = (routing.token_adapters.unsqueeze(-1) == routing.owner) * routing.scaling  # the token's block, scaled
+    ranks = F.linear(args[0].to(a.dtype), a) * keep.to(a.dtype)
+    return output + F.linear(ranks, b).to(output.dtype)
 
 
 # ---------------------------------------------------------------------- files
@@ -494,4 +592,4 @@ def _check_finite(state: dict[str, torch.Tensor], where: str) -> None:
             raise ValueError(f"{where}: tensor {key!r} holds NaN or infinite values")
 
 
-__all__ = ["AdapterManager", "AdapterStateError", "BASE", "lora_layers", "rows_routed"]
+__all__ = ["AdapterManager", "AdapterStateError", "BASE", "can_stack", "lora_layers", "rows_routed", "StackedPass"]

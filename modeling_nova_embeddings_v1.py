@@ -31,7 +31,7 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLPreTrainedModel
 
 from .adapters_nova_embeddings_v1 import (
-    BASE, AdapterManager, lora_layers, module_index, repository_adapter_folders, rows_routed,
+    BASE, AdapterManager, can_stack, lora_layers, module_index, repository_adapter_folders, rows_routed,
 )
 from .configuration_nova_embeddings_v1 import NovaEmbeddingsV1Config
 from .graphs_nova_embeddings_v1 import SmallCallGraphs
@@ -125,7 +125,7 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         # next items never waits for a running encode call (which holds _adapter_lock throughout)
         self._adapter_names_lock = threading.RLock()
         self.adapter_manager = AdapterManager(self)  # reads PEFT's state; keeps none of its own
-        self.adapter_batching = "group"  # "group": one adapter per batch; "mixed": PEFT mixed-adapter batches
+        self.adapter_batching = "group"  # "group": one adapter per batch; "mixed": batches mix adapters (stacked LoRA)
         self.attention_packing = "auto"  # "auto": packed variable-length attention on CUDA in half precision; "on"; "off"
         self._dropout_pinned = False  # True while encode holds every module in eval mode
         self.compile_blocks = "auto"  # "auto": torch.compile the blocks on CUDA in half precision; "on"; "off"
@@ -195,8 +195,8 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         Padded: (batch, seq) tensors with an ``attention_mask``. Packed: one (1, tokens) row holding every
         item back to back, ``cu_seqlens`` marking where each starts; attention stays inside each item.
         Without ``pooling_mask`` every token is pooled; without ``output_mask`` every token is kept as a
-        multi vector. ``adapter_names`` (one per row, ``"__base__"`` for none) routes rows to LoRA adapters
-        through PEFT's mixed-batch forward; without it the adapter selected with ``set_adapter`` (PEFT's or ours)
+        multi vector. ``adapter_names`` (one per row, or per packed item; ``"__base__"`` for none) routes rows to LoRA
+        adapters (``rows_routed``: one stacked pass at inference, else PEFT's mixed-batch forward); without it the adapter selected with ``set_adapter`` (PEFT's or ours)
         applies, and none after ``from_pretrained``: the bare backbone.
         Dropout follows the root module: only ``model.train()`` trains; in eval mode no submodule applies dropout,
         whatever mode it was left in. Single vectors are (items, hidden); multi vectors keep the input layout, zero
@@ -209,7 +209,7 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         # the lock (reentrant: encode holds it already) keeps another thread's encode or adapter load from changing
         # the LoRA layers' routing or the modules' modes halfway through this pass (sentence-transformers calls here)
         with self._adapter_lock, (nullcontext() if modes_are_right else self.dropout_disabled()), \
-                rows_routed(self, adapter_names):
+                rows_routed(self, adapter_names, cu_seqlens):
             inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw, image_embeds, image_is_precomputed)
             if cu_seqlens is not None:
                 hidden = self._language_model_packed(inputs_embeds, input_ids, cu_seqlens, max_seqlen, image_grid_thw,
@@ -725,10 +725,17 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         """Plan ``tokenized`` (the call's items from ``offset`` on) into batches and run them; the outputs stay on the
         device (``_gather`` collects them), so a next part's batches queue behind these without a sync."""
         adapters = adapters[offset:offset + len(tokenized)]
-        groups = adapters if (packed or self.adapter_batching == "group") else None  # a packed row has one adapter
+        groups = adapters if self._batches_per_adapter(adapters, packed) else None
         batches = self.plan_batches(tokenized, batch_size, max_batch_tokens, groups=groups, padded=not packed)
         outputs = self._run_batches(tokenized, batches, adapters, limits, return_multivector, packed, show_progress_bar)
         return _RunPart(offset, tokenized, outputs)
+
+    def _batches_per_adapter(self, adapters: Sequence[str], packed: bool) -> bool:
+        """Whether batches hold one adapter each: ``adapter_batching`` "group", or packed items whose adapters cannot
+        share a pass (``can_stack``: PEFT's mixed forward needs padded rows)."""
+        if self.adapter_batching == "group":
+            return True
+        return packed and not can_stack(self, sorted(set(adapters) - {BASE}), dropout_disabled=True)
 
     def _gather(self, parts: Sequence["_RunPart"], count: int, return_multivector: bool,
                 packed: bool) -> list[torch.Tensor]:

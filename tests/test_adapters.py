@@ -221,3 +221,64 @@ def test_fast_merge_adds_what_peft_merge_adds(model):
     finally:
         manager.restore_merged()
     assert all(torch.equal(layer.get_base_layer().weight, originals[layer]) for layer in layers)
+
+
+@pytest.fixture()
+def peft_mixed_forward_calls(monkeypatch):
+    """Counts calls of PEFT's per-adapter mixed-batch loop (which the stacked pass replaces at inference)."""
+    from peft.tuners.lora.layer import Linear
+
+    calls, original = [], Linear._mixed_batch_forward
+
+    def counting(self, *args, **kwargs):
+        calls.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Linear, "_mixed_batch_forward", counting)
+    return calls
+
+
+@pytest.mark.parametrize("packing", ["on", "off"])
+def test_mixed_batches_run_every_adapter_in_one_stacked_pass(model, packing, peft_mixed_forward_calls):
+    """adapter_batching="mixed": one forward pass holds items of every adapter (packed rows too), each LoRA layer
+    adds all their deltas in one stacked computation, and every vector equals its item encoded alone."""
+    alone = torch.stack([model.encode([item])[0] for item in ITEMS])
+    model.adapter_batching, model.attention_packing = "mixed", packing
+    passes = []
+    handle = model.register_forward_pre_hook(lambda module, args: passes.append(1))
+    together = model.encode(ITEMS)
+    handle.remove()
+    assert len(passes) == 1 and not peft_mixed_forward_calls
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-4)
+    multi = model.encode(ITEMS, return_multivector=True)
+    for got, item in zip(multi, ITEMS):
+        torch.testing.assert_close(got, model.encode([item], return_multivector=True)[0], atol=1e-5, rtol=1e-4)
+
+
+def test_forward_with_adapter_names_in_training_uses_peft_per_adapter_dropout(model, peft_mixed_forward_calls):
+    """Training through forward(adapter_names=...) keeps PEFT's mixed-batch forward: each adapter's own dropout
+    and gradients to its weights (the stacked pass is for inference only)."""
+    batch = model.processor.process_items(["one", "two"], config=model.config)
+    for name, parameter in model.named_parameters():  # what a training script does with the adapters it trains
+        parameter.requires_grad_(".lora_" in name)
+    model.train()
+    out = model(**batch, adapter_names=["retrieval", "code"]).single_vector
+    out.sum().backward()
+    assert peft_mixed_forward_calls
+    assert any(layer.lora_A["code"].weight.grad is not None for layer in model.modules() if isinstance(layer, LoraLayer)
+               and "code" in layer.lora_A)
+
+
+def test_adapters_that_cannot_stack_fall_back_to_exact_per_adapter_batches(tiny_nova_dir, tmp_path):
+    """A DoRA adapter is not a plain LoRA: mixed packed calls group its items instead; results stay exact."""
+    torch.manual_seed(3)
+    base = load(tiny_nova_dir, load_task_adapters=False)
+    dora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True,
+                                           init_lora_weights=False))
+    dora.save_pretrained(tmp_path / "dora")
+    model = load(tiny_nova_dir)
+    model.load_adapter(str(tmp_path / "dora"), adapter_name="dora")
+    items = ITEMS[:3] + [{"text": "dora item", "adapter": "dora"}]
+    alone = torch.stack([model.encode([item])[0] for item in items])
+    model.adapter_batching, model.attention_packing = "mixed", "on"
+    torch.testing.assert_close(model.encode(items), alone, atol=1e-5, rtol=1e-4)
