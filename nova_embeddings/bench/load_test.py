@@ -193,19 +193,27 @@ def summarize(result: LoadResult, concurrency: int) -> dict:
     }
 
 
-def server_batch_stats(url: str, headers: dict) -> dict:
-    """Mean items and requests per encode() call, from /metrics."""
+def read_batch_series(url: str, headers: dict) -> dict[str, float]:
+    """The server's batch counters now, from /metrics."""
     text = httpx.get(f"{url}/metrics", headers=headers, timeout=10, trust_env=False).text
-    values = {}
+    values = dict.fromkeys(BATCH_SERIES, 0.0)
     for line in text.splitlines():
         name, _, value = line.partition(" ")
         if name in BATCH_SERIES:
             values[name] = float(value)
-    batches = values.get("nova_batch_items_count", 0) or 1
-    return {"batches": int(values.get("nova_batch_items_count", 0)),
-            "mean_items_per_batch": round(values.get("nova_batch_items_sum", 0) / batches, 2),
-            "mean_requests_per_batch": round(values.get("nova_batch_requests_sum", 0) / batches, 2),
-            "encode_seconds": round(values.get("nova_encode_seconds_total", 0), 3)}
+    return values
+
+
+def server_batch_stats(url: str, headers: dict, before: dict[str, float]) -> dict:
+    """Mean items and requests per encode() call since ``before`` (this run's requests, warm-up included; a running
+    server's earlier traffic is not counted)."""
+    now = read_batch_series(url, headers)
+    values = {name: now[name] - before[name] for name in BATCH_SERIES}
+    batches = values["nova_batch_items_count"] or 1
+    return {"batches": int(values["nova_batch_items_count"]),
+            "mean_items_per_batch": round(values["nova_batch_items_sum"] / batches, 2),
+            "mean_requests_per_batch": round(values["nova_batch_requests_sum"] / batches, 2),
+            "encode_seconds": round(values["nova_encode_seconds_total"], 3)}
 
 
 # ---------------------------------------------------------------------- direct encode() baseline
@@ -345,8 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.url:
         check_loopback(args.url)
         name = httpx.get(f"{args.url}/v1/models", headers=headers, timeout=10, trust_env=False).json()["data"][0]["id"]
+        before = read_batch_series(args.url, headers)
         report["load"] = measure(args.url, make_payloads(args, name), args, headers)
-        report["server_batches"] = server_batch_stats(args.url, headers)
+        report["server_batches"] = server_batch_stats(args.url, headers, before)
     else:
         report.update(run_in_process(args, headers))
     print(json.dumps(report, indent=2))
@@ -372,8 +381,9 @@ def run_in_process(args: argparse.Namespace, headers: dict) -> dict:
         )
         payloads = make_payloads(args, "load-test")
         with serve_in_thread(create_app(model, settings), host="127.0.0.1", port=0) as url:
+            before = read_batch_series(url, headers)
             out["load"] = measure(url, payloads, args, headers)
-            out["server_batches"] = server_batch_stats(url, headers)
+            out["server_batches"] = server_batch_stats(url, headers, before)
         if not args.no_baseline:
             out["encode_baseline"] = encode_baseline(model, payloads, args.max_batch_items, args.max_batch_tokens,
                                                      args.time_cap)
