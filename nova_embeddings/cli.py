@@ -49,11 +49,12 @@ BY_NAME = {sub.name: sub for sub in SUBCOMMANDS}
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser: lists the subcommands; everything after the subcommand goes to its module."""
+    width = max(len(sub.name) for sub in SUBCOMMANDS)
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Tools for nova-embeddings-v1. Run `nova-embeddings <subcommand> --help` for its options.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="subcommands:\n" + "\n".join(f"  {sub.name:<10} {sub.summary}" for sub in SUBCOMMANDS),
+        epilog="subcommands:\n" + "\n".join(f"  {sub.name:<{width}}  {sub.summary}" for sub in SUBCOMMANDS),
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("subcommand", choices=list(BY_NAME), metavar="<subcommand>", help="one of those listed below")

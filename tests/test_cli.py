@@ -41,6 +41,12 @@ def test_help_lists_every_subcommand():
         assert f"  {sub.name} " in done.stdout, f"{sub.name} missing from --help"
 
 
+def test_help_aligns_the_subcommand_summaries_in_one_column():
+    lines = cli("--help").stdout.split("subcommands:\n", 1)[1].splitlines()
+    columns = {line.index(sub.summary) for sub in SUBCOMMANDS for line in lines if line.startswith(f"  {sub.name} ")}
+    assert len(columns) == 1, lines
+
+
 def test_unknown_subcommand_is_an_error_listing_the_valid_ones():
     done = cli("encode-everything")
     assert done.returncode == 2
