@@ -234,7 +234,8 @@ def load_startup_adapters(model: Any, loras: list[tuple[str, str]], max_loras: i
             raise ValueError(f"adapter {name!r} is already loaded (a task adapter from the model's repository, or "
                              "given twice); --load-lora adds adapters, it does not replace them")
         folder = Path(path).expanduser()
-        model.load_adapter(str(folder.parent if folder.is_file() else folder), adapter_name=name)
+        model.load_adapter(str(folder.parent if folder.is_file() else folder), adapter_name=name,
+                           as_task_adapter=name in model.config.task_names)
         logger.info("loaded adapter %s from %s", name, folder)
 
 
