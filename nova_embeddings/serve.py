@@ -360,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         app = create_app(make_loader(args, workdir), settings)
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                 timeout_graceful_shutdown=int(DRAIN_TIMEOUT_S))
-        draining_server_class()(config, app.state.nova).run()
+        sockets = [config.bind_socket()]  # before the lifespan starts loading: a busy port exits at once
+        draining_server_class()(config, app.state.nova).run(sockets=sockets)
     return 0
 
 
