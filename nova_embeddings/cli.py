@@ -47,6 +47,16 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
 BY_NAME = {sub.name: sub for sub in SUBCOMMANDS}
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: X)" suffix, except where the help already states its default or there is none
+    (a None default means "not given"; "(default: None)" tells the reader nothing)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser: lists the subcommands; everything after the subcommand goes to its module."""
     width = max(len(sub.name) for sub in SUBCOMMANDS)

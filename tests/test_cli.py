@@ -54,6 +54,18 @@ def test_unknown_subcommand_is_an_error_listing_the_valid_ones():
     assert all(f"'{sub.name}'" in done.stderr for sub in SUBCOMMANDS)
 
 
+@pytest.mark.parametrize("module", ["nova_embeddings.train", "nova_embeddings.evaluate"])
+def test_help_states_each_default_at_most_once_and_never_none(module, monkeypatch):
+    import importlib
+    import re
+
+    monkeypatch.setenv("COLUMNS", "200")
+    text = importlib.import_module(module).build_parser().format_help()
+    entries = re.split(r"\n(?=  -)", text)
+    assert "(default: None)" not in text
+    assert all(entry.count("default") <= 1 for entry in entries), [e for e in entries if e.count("default") > 1]
+
+
 @pytest.mark.parametrize("name", [sub.name for sub in SUBCOMMANDS])
 def test_each_subcommand_help_shows_its_own_flags(name):
     done = cli(name, "--help")
