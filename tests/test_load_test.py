@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import httpx
+import pytest
 
 from nova_embeddings.bench import load_test
 
@@ -51,3 +52,19 @@ def test_server_batches_against_a_running_server_count_this_run_only(tiny_nova_d
     assert status == 0
     assert 1 <= batches["batches"] <= 3
     assert round(batches["batches"] * batches["mean_items_per_batch"]) == 6  # not the earlier request's 5 items
+
+
+def test_a_running_server_that_refuses_the_key_stops_with_its_answer(tiny_nova_dir, monkeypatch):
+    from nova_embeddings.serve import serve_in_thread
+    from nova_embeddings.server import ServerSettings, create_app
+    from transformers import AutoModel
+
+    monkeypatch.delenv("NOVA_API_KEY", raising=False)
+    model = AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True)
+    app = create_app(model, ServerSettings(served_model_names=("nova",), api_key="right"))
+    with serve_in_thread(app, host="127.0.0.1", port=0) as url:
+        with pytest.raises(SystemExit) as exit_info:
+            load_test.main(["--url", url, "--api-key", "wrong", "--requests", "1", "--clients", "1"])
+    message = str(exit_info.value.code)
+    assert message.startswith("error: ") and "401" in message and "missing or wrong API key" in message
+    assert "--api-key" in message and "NOVA_API_KEY" in message

@@ -288,6 +288,22 @@ def check_loopback(url: str) -> None:
         raise SystemExit(f"error: --url must point at a loopback address (127.0.0.1, ::1, localhost), got {host!r}")
 
 
+def first_served_name(url: str, headers: dict) -> str:
+    """The model name requests will carry: the first one the running server lists. A server that refuses (a
+    wrong or missing key) or is not ours stops the run with its answer rather than a traceback."""
+    try:
+        response = httpx.get(f"{url}/v1/models", headers=headers, timeout=10, trust_env=False)
+    except httpx.HTTPError as error:
+        raise SystemExit(f"error: cannot reach {url}: {error}") from error
+    if response.status_code != 200:
+        hint = " (pass --api-key, or set $NOVA_API_KEY)" if response.status_code in (401, 403) else ""
+        raise SystemExit(f"error: {url}/v1/models answered {response.status_code}: {response.text[:300]}{hint}")
+    try:
+        return response.json()["data"][0]["id"]
+    except (ValueError, KeyError, IndexError, TypeError) as error:
+        raise SystemExit(f"error: {url} is not an embeddings server of this kind: /v1/models lists no model") from error
+
+
 def start_watchdog(seconds: float) -> None:
     """Whatever hangs, the process ends: a bounded run is a promise of this script."""
     def expire() -> None:
@@ -352,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
                                            if k != "api_key"}}
     if args.url:
         check_loopback(args.url)
-        name = httpx.get(f"{args.url}/v1/models", headers=headers, timeout=10, trust_env=False).json()["data"][0]["id"]
+        name = first_served_name(args.url, headers)
         before = read_batch_series(args.url, headers)
         report["load"] = measure(args.url, make_payloads(args, name), args, headers)
         report["server_batches"] = server_batch_stats(args.url, headers, before)
