@@ -103,6 +103,16 @@ def test_tiny_convert_demo_end_to_end(tmp_path):
     assert "single vectors: (5, " in done.stdout
 
 
+def test_tiny_refuses_a_folder_that_holds_files(tmp_path):
+    """`tiny --out .` in a checkout must not replace its config.json, chat_template.json and tokenizer files."""
+    (tmp_path / "config.json").write_text('{"mine": true}')
+    done = cli("tiny", "--out", str(tmp_path))
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: ") and str(tmp_path) in done.stderr
+    assert (tmp_path / "config.json").read_text() == '{"mine": true}'
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["config.json"]
+
+
 def test_convert_failure_exits_1_with_the_message(tmp_path):
     done = cli("convert", "--jina-dir", str(tmp_path / "missing"), "--out", str(tmp_path / "out"))
     assert done.returncode == 1
