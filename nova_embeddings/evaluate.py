@@ -316,7 +316,7 @@ def resolve_adapter(model, value: str | None) -> Any:
         return None
     if Path(value).is_dir():
         name = re.sub(r"[^A-Za-z0-9_-]", "_", Path(value).resolve().name) or "custom"
-        if name in model.list_adapters():
+        if name in model.list_adapters() or name in model.config.task_names:  # a task's name would route its task
             name = f"eval_{name}"
         model.load_adapter(value, adapter_name=name)
         return name
