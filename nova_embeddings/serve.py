@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--chat-template", type=Path, default=None,
         help="a chat_template.json (or a Jinja file) replacing the model's (default: the model's)")
     add("--load-lora", type=lora_spec, action="append", default=[], metavar="NAME=PATH",
-        help="custom adapter to load at start: its folder or adapter_model.safetensors; repeatable (default: none)")
+        help="adapter to load at start: its folder or adapter_model.safetensors; a task's name (retrieval=PATH) "
+             "fills a missing task adapter; repeatable (default: none)")
     add("--max-loras", type=int, default=4,
         help="custom adapters loaded at once, task adapters not counted (default: %(default)s)")
     add("--max-batch-tokens", type=int, default=16384, help="token budget of one batch (default: %(default)s)")
