@@ -47,13 +47,24 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
 BY_NAME = {sub.name: sub for sub in SUBCOMMANDS}
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: X)" suffix, except where the help already states its default or there is none
+    (a None default means "not given"; "(default: None)" tells the reader nothing)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser: lists the subcommands; everything after the subcommand goes to its module."""
+    width = max(len(sub.name) for sub in SUBCOMMANDS)
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Tools for nova-embeddings-v1. Run `nova-embeddings <subcommand> --help` for its options.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="subcommands:\n" + "\n".join(f"  {sub.name:<10} {sub.summary}" for sub in SUBCOMMANDS),
+        epilog="subcommands:\n" + "\n".join(f"  {sub.name:<{width}}  {sub.summary}" for sub in SUBCOMMANDS),
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("subcommand", choices=list(BY_NAME), metavar="<subcommand>", help="one of those listed below")

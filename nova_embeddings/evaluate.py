@@ -30,6 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from .cli import DefaultsHelpFormatter
 from .data import DataError, exit_status, item_problem, iter_jsonl, load_model, resolve_image
 
 NO_INSTRUCTION = "no instruction"
@@ -315,7 +316,7 @@ def resolve_adapter(model, value: str | None) -> Any:
         return None
     if Path(value).is_dir():
         name = re.sub(r"[^A-Za-z0-9_-]", "_", Path(value).resolve().name) or "custom"
-        if name in model.list_adapters():
+        if name in model.list_adapters() or name in model.config.task_names:  # a task's name would route its task
             name = f"eval_{name}"
         model.load_adapter(value, adapter_name=name)
         return name
@@ -328,7 +329,7 @@ def resolve_adapter(model, value: str | None) -> Any:
 # ---------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter
     )
     parser.add_argument("--model", required=True, help="nova-embeddings-v1 folder or Hub id")
     parser.add_argument("--data", required=True, type=Path, help="BEIR-style folder")

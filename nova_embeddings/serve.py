@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--chat-template", type=Path, default=None,
         help="a chat_template.json (or a Jinja file) replacing the model's (default: the model's)")
     add("--load-lora", type=lora_spec, action="append", default=[], metavar="NAME=PATH",
-        help="custom adapter to load at start: its folder or adapter_model.safetensors; repeatable (default: none)")
+        help="adapter to load at start: its folder or adapter_model.safetensors; a task's name (retrieval=PATH) "
+             "fills a missing task adapter; repeatable (default: none)")
     add("--max-loras", type=int, default=4,
         help="custom adapters loaded at once, task adapters not counted (default: %(default)s)")
     add("--max-batch-tokens", type=int, default=16384, help="token budget of one batch (default: %(default)s)")
@@ -234,7 +235,8 @@ def load_startup_adapters(model: Any, loras: list[tuple[str, str]], max_loras: i
             raise ValueError(f"adapter {name!r} is already loaded (a task adapter from the model's repository, or "
                              "given twice); --load-lora adds adapters, it does not replace them")
         folder = Path(path).expanduser()
-        model.load_adapter(str(folder.parent if folder.is_file() else folder), adapter_name=name)
+        model.load_adapter(str(folder.parent if folder.is_file() else folder), adapter_name=name,
+                           as_task_adapter=name in model.config.task_names)
         logger.info("loaded adapter %s from %s", name, folder)
 
 
@@ -359,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
         app = create_app(make_loader(args, workdir), settings)
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                 timeout_graceful_shutdown=int(DRAIN_TIMEOUT_S))
-        draining_server_class()(config, app.state.nova).run()
+        sockets = [config.bind_socket()]  # before the lifespan starts loading: a busy port exits at once
+        draining_server_class()(config, app.state.nova).run(sockets=sockets)
     return 0
 
 

@@ -619,13 +619,17 @@ def make_tiny_checkpoint(
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, type=Path, help="directory to write (created if missing)")
+    parser.add_argument("--out", required=True, type=Path, help="new or empty directory to write (created if missing)")
     parser.add_argument("--layout", choices=["4x", "5x"], default="4x",
                         help="weight key names: 4x = jina's on-disk names (default), 5x = transformers 5 names")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--no-adapters", action="store_true", help="do not write adapters/")
     args = parser.parse_args(argv)
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        print(f"error: --out {args.out} is not an empty folder: its files would be replaced or mixed with the "
+              "checkpoint's; choose a new folder", file=sys.stderr)
+        return 1
     out = make_tiny_checkpoint(args.out, layout=args.layout, seed=args.seed, dtype=args.dtype,
                                adapters=not args.no_adapters)
     print(f"wrote tiny jina-embeddings-v4 checkpoint ({args.layout} layout, {args.dtype}) to {out}")

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cli import DefaultsHelpFormatter
 from .data import DataError, exit_status, item_problem, iter_jsonl, load_model, resolve_item_images
 
 # Every q/k/v/o/gate/up/down projection of the language model and the multi-vector projector; never the
@@ -561,7 +562,7 @@ def data_settings(args: argparse.Namespace) -> DataSettings:
 # ---------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter
     )
     parser.add_argument("--config", type=Path, help="JSON file of option values (keys as below, - or _); flags override it")
     io = parser.add_argument_group("data and output")

@@ -41,11 +41,29 @@ def test_help_lists_every_subcommand():
         assert f"  {sub.name} " in done.stdout, f"{sub.name} missing from --help"
 
 
+def test_help_aligns_the_subcommand_summaries_in_one_column():
+    lines = cli("--help").stdout.split("subcommands:\n", 1)[1].splitlines()
+    columns = {line.index(sub.summary) for sub in SUBCOMMANDS for line in lines if line.startswith(f"  {sub.name} ")}
+    assert len(columns) == 1, lines
+
+
 def test_unknown_subcommand_is_an_error_listing_the_valid_ones():
     done = cli("encode-everything")
     assert done.returncode == 2
     assert "invalid choice: 'encode-everything'" in done.stderr
     assert all(f"'{sub.name}'" in done.stderr for sub in SUBCOMMANDS)
+
+
+@pytest.mark.parametrize("module", ["nova_embeddings.train", "nova_embeddings.evaluate"])
+def test_help_states_each_default_at_most_once_and_never_none(module, monkeypatch):
+    import importlib
+    import re
+
+    monkeypatch.setenv("COLUMNS", "200")
+    text = importlib.import_module(module).build_parser().format_help()
+    entries = re.split(r"\n(?=  -)", text)
+    assert "(default: None)" not in text
+    assert all(entry.count("default") <= 1 for entry in entries), [e for e in entries if e.count("default") > 1]
 
 
 @pytest.mark.parametrize("name", [sub.name for sub in SUBCOMMANDS])
@@ -83,6 +101,16 @@ def test_tiny_convert_demo_end_to_end(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "adapters loaded: [" in done.stdout
     assert "single vectors: (5, " in done.stdout
+
+
+def test_tiny_refuses_a_folder_that_holds_files(tmp_path):
+    """`tiny --out .` in a checkout must not replace its config.json, chat_template.json and tokenizer files."""
+    (tmp_path / "config.json").write_text('{"mine": true}')
+    done = cli("tiny", "--out", str(tmp_path))
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: ") and str(tmp_path) in done.stderr
+    assert (tmp_path / "config.json").read_text() == '{"mine": true}'
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["config.json"]
 
 
 def test_convert_failure_exits_1_with_the_message(tmp_path):

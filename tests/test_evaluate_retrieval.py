@@ -238,6 +238,13 @@ def test_adapter_folder_is_loaded_and_used(tiny_nova_dir, beir_dir, tmp_path):
         run(build_parser().parse_args(cli(beir_dir, "--adapter", "nope")), model=fresh)
 
 
+def test_adapter_folder_named_like_a_task_runs_on_a_repository_without_task_adapters(tiny_nova_dir, beir_dir):
+    bare = AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True, load_task_adapters=False)
+    folder = tiny_nova_dir / "adapters" / "retrieval"
+    record = run(build_parser().parse_args(cli(beir_dir, "--adapter", str(folder))), model=bare)
+    assert record["adapter"] == "eval_retrieval" and bare.list_adapters() == ["eval_retrieval"]
+
+
 def test_command_line_reports_bad_data_without_a_traceback(beir_dir, tmp_path, capsys):
     for name in ("queries.jsonl", "qrels.tsv"):
         (tmp_path / name).write_text((beir_dir / name).read_text())

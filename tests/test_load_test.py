@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import httpx
+import pytest
+
 from nova_embeddings.bench import load_test
 
 
@@ -30,3 +33,38 @@ def test_combined_results_add_up_and_take_the_longest_run():
     assert summary["seconds"] == 4.0 and summary["items_per_s"] == 1.5 and summary["tokens_per_s"] == 15.0
     assert summary["latency_ms"]["max"] == 300.0 and summary["first_errors"] == ["queue full"]
     assert summary["client_processes"] == 2 and summary["concurrency"] == 8
+
+
+def test_server_batches_against_a_running_server_count_this_run_only(tiny_nova_dir, tmp_path):
+    from nova_embeddings.serve import serve_in_thread
+    from nova_embeddings.server import ServerSettings, create_app
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True)
+    app = create_app(model, ServerSettings(served_model_names=("nova",)))
+    with serve_in_thread(app, host="127.0.0.1", port=0) as url:
+        earlier = httpx.post(f"{url}/v1/embeddings", json={"input": ["an earlier request"] * 5}, timeout=60)
+        assert earlier.status_code == 200
+        status = load_test.main(["--url", url, "--requests", "3", "--concurrency", "1", "--clients", "1",
+                                 "--items-per-request", "2", "--words", "5", "--warmup", "0", "--time-cap", "120",
+                                 "--json", str(tmp_path / "load.json")])
+    batches = json.loads((tmp_path / "load.json").read_text())["server_batches"]
+    assert status == 0
+    assert 1 <= batches["batches"] <= 3
+    assert round(batches["batches"] * batches["mean_items_per_batch"]) == 6  # not the earlier request's 5 items
+
+
+def test_a_running_server_that_refuses_the_key_stops_with_its_answer(tiny_nova_dir, monkeypatch):
+    from nova_embeddings.serve import serve_in_thread
+    from nova_embeddings.server import ServerSettings, create_app
+    from transformers import AutoModel
+
+    monkeypatch.delenv("NOVA_API_KEY", raising=False)
+    model = AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True)
+    app = create_app(model, ServerSettings(served_model_names=("nova",), api_key="right"))
+    with serve_in_thread(app, host="127.0.0.1", port=0) as url:
+        with pytest.raises(SystemExit) as exit_info:
+            load_test.main(["--url", url, "--api-key", "wrong", "--requests", "1", "--clients", "1"])
+    message = str(exit_info.value.code)
+    assert message.startswith("error: ") and "401" in message and "missing or wrong API key" in message
+    assert "--api-key" in message and "NOVA_API_KEY" in message

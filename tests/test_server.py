@@ -1020,6 +1020,15 @@ def test_startup_adapters_from_the_command_line(model, lora_dir, clean_adapters)
         load_startup_adapters(model, [("startup", lora_dir)], max_loras=2)
 
 
+def test_startup_adapter_named_like_a_task_becomes_that_tasks_adapter(model, tiny_nova_dir):
+    from nova_embeddings.serve import load_startup_adapters
+
+    bare = AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True, load_task_adapters=False)
+    load_startup_adapters(bare, [("retrieval", str(tiny_nova_dir / "adapters" / "retrieval"))], max_loras=0)
+    assert bare.list_adapters() == ["retrieval"]
+    torch.testing.assert_close(bare.encode(["a query"], task="retrieval"), model.encode(["a query"], task="retrieval"))
+
+
 def test_a_fatal_device_error_turns_health_to_failed(model, monkeypatch):
     def broken_encode(items, **kwargs):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")

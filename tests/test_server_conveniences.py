@@ -255,6 +255,21 @@ def test_serve_binds_first_logs_quietly_and_stops_on_sigterm(tmp_path):
         assert noise not in log, (noise, log)
 
 
+def test_serve_on_a_busy_port_fails_before_loading_the_model(monkeypatch):
+    """A port already in use ends `serve` at once, not after a full model load and warm-up."""
+    from nova_embeddings import serve
+
+    loads: list[str] = []
+    monkeypatch.setattr(serve, "make_loader", lambda args, workdir: lambda: loads.append("loaded"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(SystemExit) as exit_info:
+            serve.main(["--port", str(busy.getsockname()[1]), "--log-level", "error"])
+    assert exit_info.value.code != 0
+    assert loads == []
+
+
 def test_every_flag_has_help_with_its_default_once(monkeypatch):
     from nova_embeddings.serve import build_parser
 

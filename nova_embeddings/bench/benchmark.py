@@ -1081,7 +1081,7 @@ def format_table(w: Workload, tiny: bool, notes: bool = True) -> str:
     for text, met in w.goals:
         verdict = "n/a" if met is None else ("MET" if met else "NOT MET")
         tiny_scope = tiny and not text.startswith("cosine")
-        scope = " (goal is for the full-size model on an H100; tiny run)" if tiny_scope else ""
+        scope = " (issue 11's goal is for the full-size model on an H200; tiny run)" if tiny_scope else ""
         lines.append(f"- goal: {text}: {verdict}{scope}")
     return "\n".join(lines)
 

@@ -193,19 +193,27 @@ def summarize(result: LoadResult, concurrency: int) -> dict:
     }
 
 
-def server_batch_stats(url: str, headers: dict) -> dict:
-    """Mean items and requests per encode() call, from /metrics."""
+def read_batch_series(url: str, headers: dict) -> dict[str, float]:
+    """The server's batch counters now, from /metrics."""
     text = httpx.get(f"{url}/metrics", headers=headers, timeout=10, trust_env=False).text
-    values = {}
+    values = dict.fromkeys(BATCH_SERIES, 0.0)
     for line in text.splitlines():
         name, _, value = line.partition(" ")
         if name in BATCH_SERIES:
             values[name] = float(value)
-    batches = values.get("nova_batch_items_count", 0) or 1
-    return {"batches": int(values.get("nova_batch_items_count", 0)),
-            "mean_items_per_batch": round(values.get("nova_batch_items_sum", 0) / batches, 2),
-            "mean_requests_per_batch": round(values.get("nova_batch_requests_sum", 0) / batches, 2),
-            "encode_seconds": round(values.get("nova_encode_seconds_total", 0), 3)}
+    return values
+
+
+def server_batch_stats(url: str, headers: dict, before: dict[str, float]) -> dict:
+    """Mean items and requests per encode() call since ``before`` (this run's requests, warm-up included; a running
+    server's earlier traffic is not counted)."""
+    now = read_batch_series(url, headers)
+    values = {name: now[name] - before[name] for name in BATCH_SERIES}
+    batches = values["nova_batch_items_count"] or 1
+    return {"batches": int(values["nova_batch_items_count"]),
+            "mean_items_per_batch": round(values["nova_batch_items_sum"] / batches, 2),
+            "mean_requests_per_batch": round(values["nova_batch_requests_sum"] / batches, 2),
+            "encode_seconds": round(values["nova_encode_seconds_total"], 3)}
 
 
 # ---------------------------------------------------------------------- direct encode() baseline
@@ -280,6 +288,22 @@ def check_loopback(url: str) -> None:
         raise SystemExit(f"error: --url must point at a loopback address (127.0.0.1, ::1, localhost), got {host!r}")
 
 
+def first_served_name(url: str, headers: dict) -> str:
+    """The model name requests will carry: the first one the running server lists. A server that refuses (a
+    wrong or missing key) or is not ours stops the run with its answer rather than a traceback."""
+    try:
+        response = httpx.get(f"{url}/v1/models", headers=headers, timeout=10, trust_env=False)
+    except httpx.HTTPError as error:
+        raise SystemExit(f"error: cannot reach {url}: {error}") from error
+    if response.status_code != 200:
+        hint = " (pass --api-key, or set $NOVA_API_KEY)" if response.status_code in (401, 403) else ""
+        raise SystemExit(f"error: {url}/v1/models answered {response.status_code}: {response.text[:300]}{hint}")
+    try:
+        return response.json()["data"][0]["id"]
+    except (ValueError, KeyError, IndexError, TypeError) as error:
+        raise SystemExit(f"error: {url} is not an embeddings server of this kind: /v1/models lists no model") from error
+
+
 def start_watchdog(seconds: float) -> None:
     """Whatever hangs, the process ends: a bounded run is a promise of this script."""
     def expire() -> None:
@@ -344,9 +368,10 @@ def main(argv: list[str] | None = None) -> int:
                                            if k != "api_key"}}
     if args.url:
         check_loopback(args.url)
-        name = httpx.get(f"{args.url}/v1/models", headers=headers, timeout=10, trust_env=False).json()["data"][0]["id"]
+        name = first_served_name(args.url, headers)
+        before = read_batch_series(args.url, headers)
         report["load"] = measure(args.url, make_payloads(args, name), args, headers)
-        report["server_batches"] = server_batch_stats(args.url, headers)
+        report["server_batches"] = server_batch_stats(args.url, headers, before)
     else:
         report.update(run_in_process(args, headers))
     print(json.dumps(report, indent=2))
@@ -372,8 +397,9 @@ def run_in_process(args: argparse.Namespace, headers: dict) -> dict:
         )
         payloads = make_payloads(args, "load-test")
         with serve_in_thread(create_app(model, settings), host="127.0.0.1", port=0) as url:
+            before = read_batch_series(url, headers)
             out["load"] = measure(url, payloads, args, headers)
-            out["server_batches"] = server_batch_stats(url, headers)
+            out["server_batches"] = server_batch_stats(url, headers, before)
         if not args.no_baseline:
             out["encode_baseline"] = encode_baseline(model, payloads, args.max_batch_items, args.max_batch_tokens,
                                                      args.time_cap)
