@@ -282,3 +282,13 @@ def test_adapters_that_cannot_stack_fall_back_to_exact_per_adapter_batches(tiny_
     alone = torch.stack([model.encode([item])[0] for item in items])
     model.adapter_batching, model.attention_packing = "mixed", "on"
     torch.testing.assert_close(model.encode(items), alone, atol=1e-5, rtol=1e-4)
+
+
+def test_stacked_pass_inside_compiled_blocks_equals_each_item_alone(model):
+    """The stacked deltas are added by a hook inside each decoder block: traced by torch.compile with the block."""
+    alone = torch.stack([model.encode([item])[0] for item in ITEMS])
+    model.adapter_batching, model.attention_packing = "mixed", "on"
+    model.compile_layers(backend="eager", vision=False)
+    for _ in range(2):  # the second call runs what the first compiled
+        torch.testing.assert_close(model.encode(ITEMS), alone, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(model.encode(ITEMS[::-1]), alone.flip(0), atol=1e-5, rtol=1e-4)
