@@ -46,6 +46,14 @@ def lora_spec(text: str) -> tuple[str, str]:
     return name, path
 
 
+def port_number(text: str) -> int:
+    """A TCP port, 0 (any free port) to 65535: an error at parse time, not a traceback after start-up."""
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a port number (0 to 65535)")
+    return port
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line; every flag's help states its default once (secrets by their variable, not their value)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -53,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("model", nargs="?", default=None, help="model folder or Hub id (default: the tiny random-weight checkpoint)")
     add("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the server, so set --api-key "
                                             "(default: %(default)s)")
-    add("--port", type=int, default=8000, help="port to bind (default: %(default)s)")
+    add("--port", type=port_number, default=8000, help="port to bind (default: %(default)s)")
     add("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N (default: %(default)s)")
     add("--dtype", choices=DTYPES, default="auto", help="auto is bfloat16 on GPU, float32 on CPU (default: %(default)s)")
     add("--attn-implementation", default=None, help="sdpa, eager or flash_attention_2 (default: the model's)")

@@ -270,6 +270,16 @@ def test_serve_on_a_busy_port_fails_before_loading_the_model(monkeypatch):
     assert loads == []
 
 
+@pytest.mark.parametrize("port", ["70000", "-1"])
+def test_a_port_out_of_range_is_a_usage_error(port, capsys):
+    from nova_embeddings import serve
+
+    with pytest.raises(SystemExit) as exit_info:
+        serve.build_parser().parse_args(["--port", port])
+    assert exit_info.value.code == 2
+    assert f"--port: {port} is not a port number (0 to 65535)" in capsys.readouterr().err
+
+
 def test_every_flag_has_help_with_its_default_once(monkeypatch):
     from nova_embeddings.serve import build_parser
 
