@@ -68,3 +68,17 @@ def test_a_running_server_that_refuses_the_key_stops_with_its_answer(tiny_nova_d
     message = str(exit_info.value.code)
     assert message.startswith("error: ") and "401" in message and "missing or wrong API key" in message
     assert "--api-key" in message and "NOVA_API_KEY" in message
+
+
+def test_model_attr_sets_the_served_models_knob_and_refuses_a_typo(monkeypatch, tmp_path):
+    """--model-attr compares two configurations of the same model in one session (as bench's does)."""
+    loaded, original = [], load_test.load_model
+    monkeypatch.setattr(load_test, "load_model", lambda *a, **k: loaded.append(original(*a, **k)) or loaded[-1])
+    status = load_test.main(["--requests", "4", "--concurrency", "2", "--clients", "1", "--items-per-request", "2",
+                             "--words", "4", "--warmup", "0", "--time-cap", "120", "--no-baseline",
+                             "--model-attr", "adapter_batching=mixed"])
+    assert status == 0 and loaded[0][0].adapter_batching == "mixed"
+    with pytest.raises(SystemExit, match="the model has no attribute 'adapter_batchin'"):
+        load_test.main(["--requests", "1", "--no-baseline", "--model-attr", "adapter_batchin=mixed"])
+    with pytest.raises(SystemExit, match="a server at --url runs its own"):
+        load_test.main(["--url", "http://127.0.0.1:9", "--model-attr", "adapter_batching=mixed"])

@@ -64,6 +64,7 @@ from ..tiny import (
     build_tiny_tokenizer,
     write_tokenizer_files,
 )
+from .model_attrs import parse_model_attr, set_model_attrs
 
 COSINE_MIN = 0.999
 REF_BATCH = 8  # jina's encode_text / encode_image default batch size
@@ -1162,17 +1163,6 @@ def parse_workloads(text: str) -> list[int]:
     return numbers
 
 
-def parse_model_attr(text: str) -> tuple[str, Any]:
-    """NAME=VALUE, VALUE read as JSON when it parses (numbers, true/false), else as a string."""
-    name, sep, value = text.partition("=")
-    if not sep or not name.isidentifier():
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
-    try:
-        return name, json.loads(value)
-    except json.JSONDecodeError:
-        return name, value
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     default_out = os.environ.get("OUT")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -1214,10 +1204,7 @@ def setup(args: argparse.Namespace, workdir: Path) -> tuple[Bench, str]:
     torch.manual_seed(args.seed)
     model = build_model(model_cls, config, device, dtype, args.attn_implementation)
     model.processor = processor
-    for name, value in args.model_attr:
-        if not hasattr(model, name):
-            raise ValueError(f"--model-attr: our model has no attribute {name!r}")
-        setattr(model, name, value)
+    set_model_attrs(model, args.model_attr)
     reference, projector = build_reference(model, args.attn_implementation)
     source = "tiny config" if args.tiny else "config.json"
     bench = Bench(model=model, reference=reference, ref_projector=projector, processor=processor, device=device,

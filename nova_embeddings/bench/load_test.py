@@ -34,6 +34,8 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 
+from .model_attrs import parse_model_attr, set_model_attrs
+
 WORDS = ("vector search index query passage model token image batch server latency retrieval document embedding "
          "matrix layer adapter cache memory network signal river mountain city garden history science music").split()
 
@@ -270,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-batch-items", type=int, default=256)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--preprocess-workers", type=int, default=1)
+    parser.add_argument("--model-attr", action="append", default=[], metavar="NAME=VALUE", type=parse_model_attr,
+                        help="set an attribute of the model the run serves, e.g. adapter_batching=mixed (repeatable)")
     parser.add_argument("--time-cap", type=float, default=240.0, help="seconds; the run stops by itself after it")
     parser.add_argument("--no-baseline", action="store_true", help="skip the direct encode() timing")
     parser.add_argument("--clients", type=int, default=4,
@@ -367,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
                                            if k != "api_key"}}
     if args.url:
+        if args.model_attr:
+            raise SystemExit("error: --model-attr sets the model this run loads; a server at --url runs its own")
         check_loopback(args.url)
         name = first_served_name(args.url, headers)
         before = read_batch_series(args.url, headers)
@@ -388,6 +394,7 @@ def run_in_process(args: argparse.Namespace, headers: dict) -> dict:
     with tempfile.TemporaryDirectory(prefix="nova-load-") as workdir:
         started = time.monotonic()
         model, description = load_model(args.model, args.device, args.dtype, Path(workdir))
+        set_model_attrs(model, args.model_attr)
         out["model"] = {"name": description, "device": str(model.device), "dtype": str(model.dtype),
                         "load_seconds": round(time.monotonic() - started, 1)}
         settings = ServerSettings(
