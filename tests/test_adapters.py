@@ -250,6 +250,9 @@ def test_mixed_batches_run_every_adapter_in_one_stacked_pass(model, packing, pef
     handle.remove()
     assert len(passes) == 1 and not peft_mixed_forward_calls
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-4)
+    model.train()  # encode never applies dropout: the same single pass, the same vectors
+    torch.testing.assert_close(model.encode(ITEMS), together, rtol=0, atol=0)
+    assert not peft_mixed_forward_calls and model.training
     multi = model.encode(ITEMS, return_multivector=True)
     for got, item in zip(multi, ITEMS):
         torch.testing.assert_close(got, model.encode([item], return_multivector=True)[0], atol=1e-5, rtol=1e-4)
