@@ -190,7 +190,7 @@ def messages_to_item(messages: list[dict], index: int) -> dict[str, Any]:
                              f"{sorted(MESSAGE_PART_TYPES)} parts ({{'type': 'image', 'image': ...}} for an image)")
         texts = [part.get("text", "") for part in parts if part.get("type") == "text"]
         images = [part.get("image", part.get("url")) for part in parts if part.get("type") == "image"]
-        if role == "system" and not images:
+        if role == "system" and not images and "instructions" not in item:
             item["instructions"] = "\n".join(texts)
         elif role == "user" and len(images) <= 1 and "text" not in item and "image" not in item:
             if texts:
