@@ -37,7 +37,10 @@ class NovaEmbeddingsPipeline(Pipeline):
     def __call__(self, inputs: Any, *args: Any, **kwargs: Any):
         """A list is encoded in one call (encode batches it by length and token budget); anything else item by item."""
         if not isinstance(inputs, list) or args:
-            return super().__call__(inputs, *args, **kwargs)
+            # item by item, transformers' own batching (it pads with a tokenizer this pipeline does not load) stays off;
+            # encode's batch_size changes nothing in a one-item call
+            kwargs.pop("batch_size", None)
+            return super().__call__(inputs, *args, batch_size=1, **kwargs)
         _, encode_kwargs, postprocess = self._sanitize_parameters(**kwargs)
         return [self.postprocess(vector, **postprocess) for vector in self.model.encode(inputs, **encode_kwargs)]
 

@@ -32,6 +32,7 @@ from transformers import AutoModel
 # ST's encode_query / encode_document pass task="query" / "document"
 ST_TASKS = {"query": "retrieval.query", "document": "retrieval.passage"}
 ST_CONFIG_FILE = "config_sentence_transformers.json"
+MESSAGE_PART_TYPES = {"text", "image"}  # the content parts of a chat message that become the item
 
 
 class NovaEmbeddingsV1Module(InputModule):
@@ -183,9 +184,13 @@ def messages_to_item(messages: list[dict], index: int) -> dict[str, Any]:
     for message in messages:
         role, parts = message.get("role"), message.get("content")
         parts = [{"type": "text", "text": parts}] if isinstance(parts, str) else list(parts or [])
+        unknown = sorted({str(part.get("type")) for part in parts} - MESSAGE_PART_TYPES)
+        if unknown:  # never drop content silently: the vector would miss it
+            raise ValueError(f"item {index}: message parts of type(s) {unknown} cannot be embedded; use "
+                             f"{sorted(MESSAGE_PART_TYPES)} parts ({{'type': 'image', 'image': ...}} for an image)")
         texts = [part.get("text", "") for part in parts if part.get("type") == "text"]
         images = [part.get("image", part.get("url")) for part in parts if part.get("type") == "image"]
-        if role == "system" and not images:
+        if role == "system" and not images and "instructions" not in item:
             item["instructions"] = "\n".join(texts)
         elif role == "user" and len(images) <= 1 and "text" not in item and "image" not in item:
             if texts:

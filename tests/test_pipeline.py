@@ -52,6 +52,16 @@ def test_multi_vectors_and_dimensions(pipe, model) -> None:
                                atol=1e-6, rtol=0)
 
 
+def test_a_generator_with_batch_size_gives_encode_vectors(pipe, model, tiny_nova_dir: Path) -> None:
+    """transformers' way of running a pipeline over a stream (a generator or a dataset) with encode's batch_size."""
+    want = model.encode(TEXTS, task="code.query")
+    got = torch.tensor(list(pipe((text for text in TEXTS), batch_size=2, task="code.query")))
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    batched = pipeline("feature-extraction", model=str(tiny_nova_dir), trust_remote_code=True, batch_size=2)
+    torch.testing.assert_close(torch.tensor(list(batched((text for text in TEXTS), task="code.query"))), want,
+                               atol=1e-6, rtol=0)
+
+
 def test_unknown_arguments_and_untrusted_code_are_refused(pipe, tiny_nova_dir: Path) -> None:
     with pytest.raises(ValueError, match=r"unknown argument\(s\) \['truncation'\]"):
         pipe(TEXTS[0], truncation=True)

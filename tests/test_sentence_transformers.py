@@ -103,6 +103,21 @@ def test_item_keys_and_chat_messages(st_model, model) -> None:
           model.encode([{"text": "revenue", "image": image, "instructions": "Find charts"}, "plain text"]))
 
 
+@pytest.mark.parametrize("part", [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
+                                  {"type": "video", "video": "clip.mp4"}])
+def test_a_message_part_the_model_cannot_embed_is_refused_not_dropped(st_model, part: dict) -> None:
+    messages = [[{"role": "user", "content": [{"type": "text", "text": "revenue"}, part]}]]
+    with pytest.raises(ValueError, match=f"item 0: .*{part['type']!r}"):
+        st_model.encode(messages)
+
+
+def test_a_second_system_turn_is_refused_not_dropped(st_model) -> None:
+    messages = [[{"role": "system", "content": "Find charts"}, {"role": "system", "content": "Find tables"},
+                 {"role": "user", "content": "revenue"}]]
+    with pytest.raises(ValueError, match="item 0: messages must be an optional system turn"):
+        st_model.encode(messages)
+
+
 def test_adapter_keyword(st_model, model) -> None:
     close(st_model.encode(TEXTS, adapter=None, convert_to_tensor=True), model.encode(TEXTS, adapter=None))
     assert not torch.allclose(model.encode(TEXTS, adapter=None), model.encode(TEXTS), atol=1e-3)
