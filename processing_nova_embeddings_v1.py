@@ -724,6 +724,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """
     if image.mode in ("I", "F") or image.mode.startswith("I;16"):
         image = Image.fromarray(_deep_pixels_to_uint8(image))
+    if image.mode == "La":  # PIL converts premultiplied gray+alpha only to LA (un-premultiplied), never to RGBA
+        image = image.convert("LA")
     if any(band in ("A", "a") for band in image.getbands()) or image.info.get("transparency") is not None:
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
