@@ -403,6 +403,10 @@ class NovaEmbeddingsV1Processor(Qwen2_5_VLProcessor):
         none of its text. text_tokens: the tokens that hold the text (None: every pooled token of its span, prefix
         included)."""
         item, excess = tokenized.item, len(tokenized) - max_length
+        if item.text is None:  # an image alone: truncate=True cannot help, fewer pixels (or shorter instructions) can
+            remedy = "give its image fewer pixels (max_pixels)" + (" or shorten its instructions" if item.instructions else "")
+            raise ItemError(item.index, f"{len(tokenized)} tokens, over the maximum of {max_length}, and it has no text "
+                                        f"to cut: {remedy}")
         if not truncate:
             raise ItemError(item.index, f"{len(tokenized)} tokens, over the maximum of {max_length} (pass truncate=True to cut the text)")
         text_end = max(i for i, pooled in enumerate(tokenized.pooling_mask) if pooled) + 1
@@ -410,7 +414,7 @@ class NovaEmbeddingsV1Processor(Qwen2_5_VLProcessor):
         while text_start > 0 and tokenized.pooling_mask[text_start - 1] and tokenized.input_ids[text_start - 1] != self.vision_end_id:
             text_start -= 1
         cuttable = text_end - text_start if text_tokens is None else min(text_tokens, text_end - text_start)
-        if item.text is None or cuttable <= excess:
+        if cuttable <= excess:
             raise ItemError(item.index, f"{len(tokenized)} tokens, over the maximum of {max_length}, and its text is too short to cut")
         cut = slice(text_end - excess, text_end)
         for name in ("input_ids", "pooling_mask", "output_mask"):

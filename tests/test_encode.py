@@ -427,6 +427,18 @@ def test_oversized_image_and_long_text(tiny_nova_dir):
     assert len(instructed[0]) == 40 and model.processor.tokenizer.decode(instructed[0].input_ids).endswith("<|im_end|>\n")
 
 
+@pytest.mark.parametrize("truncate", [False, True])
+def test_an_image_over_the_token_limit_is_told_to_use_fewer_pixels(model, monkeypatch, truncate):
+    """An image item has no text to cut: its error names max_pixels, never "pass truncate=True to cut the text"."""
+    image = make_image(19, width=300, height=200)
+    tokens = len(model.prepare_items([image]).tokenized[0])
+    monkeypatch.setattr(model.config, "max_length", tokens - 1)
+    with pytest.raises(ValueError, match="item 1: .*no text to cut.*max_pixels") as error:
+        model.encode(["ok", image], truncate=truncate)
+    assert "pass truncate=True" not in str(error.value)
+    assert model.encode([image], max_pixels=model.config.min_pixels).shape == (1, model.config.text_config.hidden_size)
+
+
 @pytest.mark.parametrize("instructions", [None, "Find rivers"])
 def test_truncation_never_cuts_into_the_task_prefix(model, monkeypatch, instructions):
     """truncate=True cuts the text only: an item whose overshoot is as long as its text is refused, not embedded as
