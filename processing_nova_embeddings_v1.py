@@ -810,7 +810,7 @@ def _fetch_url(url: str, index: int) -> bytes:
 
 def _decode_base64(text: str, index: int) -> bytes:
     try:
-        return base64.b64decode(text.strip(), validate=True)
+        return base64.b64decode("".join(text.split()), validate=True)  # line breaks of MIME base64 are allowed
     except (binascii.Error, ValueError):
         raise ItemError(index, "'image' string is neither an existing path, an http(s) URL, nor valid base64") from None
 
