@@ -954,8 +954,8 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
             grid = pixels["image_grid_thw"].to(self.execution_device)
             with self._adapter_lock, self.dropout_disabled():  # one GPU user at a time, as encode
                 features = self.vision_tower(pixels["pixel_values"].to(self.execution_device), grid)
-            for embeds, thw in zip(features, grid.cpu()):
-                results.append({"image_embeds": embeds.cpu(), "image_grid_thw": thw})
+            for embeds, thw in zip(features, grid.cpu()):  # copies: a view would keep (and save) the whole batch
+                results.append({"image_embeds": embeds.to("cpu", copy=True), "image_grid_thw": thw.clone()})
         return results
 
     # ------------------------------------------------------------------ scoring

@@ -231,6 +231,14 @@ def test_precomputed_image_embeds_equal_the_image(model):
     torch.testing.assert_close(mixed[1], direct[2], atol=1e-6, rtol=1e-5)
 
 
+def test_each_images_embeds_own_their_memory(model):
+    """Keeping or saving one image's embeds (torch.save writes a view's whole storage) must not carry its batch."""
+    embeds = model.get_image_embeddings([make_image(11), make_image(12), make_image(13)])
+    for entry in embeds:
+        for tensor in entry.values():
+            assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+
+
 def test_one_image_given_alone_is_one_image(model, tmp_path):
     """get_image_embeddings(image), as encode(item): a lone path is one image, not a sequence of characters."""
     image = make_image(11)
