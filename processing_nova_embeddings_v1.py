@@ -773,7 +773,7 @@ def _image_bytes(source: Any, index: int) -> bytes:
         data = _read_file(source, index)
     elif isinstance(source, str) and not source.strip():
         raise ItemError(index, "'image' is an empty string")
-    elif isinstance(source, str) and source.startswith(("http://", "https://")):
+    elif isinstance(source, str) and source[:8].lower().startswith(("http://", "https://")):  # schemes ignore case
         data = _fetch_url(source, index)
     elif isinstance(source, str) and source.startswith("data:"):
         data = _decode_base64(source.partition(",")[2], index)
