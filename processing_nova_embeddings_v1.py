@@ -708,11 +708,19 @@ def load_image(source: Any, index: int, max_image_pixels: int) -> Image.Image:
     try:
         image.load()
     except Exception as error:  # PIL raises OSError, SyntaxError, EOFError, struct/zlib errors... for damaged data
-        raise ItemError(index, f"unreadable image: {error}") from None
+        raise ItemError(index, f"unreadable image: {_load_failure(error, image)}") from None
     try:
         return to_rgb(image)
     except ValueError as error:
         raise ItemError(index, str(error)) from None
+
+
+def _load_failure(error: Exception, image: Image.Image) -> str:
+    """Why decoding failed. A PIL image opened in a ``with`` block and used after it has no file left (PIL then
+    fails with a bare assertion): say so, and how to keep its pixels."""
+    if getattr(image, "fp", "") is None and not str(error):
+        return "its file was closed before it was loaded (call image.load() inside the `with Image.open(...)` block)"
+    return str(error) or type(error).__name__
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

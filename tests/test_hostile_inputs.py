@@ -171,7 +171,11 @@ def test_text_without_markup_tokenises_as_before(model):
 def hostile_items(tmp_path) -> list[tuple[str, object, str]]:
     """(name, item placed at index 1 after a good one, message regex)."""
     png = png_bytes(make_image(10))
+    (tmp_path / "page.png").write_bytes(png)
+    with Image.open(tmp_path / "page.png") as closed:  # opened lazily; its file closes before encode() reads it
+        pass
     return [
+        ("closed_pil_image", closed, r"unreadable image: its file was closed before it was loaded"),
         ("none_item", None, r"expected a str or a dict \(or a PIL image\), got NoneType"),
         ("int_item", 7, r"expected a str or a dict \(or a PIL image\), got int"),
         ("bytes_item", b"text?", r"expected a str or a dict \(or a PIL image\), got bytes"),
