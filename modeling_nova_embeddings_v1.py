@@ -940,6 +940,8 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         to ``encode`` as an item's ``image_embeds`` (the dict itself, or its two fields). One image given alone
         (not in a list or tuple) is one image: a path or bytes is never read as a sequence of images.
         """
+        if not _is_int(batch_size) or batch_size < 1:  # as encode: range() would skip every image, or fail raw
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if not isinstance(images, (list, tuple)):
             images = [images]
         processor = self.processor

@@ -239,6 +239,13 @@ def test_each_images_embeds_own_their_memory(model):
             assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
 
 
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5, True, None])
+def test_get_image_embeddings_refuses_a_bad_batch_size(model, batch_size):
+    """As encode(): a negative batch_size must not return no embeddings at all (every image dropped)."""
+    with pytest.raises(ValueError, match=f"batch_size must be a positive integer, got {batch_size!r}"):
+        model.get_image_embeddings([make_image(14)], batch_size=batch_size)
+
+
 def test_one_image_given_alone_is_one_image(model, tmp_path):
     """get_image_embeddings(image), as encode(item): a lone path is one image, not a sequence of characters."""
     image = make_image(11)
