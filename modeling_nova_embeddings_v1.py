@@ -947,6 +947,8 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         processor = self.processor
         low, high = processor.pixel_limits(self.config, min_pixels, max_pixels)
         items = processor.normalize_items([{"image": image} for image in images], config=self.config)
+        for item in items:  # an image that cannot be resized is named before any batch runs, as in encode
+            processor.image_grid(item, (low, high))
         results = []
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]

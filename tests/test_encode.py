@@ -239,6 +239,13 @@ def test_each_images_embeds_own_their_memory(model):
             assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
 
 
+def test_get_image_embeddings_names_an_image_that_cannot_be_resized(model):
+    """As encode(): the error names the image, and comes before any batch runs."""
+    images = [make_image(15), Image.new("RGB", (2, 900))]
+    with pytest.raises(ValueError, match="item 1: image of 2x900 px cannot be resized"):
+        model.get_image_embeddings(images, batch_size=1)
+
+
 @pytest.mark.parametrize("batch_size", [0, -1, 2.5, True, None])
 def test_get_image_embeddings_refuses_a_bad_batch_size(model, batch_size):
     """As encode(): a negative batch_size must not return no embeddings at all (every image dropped)."""
