@@ -940,11 +940,15 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         to ``encode`` as an item's ``image_embeds`` (the dict itself, or its two fields). One image given alone
         (not in a list or tuple) is one image: a path or bytes is never read as a sequence of images.
         """
+        if not _is_int(batch_size) or batch_size < 1:  # as encode: range() would skip every image, or fail raw
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if not isinstance(images, (list, tuple)):
             images = [images]
         processor = self.processor
         low, high = processor.pixel_limits(self.config, min_pixels, max_pixels)
         items = processor.normalize_items([{"image": image} for image in images], config=self.config)
+        for item in items:  # an image that cannot be resized is named before any batch runs, as in encode
+            processor.image_grid(item, (low, high))
         results = []
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
@@ -954,8 +958,8 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
             grid = pixels["image_grid_thw"].to(self.execution_device)
             with self._adapter_lock, self.dropout_disabled():  # one GPU user at a time, as encode
                 features = self.vision_tower(pixels["pixel_values"].to(self.execution_device), grid)
-            for embeds, thw in zip(features, grid.cpu()):
-                results.append({"image_embeds": embeds.cpu(), "image_grid_thw": thw})
+            for embeds, thw in zip(features, grid.cpu()):  # copies: a view would keep (and save) the whole batch
+                results.append({"image_embeds": embeds.to("cpu", copy=True), "image_grid_thw": thw.clone()})
         return results
 
     # ------------------------------------------------------------------ scoring

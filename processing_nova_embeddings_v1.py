@@ -403,6 +403,10 @@ class NovaEmbeddingsV1Processor(Qwen2_5_VLProcessor):
         none of its text. text_tokens: the tokens that hold the text (None: every pooled token of its span, prefix
         included)."""
         item, excess = tokenized.item, len(tokenized) - max_length
+        if item.text is None:  # an image alone: truncate=True cannot help, fewer pixels (or shorter instructions) can
+            remedy = "give its image fewer pixels (max_pixels)" + (" or shorten its instructions" if item.instructions else "")
+            raise ItemError(item.index, f"{len(tokenized)} tokens, over the maximum of {max_length}, and it has no text "
+                                        f"to cut: {remedy}")
         if not truncate:
             raise ItemError(item.index, f"{len(tokenized)} tokens, over the maximum of {max_length} (pass truncate=True to cut the text)")
         text_end = max(i for i, pooled in enumerate(tokenized.pooling_mask) if pooled) + 1
@@ -410,7 +414,7 @@ class NovaEmbeddingsV1Processor(Qwen2_5_VLProcessor):
         while text_start > 0 and tokenized.pooling_mask[text_start - 1] and tokenized.input_ids[text_start - 1] != self.vision_end_id:
             text_start -= 1
         cuttable = text_end - text_start if text_tokens is None else min(text_tokens, text_end - text_start)
-        if item.text is None or cuttable <= excess:
+        if cuttable <= excess:
             raise ItemError(item.index, f"{len(tokenized)} tokens, over the maximum of {max_length}, and its text is too short to cut")
         cut = slice(text_end - excess, text_end)
         for name in ("input_ids", "pooling_mask", "output_mask"):
@@ -704,11 +708,19 @@ def load_image(source: Any, index: int, max_image_pixels: int) -> Image.Image:
     try:
         image.load()
     except Exception as error:  # PIL raises OSError, SyntaxError, EOFError, struct/zlib errors... for damaged data
-        raise ItemError(index, f"unreadable image: {error}") from None
+        raise ItemError(index, f"unreadable image: {_load_failure(error, image)}") from None
     try:
         return to_rgb(image)
     except ValueError as error:
         raise ItemError(index, str(error)) from None
+
+
+def _load_failure(error: Exception, image: Image.Image) -> str:
+    """Why decoding failed. A PIL image opened in a ``with`` block and used after it has no file left (PIL then
+    fails with a bare assertion): say so, and how to keep its pixels."""
+    if getattr(image, "fp", "") is None and not str(error):
+        return "its file was closed before it was loaded (call image.load() inside the `with Image.open(...)` block)"
+    return str(error) or type(error).__name__
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -724,6 +736,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """
     if image.mode in ("I", "F") or image.mode.startswith("I;16"):
         image = Image.fromarray(_deep_pixels_to_uint8(image))
+    if image.mode == "La":  # PIL converts premultiplied gray+alpha only to LA (un-premultiplied), never to RGBA
+        image = image.convert("LA")
     if any(band in ("A", "a") for band in image.getbands()) or image.info.get("transparency") is not None:
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
@@ -767,7 +781,7 @@ def _image_bytes(source: Any, index: int) -> bytes:
         data = _read_file(source, index)
     elif isinstance(source, str) and not source.strip():
         raise ItemError(index, "'image' is an empty string")
-    elif isinstance(source, str) and source.startswith(("http://", "https://")):
+    elif isinstance(source, str) and source[:8].lower().startswith(("http://", "https://")):  # schemes ignore case
         data = _fetch_url(source, index)
     elif isinstance(source, str) and source.startswith("data:"):
         data = _decode_base64(source.partition(",")[2], index)
@@ -804,7 +818,7 @@ def _fetch_url(url: str, index: int) -> bytes:
 
 def _decode_base64(text: str, index: int) -> bytes:
     try:
-        return base64.b64decode(text.strip(), validate=True)
+        return base64.b64decode("".join(text.split()), validate=True)  # line breaks of MIME base64 are allowed
     except (binascii.Error, ValueError):
         raise ItemError(index, "'image' string is neither an existing path, an http(s) URL, nor valid base64") from None
 

@@ -207,7 +207,9 @@ def test_every_image_source_gives_the_same_vector(model, tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/page.png"
-        sources = [image, str(path), path, data, b64, f"data:image/png;base64,{b64}", url]
+        wrapped = base64.encodebytes(data).decode()  # MIME base64, 76 columns a line (what the `base64` tool prints)
+        sources = [image, str(path), path, data, b64, f"data:image/png;base64,{b64}", url, wrapped,
+                   f"data:image/png;base64,{wrapped}", url.replace("http://", "HTTP://")]  # schemes ignore case
         vectors = model.encode([{"image": s} for s in sources])
     finally:
         server.shutdown()
@@ -227,6 +229,28 @@ def test_precomputed_image_embeds_equal_the_image(model):
     torch.testing.assert_close(reused, direct, atol=1e-6, rtol=1e-5)
     mixed = model.encode([{"image": images[0]}, {"image_embeds": embeds[1]}, "text"])
     torch.testing.assert_close(mixed[1], direct[2], atol=1e-6, rtol=1e-5)
+
+
+def test_each_images_embeds_own_their_memory(model):
+    """Keeping or saving one image's embeds (torch.save writes a view's whole storage) must not carry its batch."""
+    embeds = model.get_image_embeddings([make_image(11), make_image(12), make_image(13)])
+    for entry in embeds:
+        for tensor in entry.values():
+            assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+
+
+def test_get_image_embeddings_names_an_image_that_cannot_be_resized(model):
+    """As encode(): the error names the image, and comes before any batch runs."""
+    images = [make_image(15), Image.new("RGB", (2, 900))]
+    with pytest.raises(ValueError, match="item 1: image of 2x900 px cannot be resized"):
+        model.get_image_embeddings(images, batch_size=1)
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5, True, None])
+def test_get_image_embeddings_refuses_a_bad_batch_size(model, batch_size):
+    """As encode(): a negative batch_size must not return no embeddings at all (every image dropped)."""
+    with pytest.raises(ValueError, match=f"batch_size must be a positive integer, got {batch_size!r}"):
+        model.get_image_embeddings([make_image(14)], batch_size=batch_size)
 
 
 def test_one_image_given_alone_is_one_image(model, tmp_path):
@@ -425,6 +449,18 @@ def test_oversized_image_and_long_text(tiny_nova_dir):
             config=model.config, truncate=True, max_length=40,
         )
     assert len(instructed[0]) == 40 and model.processor.tokenizer.decode(instructed[0].input_ids).endswith("<|im_end|>\n")
+
+
+@pytest.mark.parametrize("truncate", [False, True])
+def test_an_image_over_the_token_limit_is_told_to_use_fewer_pixels(model, monkeypatch, truncate):
+    """An image item has no text to cut: its error names max_pixels, never "pass truncate=True to cut the text"."""
+    image = make_image(19, width=300, height=200)
+    tokens = len(model.prepare_items([image]).tokenized[0])
+    monkeypatch.setattr(model.config, "max_length", tokens - 1)
+    with pytest.raises(ValueError, match="item 1: .*no text to cut.*max_pixels") as error:
+        model.encode(["ok", image], truncate=truncate)
+    assert "pass truncate=True" not in str(error.value)
+    assert model.encode([image], max_pixels=model.config.min_pixels).shape == (1, model.config.text_config.hidden_size)
 
 
 @pytest.mark.parametrize("instructions", [None, "Find rivers"])

@@ -109,6 +109,18 @@ def test_transparency_is_composited_on_white(model):
     assert_same(vectors[5], vectors[6])
 
 
+def test_premultiplied_gray_alpha_is_composited_like_its_plain_form(model):
+    """``La`` (alpha premultiplied, which ``to_rgb`` promises to composite) cannot go to RGBA in PIL directly."""
+    pixels = np.asarray(make_image(4))
+    gray_alpha = Image.fromarray(np.dstack([pixels[..., 0], np.full((60, 90), 128, np.uint8)]), "LA")
+    premultiplied = gray_alpha.convert("La")
+    transparent = Image.fromarray(np.dstack([pixels[..., 0], np.zeros((60, 90), np.uint8)]), "LA").convert("La")
+    vectors = model.encode([{"image": im} for im in (premultiplied, premultiplied.convert("LA"), transparent,
+                                                     Image.new("RGB", (90, 60), (255, 255, 255)))])
+    assert_same(vectors[0], vectors[1])
+    assert_same(vectors[2], vectors[3])
+
+
 def test_cmyk_and_one_bit_images_convert_as_pil_does(model):
     cmyk = make_image(6).convert("CMYK")
     one_bit = make_image(7).convert("1")
@@ -159,7 +171,11 @@ def test_text_without_markup_tokenises_as_before(model):
 def hostile_items(tmp_path) -> list[tuple[str, object, str]]:
     """(name, item placed at index 1 after a good one, message regex)."""
     png = png_bytes(make_image(10))
+    (tmp_path / "page.png").write_bytes(png)
+    with Image.open(tmp_path / "page.png") as closed:  # opened lazily; its file closes before encode() reads it
+        pass
     return [
+        ("closed_pil_image", closed, r"unreadable image: its file was closed before it was loaded"),
         ("none_item", None, r"expected a str or a dict \(or a PIL image\), got NoneType"),
         ("int_item", 7, r"expected a str or a dict \(or a PIL image\), got int"),
         ("bytes_item", b"text?", r"expected a str or a dict \(or a PIL image\), got bytes"),

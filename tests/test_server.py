@@ -229,6 +229,21 @@ def test_base64_decodes_to_the_same_floats(model):
         assert torch.equal(f, b)
 
 
+def test_line_wrapped_base64_images_are_accepted(model):
+    """MIME base64 (76 columns a line, what `base64` prints and many clients send) is base64 too."""
+    data = png_bytes(make_image(6))
+    wrapped = base64.encodebytes(data).decode("ascii")
+    items = [{"image": wrapped}, {"image": "data:image/png;base64," + wrapped}]
+
+    async def scenario():
+        async with serving(app_for(model)) as client:
+            return await post(client, {"input": items})
+
+    response = run(scenario())
+    assert response.status_code == 200, response.text
+    assert_vectors_equal(vectors_of(response), list(model.encode([{"image": data}] * 2)))
+
+
 def test_multivector_shape_and_values(model):
     body = {"input": ["short", "a somewhat longer text here", {"image": b64_png(4)}], "return_multivector": True}
 

@@ -44,7 +44,7 @@ def decode_inline_image(source: str) -> bytes:
     elif "://" in source[:16]:
         raise ImageSourceError("'image' URLs must be http(s); other schemes are refused")
     try:
-        return base64.b64decode(source.strip(), validate=True)
+        return base64.b64decode("".join(source.split()), validate=True)  # line breaks of MIME base64 are allowed
     except (binascii.Error, ValueError):
         raise ImageSourceError("'image' must be a data URI, a base64 string, or (with --allow-image-urls) an http(s) "
                                "URL; local paths are refused") from None
