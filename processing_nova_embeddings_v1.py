@@ -239,7 +239,16 @@ class NovaEmbeddingsV1Processor(Qwen2_5_VLProcessor):
         return self.tokenizer(texts, add_special_tokens=False).encodings
 
     def pixel_limits(self, config, min_pixels: int | None = None, max_pixels: int | None = None) -> tuple[int, int]:
-        """Per-call (min, max) pixels, falling back to the config's defaults; validated."""
+        """Per-call (min, max) pixels, falling back to the config's defaults; validated.
+
+        The image processor's own ``min_pixels``/``max_pixels`` attributes (how jina's code sets limits) are refused
+        rather than ignored or half-applied: the token count of every item is computed from these limits."""
+        overridden = sorted(name for name in ("min_pixels", "max_pixels")
+                            if vars(self.image_processor).get(name) is not None)
+        if overridden:
+            raise ValueError(f"processor.image_processor.{overridden[0]} is set; nova-embeddings-v1 takes pixel limits "
+                             f"from model.config.min_pixels / max_pixels or per call (encode(..., max_pixels=N)): set "
+                             f"them there and delete the image processor's attribute(s) {overridden}")
         low = config.min_pixels if min_pixels is None else _positive_int(min_pixels, "min_pixels")
         high = config.max_pixels if max_pixels is None else _positive_int(max_pixels, "max_pixels")
         if high < low:

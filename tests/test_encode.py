@@ -265,6 +265,18 @@ def test_one_image_given_alone_is_one_image(model, tmp_path):
         assert got["image_grid_thw"].tolist() == expected["image_grid_thw"].tolist()
 
 
+def test_image_processor_pixel_attributes_are_refused_with_the_right_knobs(tiny_nova_dir):
+    """jina's code limits pixels on the image processor; here that would be ignored or contradict the token count,
+    so it is refused with the knobs that work."""
+    model = AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True)
+    model.processor.image_processor.max_pixels = 28 * 28 * 4
+    with pytest.raises(ValueError, match=r"image_processor.max_pixels is set; .* model.config.min_pixels / max_pixels"):
+        model.encode([{"image": make_image(5)}])
+    del model.processor.image_processor.max_pixels
+    model.config.max_pixels = 28 * 28 * 4
+    assert model.encode([{"image": make_image(5)}]).shape == (1, model.config.embedding_dim)
+
+
 def test_pixel_limit_override_is_per_call(model):
     image = make_image(11, width=300, height=300)
     before = model.processor.image_processor.size
