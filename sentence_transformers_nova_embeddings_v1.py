@@ -45,6 +45,7 @@ class NovaEmbeddingsV1Module(InputModule):
         super().__init__()
         self.model = model
         self._owner: weakref.ReferenceType | None = None  # the SentenceTransformer, for its truncate_dim
+        self._max_seq_length: int | None = None  # set through ST's max_seq_length: longer inputs are cut to it
 
     # ------------------------------------------------------------------ what ST asks of an input module
     @property
@@ -58,7 +59,18 @@ class NovaEmbeddingsV1Module(InputModule):
 
     @property
     def max_seq_length(self) -> int:
-        return self.model.config.max_length
+        return self.model.config.max_length if self._max_seq_length is None else self._max_seq_length
+
+    @max_seq_length.setter
+    def max_seq_length(self, value: int) -> None:
+        """sentence-transformers' knob: longer inputs are cut to ``value`` tokens (``encode``'s truncation, which
+        warns per item); until it is set, an input over the model's ``max_length`` is refused, as in ``encode``.
+        It lives on this module: not saved with the model."""
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"max_seq_length must be a positive integer, got {value!r}")
+        if value > self.model.config.max_length:
+            raise ValueError(f"max_seq_length {value} is over the model's max_length {self.model.config.max_length}")
+        self._max_seq_length = value
 
     def get_embedding_dimension(self) -> int:
         return self.model.config.text_config.hidden_size
@@ -77,7 +89,8 @@ class NovaEmbeddingsV1Module(InputModule):
         normalized = processor.normalize_items(items, task=task, instructions=instructions, config=config)
         call_adapter = {"call_adapter": kwargs["adapter"]} if "adapter" in kwargs else {}
         adapter_names = [model.resolve_adapter(item, **call_adapter) for item in normalized]
-        tokenized = processor.tokenize_items(normalized, config=config, min_pixels=low, max_pixels=high, truncate=False)
+        tokenized = processor.tokenize_items(normalized, config=config, min_pixels=low, max_pixels=high,
+                                             max_length=self.max_seq_length, truncate=self._max_seq_length is not None)
         batch = dict(processor.collate(tokenized, min_pixels=low, max_pixels=high))
         batch["adapter_names"] = adapter_names
         return batch

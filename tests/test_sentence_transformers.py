@@ -199,3 +199,28 @@ def test_threads_mixing_st_and_encode_on_one_model_get_serial_results(st_model) 
         results = list(pool.map(run, jobs))
     for index, result in enumerate(results):
         close(result, expected[index % 2])
+
+
+def test_max_seq_length_cuts_longer_texts_with_a_warning(tiny_nova_dir: Path, model) -> None:
+    """sentence-transformers' knob: `model.max_seq_length = N` cuts longer inputs to N tokens (encode's truncation,
+    which warns), and the vectors are encode's with truncate=True at that length."""
+    st = SentenceTransformer(str(tiny_nova_dir), trust_remote_code=True)
+    assert st.max_seq_length == model.config.max_length
+    long_text, short_text = " ".join(f"word{i}" for i in range(200)), "short"
+    st.max_seq_length = 32
+    assert st.max_seq_length == 32
+    with pytest.warns(UserWarning, match=r"item 0: truncated from \d+ to 32 tokens"):
+        vectors = st.encode([long_text, short_text], convert_to_tensor=True)
+    processor = model.processor
+    expected_items = processor.tokenize_items(processor.normalize_items([long_text, short_text], config=model.config),
+                                              config=model.config, max_length=32, truncate=True)
+    assert len(expected_items[0]) == 32
+    with torch.no_grad():
+        batch = processor.collate(expected_items, min_pixels=model.config.min_pixels, max_pixels=model.config.max_pixels)
+        expected = model(**batch, adapter_names=[model.resolve_adapter(t.item) for t in expected_items]).single_vector
+    close(vectors.cpu(), expected)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="max_seq_length must be a positive integer"):
+            st.max_seq_length = bad
+    with pytest.raises(ValueError, match="over the model's max_length"):
+        st.max_seq_length = model.config.max_length + 1
