@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -36,14 +37,21 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def resolve_image(value: Any, base_dir: Path) -> Any:
-    """A relative image path is taken relative to the data file's folder; URLs, base64 and absolute paths pass."""
+    """A relative image path is taken relative to the data file's folder, never the working folder (a missing image
+    fails naming that path); URLs, absolute paths and strings that may be base64 pass unchanged."""
     if not isinstance(value, str) or value.startswith(("http://", "https://", "data:")) or os.path.isabs(value):
         return value
     candidate = base_dir / value
     try:
-        return str(candidate) if candidate.is_file() else value
+        found = candidate.is_file()
     except OSError:  # e.g. a base64 string longer than a file name may be
         return value
+    return str(candidate) if found or not _may_be_base64(value) else value
+
+
+def _may_be_base64(value: str) -> bool:
+    """Whether a string could be base64 image data (only its alphabet and line breaks): "page.png" cannot."""
+    return re.fullmatch(r"[A-Za-z0-9+/=\s]+", value) is not None
 
 
 def resolve_item_images(item: Any, base_dir: Path) -> Any:

@@ -401,3 +401,20 @@ def test_corpus_speed_benchmark_runs_on_cpu(tmp_path, capsys):
     assert printed.count("ratio to encode()") == 2 and printed.count("GPU idle") == 2
     cosines = [float(value) for value in re.findall(r"min cosine to encode\(\) over all rows ([0-9.]+)", printed)]
     assert len(cosines) == 2 and min(cosines) >= 0.99999
+
+
+def test_a_relative_image_path_is_read_next_to_the_data_file_never_from_the_working_folder(tmp_path, monkeypatch):
+    """A missing image must fail naming the path beside the data file, not silently embed a same-named file that
+    happens to sit in the working folder; strings that may be base64 pass on unchanged."""
+    from nova_embeddings.data import resolve_image
+
+    data_dir, work_dir = tmp_path / "data", tmp_path / "work"
+    (data_dir / "img").mkdir(parents=True)
+    (work_dir / "img").mkdir(parents=True)
+    (work_dir / "img" / "page.png").write_bytes(b"png")
+    (data_dir / "img" / "here.png").write_bytes(b"png")
+    monkeypatch.chdir(work_dir)
+    assert resolve_image("img/here.png", data_dir) == str(data_dir / "img" / "here.png")
+    assert resolve_image("img/page.png", data_dir) == str(data_dir / "img" / "page.png")  # not work/img/page.png
+    assert resolve_image("iVBORw0KGgo=", data_dir) == "iVBORw0KGgo="
+    assert resolve_image("https://x/a.png", data_dir) == "https://x/a.png"
