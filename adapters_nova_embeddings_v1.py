@@ -408,8 +408,9 @@ def rows_routed(model: nn.Module, adapter_names: Sequence[str] | None, cu_seqlen
     saved = [(layer, layer.active_adapters, layer.disable_adapters) for layer in layers]
     if stacked:
         token_adapters = _token_adapters(adapter_names, names, cu_seqlens)
+        on_device: dict[torch.device, torch.Tensor] = {}  # one copy per device for the whole pass, not per layer
         for layer in layers:
-            object.__setattr__(layer, STACKED_PASS, stacked_pass(layer, names, token_adapters))
+            object.__setattr__(layer, STACKED_PASS, stacked_pass(layer, names, token_adapters, on_device))
         handles = [layer.register_forward_hook(add_stacked_deltas) for layer in layers]
     else:
         from peft.tuners.lora.model import _adapter_names_pre_forward_hook
@@ -474,8 +475,10 @@ class StackedPass:
     token_adapters: torch.Tensor  # (rows, 1) or (1, tokens)
 
 
-def stacked_pass(layer: "LoraLayer", names: list[str], token_adapters: torch.Tensor) -> StackedPass:
-    """The layer's ``StackedPass``; its rank tables are built once per set of adapters, ranks, scalings and device."""
+def stacked_pass(layer: "LoraLayer", names: list[str], token_adapters: torch.Tensor,
+                 on_device: dict[torch.device, torch.Tensor]) -> StackedPass:
+    """The layer's ``StackedPass``; its rank tables are built once per set of adapters, ranks, scalings and device,
+    the token adapters copied once per device (``on_device``, shared by the pass's layers)."""
     held = tuple(name for name in names if name in layer.lora_A)
     device = layer.lora_A[held[0]].weight.device if held else torch.device("cpu")
     key = (tuple(names), held, tuple(layer.r[name] for name in held), tuple(float(layer.scaling[name]) for name in held),
@@ -486,7 +489,9 @@ def stacked_pass(layer: "LoraLayer", names: list[str], token_adapters: torch.Ten
         scaling = [float(layer.scaling[name]) for name in held for _ in range(layer.r[name])]
         cached = (key, torch.tensor(owner, device=device), torch.tensor(scaling, device=device))
         object.__setattr__(layer, RANK_OWNERS, cached)
-    return StackedPass(held, cached[1], cached[2], token_adapters.to(device, non_blocking=True))
+    if device not in on_device:
+        on_device[device] = token_adapters.to(device, non_blocking=True)
+    return StackedPass(held, cached[1], cached[2], on_device[device])
 
 
 def add_stacked_deltas(layer: "LoraLayer", args: tuple, output: torch.Tensor) -> torch.Tensor:
