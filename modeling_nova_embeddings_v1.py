@@ -612,6 +612,8 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         any tokenisation or GPU work); returns the items, their adapters and the call's pixel limits."""
         if not isinstance(truncate, bool):
             raise TypeError(f"truncate must be True or False, got {truncate!r}")
+        if adapter is not TASK_ADAPTER and adapter is not None and not isinstance(adapter, str):
+            raise ValueError(f"adapter must be a loaded adapter's name or None, got {type(adapter).__name__} {adapter!r}")
         processor, config = self.processor, self.config
         limits = processor.pixel_limits(config, min_pixels, max_pixels)
         if isinstance(items, (list, tuple)) and not items:

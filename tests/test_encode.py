@@ -437,6 +437,7 @@ def test_cuda_dense_attention_for_long_equal_length_items(tiny_nova_dir, monkeyp
          {}, r"item 0: 'image_grid_thw' \[1, 2, 8\] differs from the grid in 'image_embeds' \[1, 4, 4\]"),
         (["ok"], {"task": "nope"}, "unknown task 'nope'"),
         (["ok"], {"dimensions": 7}, "dimensions=7 is not allowed"),
+        (["ok"], {"adapter": 3}, "adapter must be a loaded adapter's name or None, got int 3"),
         (["ok"], {"dimensions": 16, "return_multivector": True}, "single vectors only"),
     ],
 )
