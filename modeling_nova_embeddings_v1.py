@@ -196,8 +196,9 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         item back to back, ``cu_seqlens`` marking where each starts; attention stays inside each item.
         Without ``pooling_mask`` every token is pooled; without ``output_mask`` every token is kept as a
         multi vector. ``adapter_names`` (one per row, or per packed item; ``"__base__"`` for none) routes rows to LoRA
-        adapters (``rows_routed``: one stacked pass at inference, else PEFT's mixed-batch forward); without it the adapter selected with ``set_adapter`` (PEFT's or ours)
-        applies, and none after ``from_pretrained``: the bare backbone.
+        adapters (``rows_routed``: one stacked pass at inference, else PEFT's mixed-batch forward); without it the
+        adapter selected with ``set_adapter`` (PEFT's or ours) applies, and none after ``from_pretrained``: the bare
+        backbone.
         Dropout follows the root module: only ``model.train()`` trains; in eval mode no submodule applies dropout,
         whatever mode it was left in. Single vectors are (items, hidden); multi vectors keep the input layout, zero
         outside output_mask.
