@@ -67,6 +67,7 @@ class ModuleIndex:
     # projections that held one of our adapters and lost its LoRA layer (PEFT's unload/merge_and_unload), even if a
     # LoRA layer was injected around them again since
     unwrapped: int
+    vision_lora_layers: frozenset[int]  # ids of the LoRA layers inside the vision tower (they see patches, not tokens)
 
 
 def module_index(model: nn.Module) -> ModuleIndex:
@@ -81,7 +82,10 @@ def module_index(model: nn.Module) -> ModuleIndex:
     layers = [module for module in modules if isinstance(module, LoraLayer)]
     ours = {id(layer.get_base_layer()) for layer in layers if getattr(layer, WRAPPER_MARK, False)}
     unwrapped = sum(getattr(m, LOADED_MARK, False) and id(m) not in ours for m in modules)
-    index = ModuleIndex(version, modules, list(model.parameters()), layers, unwrapped)
+    vision = getattr(getattr(model, "model", None), "visual", None)
+    in_vision = {id(module) for module in vision.modules()} if vision is not None else set()
+    index = ModuleIndex(version, modules, list(model.parameters()), layers, unwrapped,
+                        frozenset(id(layer) for layer in layers if id(layer) in in_vision))
     object.__setattr__(model, "_nova_module_index", index)  # a plain attribute, not a submodule
     return index
 
@@ -385,7 +389,7 @@ def rows_routed(model: nn.Module, adapter_names: Sequence[str] | None, cu_seqlen
     """Route each row (each packed item, given ``cu_seqlens``) to its adapter for one forward pass.
 
     At inference, when every layer holding these adapters is a plain LoRA linear over the language model's tokens,
-    each layer adds all their deltas in one stacked pass (``StackedLora``); otherwise PEFT's own mixed-batch
+    each layer adds all their deltas in one stacked pass (``add_stacked_deltas``); otherwise PEFT's own mixed-batch
     forward (per-adapter dropout and gradients while training), which needs padded rows.
     """
     if adapter_names is None:
@@ -436,15 +440,14 @@ def can_stack(model: nn.Module, names: Sequence[str], dropout_disabled: bool = F
     LoRA linear on the language model's tokens (the vision tower's layers see patches, not the rows' tokens)."""
     if torch.is_grad_enabled():
         return False
-    vision = getattr(getattr(model, "model", None), "visual", None)
-    vision_layers = {id(module) for module in vision.modules()} if vision is not None else set()
-    for layer in lora_layers(model):
+    index = module_index(model)
+    for layer in index.lora_layers:
         for name in names:
             if name not in layer.lora_A:
                 continue
             dropout = layer.lora_dropout[name]
             dropping = dropout.training and getattr(dropout, "p", 0) > 0 and not dropout_disabled
-            if (id(layer) in vision_layers or dropping
+            if (id(layer) in index.vision_lora_layers or dropping
                     or not _plain_lora_linear(layer, name, layer.get_base_layer().weight)):
                 return False
     return True
@@ -597,4 +600,4 @@ def _check_finite(state: dict[str, torch.Tensor], where: str) -> None:
             raise ValueError(f"{where}: tensor {key!r} holds NaN or infinite values")
 
 
-__all__ = ["AdapterManager", "AdapterStateError", "BASE", "can_stack", "lora_layers", "rows_routed", "StackedPass"]
+__all__ = ["AdapterManager", "AdapterStateError", "BASE", "can_stack", "lora_layers", "rows_routed"]
