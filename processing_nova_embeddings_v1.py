@@ -172,9 +172,11 @@ class NovaEmbeddingsV1Processor(Qwen2_5_VLProcessor):
         grid = raw.get("image_grid_thw")
         if isinstance(embeds, dict):  # what NovaEmbeddingsV1Model.get_image_embeddings returns per image
             embeds, own_grid = embeds.get("image_embeds"), embeds.get("image_grid_thw")
-            if own_grid is not None and grid is not None and _as_list(grid) != _as_list(own_grid):
-                raise ItemError(index, f"'image_grid_thw' {_as_list(grid)} differs from the grid in 'image_embeds' "
-                                       f"{_as_list(own_grid)}: give one of them")
+            if own_grid is not None and grid is not None:
+                given, own = (list(_grid(g, self.image_processor.merge_size, index)) for g in (grid, own_grid))
+                if given != own:
+                    raise ItemError(index, f"'image_grid_thw' {given} differs from the grid in 'image_embeds' {own}: "
+                                           "give one of them")
             grid = own_grid if own_grid is not None else grid
         if grid is None:
             raise ItemError(index, "'image_embeds' needs its 'image_grid_thw' (as returned by get_image_embeddings)")
@@ -619,11 +621,6 @@ def _text_token_count(text: str | None, rendered: str, spans: list[tuple[int, in
     if start < 0 or rendered[start:end] != text:
         return None
     return int(((bounds[:, 0] < end) & (bounds[:, 1] > start)).sum())
-
-
-def _as_list(value: Any) -> Any:
-    """A grid as a plain list for comparing and naming (a tensor, tuple or list); anything else as given."""
-    return value.tolist() if isinstance(value, torch.Tensor) else list(value) if isinstance(value, (tuple, list)) else value
 
 
 def _check_task(task: Any, config, where: str) -> None:
