@@ -801,9 +801,8 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
                 raise ValueError("dimensions applies to single vectors only (return_multivector=False)")
             if not _is_int(dimensions) or dimensions not in self.config.matryoshka_dims:
                 raise ValueError(f"dimensions={dimensions!r} is not allowed; choose one of {self.config.matryoshka_dims}")
-        for name, value in (("batch_size", batch_size), ("max_batch_tokens", max_batch_tokens)):
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        _require_positive_int("batch_size", batch_size)
+        _require_positive_int("max_batch_tokens", max_batch_tokens)
 
     def _empty_result(self, return_multivector: bool, dimensions: int | None, output: str):
         """What ``encode([])`` returns: no vectors, in the requested type and width (as sentence-transformers)."""
@@ -943,8 +942,7 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         to ``encode`` as an item's ``image_embeds`` (the dict itself, or its two fields). One image given alone
         (not in a list or tuple) is one image: a path or bytes is never read as a sequence of images.
         """
-        if not _is_int(batch_size) or batch_size < 1:  # as encode: range() would skip every image, or fail raw
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        _require_positive_int("batch_size", batch_size)  # as encode: range() would skip every image, or fail raw
         if not isinstance(images, (list, tuple)):
             images = [images]
         processor = self.processor
@@ -1116,6 +1114,11 @@ AttentionInterface.register(PACKED_ATTENTION, packed_attention_forward)
 # ---------------------------------------------------------------------- helpers
 def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _require_positive_int(name: str, value: Any) -> None:
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _lead_items(items: Sequence[EmbeddingItem], batch_size: int, max_batch_tokens: int, image_tokens: int) -> int:
