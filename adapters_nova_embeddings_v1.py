@@ -389,8 +389,8 @@ def rows_routed(model: nn.Module, adapter_names: Sequence[str] | None, cu_seqlen
     """Route each row (each packed item, given ``cu_seqlens``) to its adapter for one forward pass.
 
     At inference, when every layer holding these adapters is a plain LoRA linear over the language model's tokens,
-    each layer adds all their deltas in one stacked pass (``add_stacked_deltas``); otherwise PEFT's own mixed-batch
-    forward (per-adapter dropout and gradients while training), which needs padded rows.
+    each layer adds the deltas of every stackable adapter in one stacked pass (``stacked_routing``); otherwise
+    PEFT's own mixed-batch forward (per-adapter dropout and gradients while training), which needs padded rows.
     """
     if adapter_names is None:
         yield
@@ -405,24 +405,21 @@ def rows_routed(model: nn.Module, adapter_names: Sequence[str] | None, cu_seqlen
         yield
         return
     names = sorted(set(adapter_names) - {BASE})
-    stacked = can_stack(model, names)
-    if not stacked and cu_seqlens is not None:
+    stackable = stackable_adapters(model)
+    if set(names) <= set(stackable):
+        with stacked_routing(layers, stackable, _token_adapters(adapter_names, stackable, cu_seqlens)):
+            yield
+        return
+    if cu_seqlens is not None:
         raise ValueError(f"packed items of several adapters need adapters that stack (plain LoRA on the language "
                          f"model, at inference); {names} do not: run one adapter per batch, or padded rows")
-    saved = [(layer, layer.active_adapters, layer.disable_adapters) for layer in layers]
-    if stacked:
-        token_adapters = _token_adapters(adapter_names, names, cu_seqlens)
-        on_device: dict[torch.device, torch.Tensor] = {}  # one copy per device for the whole pass, not per layer
-        for layer in layers:
-            object.__setattr__(layer, STACKED_PASS, stacked_pass(layer, names, token_adapters, on_device))
-        handles = [layer.register_forward_hook(add_stacked_deltas) for layer in layers]
-    else:
-        from peft.tuners.lora.model import _adapter_names_pre_forward_hook
+    from peft.tuners.lora.model import _adapter_names_pre_forward_hook
 
-        hook = functools.partial(_adapter_names_pre_forward_hook, adapter_names=list(adapter_names))
-        handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
-    for layer in layers:  # stacked: the layer computes the base projection, the hook adds every delta; PEFT's
-        _set_layer_state(layer, layer.active_adapters, stacked)  # mixed forward: enabled (a disabled layer ignores it)
+    saved = [(layer, layer.active_adapters, layer.disable_adapters) for layer in layers]
+    hook = functools.partial(_adapter_names_pre_forward_hook, adapter_names=list(adapter_names))
+    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
+    for layer in layers:  # PEFT's mixed forward runs on enabled layers only (a disabled layer ignores it)
+        _set_layer_state(layer, layer.active_adapters, False)
     try:
         yield
     finally:
@@ -430,27 +427,68 @@ def rows_routed(model: nn.Module, adapter_names: Sequence[str] | None, cu_seqlen
             handle.remove()
         for layer, active, disabled in saved:
             _set_layer_state(layer, active, disabled)
-            if stacked:
-                object.__setattr__(layer, STACKED_PASS, None)
 
 
-def can_stack(model: nn.Module, names: Sequence[str], dropout_disabled: bool = False) -> bool:
-    """Whether one stacked pass computes exactly what PEFT's mixed batch would for these adapters: inference (no
-    gradients, no active dropout, or ``dropout_disabled`` for the pass), and each layer holding one of them a plain
-    LoRA linear on the language model's tokens (the vision tower's layers see patches, not the rows' tokens)."""
-    if torch.is_grad_enabled():
-        return False
+@contextmanager
+def stacked_routing(layers: Sequence["LoraLayer"], names: list[str], token_adapters: torch.Tensor):
+    """For the passes run inside: each layer computes its base projection and adds, for every token, the delta of
+    its adapter among ``names`` (``token_adapters``: an index into ``names`` per token, -1 for the bare backbone;
+    see ``_token_adapters`` for its shapes). Yields the layers' ``StackedPass`` objects: whoever records the
+    passes (a CUDA graph) keeps them, since the recorded kernels read their tensors.
+
+    ``names`` is every stackable adapter, not only the batch's: the pass then has the same shapes and reads the same
+    attributes whichever adapters a batch mixes, so compiled blocks and graphs are not rebuilt per mix. The cost is
+    the absent adapters' ranks (r = 32 each: ~3% of a projection's FLOPs per adapter).
+    """
+    on_device: dict[torch.device, torch.Tensor] = {}  # one copy per device for the whole pass, not per layer
+    if token_adapters.device.type != "cpu":
+        on_device[token_adapters.device] = token_adapters
+    saved = [(layer, layer.active_adapters, layer.disable_adapters) for layer in layers]
+    passes = []
+    for layer in layers:
+        passes.append(stacked_pass(layer, names, token_adapters, on_device))
+        object.__setattr__(layer, STACKED_PASS, passes[-1])
+        _set_layer_state(layer, layer.active_adapters, True)  # the layer computes the base projection only
+    handles = [layer.register_forward_hook(add_stacked_deltas) for layer in layers]
+    try:
+        yield passes
+    finally:
+        for handle in handles:
+            handle.remove()
+        for layer, active, disabled in saved:
+            _set_layer_state(layer, active, disabled)
+            object.__setattr__(layer, STACKED_PASS, None)
+
+
+def _stack_blockers(model: nn.Module, dropout_disabled: bool) -> set[str]:
+    """Adapters a stacked pass cannot compute exactly as PEFT's mixed batch would: any of them with a layer that
+    is not a plain LoRA linear on the language model's tokens (the vision tower's layers see patches, not the
+    rows' tokens) or whose dropout is active (unless ``dropout_disabled`` for the pass); all of them while
+    gradients are on (training keeps PEFT's forward)."""
     index = module_index(model)
+    if torch.is_grad_enabled():
+        return layer_adapter_names(index.lora_layers)
+    blocked: set[str] = set()
     for layer in index.lora_layers:
-        for name in names:
-            if name not in layer.lora_A:
+        for name in layer.lora_A.keys():
+            if name in blocked:
                 continue
             dropout = layer.lora_dropout[name]
             dropping = dropout.training and getattr(dropout, "p", 0) > 0 and not dropout_disabled
             if (id(layer) in index.vision_lora_layers or dropping
                     or not _plain_lora_linear(layer, name, layer.get_base_layer().weight)):
-                return False
-    return True
+                blocked.add(name)
+    return blocked
+
+
+def can_stack(model: nn.Module, names: Sequence[str], dropout_disabled: bool = False) -> bool:
+    """Whether one stacked pass computes exactly what PEFT's mixed batch would for these adapters (``_stack_blockers``)."""
+    return not set(names) & _stack_blockers(model, dropout_disabled)
+
+
+def stackable_adapters(model: nn.Module, dropout_disabled: bool = False) -> list[str]:
+    """Every loaded adapter a stacked pass can carry, sorted (the adapters of ``stacked_routing``)."""
+    return sorted(layer_adapter_names(lora_layers(model)) - _stack_blockers(model, dropout_disabled))
 
 
 def _token_adapters(adapter_names: Sequence[str], names: list[str], cu_seqlens: torch.Tensor | None) -> torch.Tensor:
@@ -600,4 +638,5 @@ def _check_finite(state: dict[str, torch.Tensor], where: str) -> None:
             raise ValueError(f"{where}: tensor {key!r} holds NaN or infinite values")
 
 
-__all__ = ["AdapterManager", "AdapterStateError", "BASE", "can_stack", "lora_layers", "rows_routed"]
+__all__ = ["AdapterManager", "AdapterStateError", "BASE", "can_stack", "lora_layers", "rows_routed", "stackable_adapters",
+           "stacked_routing"]

@@ -14,15 +14,19 @@ padding tokens are never pooled. Python numbers that a capture freezes are bucke
 the bucket size, an upper bound the varlen kernel accepts). Outputs are cloned before the next replay.
 
 A graph records the kernels of the adapter state it was captured under (which adapter, its scaling) and the
-addresses of every weight, so each graph is keyed by bucket, adapter and output kind, and all graphs are dropped
+addresses of every weight, so each graph is keyed by bucket, route and output kind, and all graphs are dropped
 when the module tree, a weight's storage, or a LoRA scaling changes (adapters loaded, unloaded, ``model.to``).
 Weights changed in place (training steps, ``load_state_dict``) are read by the next replay as they are.
+
+A batch of one adapter replays that adapter's graph. A batch that mixes adapters (``adapter_batching="mixed"``,
+a server's batch of several tasks) replays the bucket's one stacked graph: every stackable adapter's LoRA in one
+pass, each token's adapter read from one more static buffer (``adapters_nova_embeddings_v1.stacked_routing``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +74,8 @@ def bucket_filling_lengths(tokens_of: Callable[[int], int]) -> list[int]:
     return lengths
 
 
-INPUT_NAMES = ("input_ids", "position_ids", "cu_seqlens", "pooling")  # the buffers a replay refills
+INPUT_NAMES = ("input_ids", "position_ids", "cu_seqlens", "pooling", "token_adapters")  # the buffers a replay refills
+STACKED = "__stacked__"  # the route of batches that mix adapters: one graph per bucket for every stackable adapter
 
 
 @dataclass
@@ -87,9 +92,11 @@ class StaticBatch:
     position_ids: torch.Tensor  # (3, 1, bucket) long
     cu_seqlens: torch.Tensor  # (MAX_ITEMS + 2,) int32: the items', then the padding run's end, then empty tails
     pooling: torch.Tensor  # (MAX_ITEMS, bucket) float32: row i = item i's pooled tokens, each 1 / count
+    token_adapters: torch.Tensor  # (1, bucket) long: each token's adapter in the stacked graph's list, -1: none
     output: torch.Tensor | None = None  # (MAX_ITEMS, hidden) single vectors or (bucket, dim) multi vectors
     staging: "StaticBatch | None" = None  # CUDA: pinned host buffers of the same shapes
     copied: "torch.cuda.Event | None" = None  # CUDA: recorded after the last copy out of ``staging``
+    recorded: tuple = ()  # objects whose tensors the captured kernels read (a stacked graph's rank tables)
 
     @classmethod
     def empty(cls, bucket: int, device: torch.device) -> "StaticBatch":
@@ -109,20 +116,22 @@ class StaticBatch:
             position_ids=full((3, 1, bucket), 0, torch.long),
             cu_seqlens=full((MAX_ITEMS + 2,), bucket, torch.int32),
             pooling=full((MAX_ITEMS, bucket), 0.0, torch.float32),
+            token_adapters=full((1, bucket), -1, torch.long),
         )
 
-    def fill(self, inputs: dict[str, torch.Tensor]) -> None:
-        """Put one packed text batch (CPU tensors from ``collate_packed``) into the buffers the graph reads."""
+    def fill(self, inputs: dict[str, torch.Tensor], token_adapters: torch.Tensor | None = None) -> None:
+        """Put one packed text batch (CPU tensors from ``collate_packed``; for a stacked graph, each token's adapter
+        index) into the buffers the graph reads."""
         if self.staging is None:
-            self.write(inputs)
+            self.write(inputs, token_adapters)
             return
         self.copied.synchronize()  # the previous copy out of the staging buffers has read them
-        self.staging.write(inputs)
+        self.staging.write(inputs, token_adapters)
         for name in INPUT_NAMES:
             getattr(self, name).copy_(getattr(self.staging, name), non_blocking=True)
         self.copied.record(torch.cuda.current_stream(self.input_ids.device))  # the stream the copies and replay run on
 
-    def write(self, inputs: dict[str, torch.Tensor]) -> None:
+    def write(self, inputs: dict[str, torch.Tensor], token_adapters: torch.Tensor | None = None) -> None:
         """Overwrite every input buffer in place (on the host) with the batch, padding the rest."""
         ids, positions, cu = inputs["input_ids"], inputs["position_ids"], inputs["cu_seqlens"].to(torch.int32)
         tokens, items, bucket = ids.shape[1], len(cu) - 1, self.input_ids.shape[1]
@@ -137,6 +146,9 @@ class StaticBatch:
         self.pooling.zero_()
         self.pooling[segment, torch.arange(tokens)] = weights
         self.pooling[:items] /= self.pooling[:items].sum(-1, keepdim=True).clamp(min=1.0)
+        self.token_adapters.fill_(-1)  # padding tokens: no adapter (their rows are never pooled anyway)
+        if token_adapters is not None:
+            self.token_adapters[:, :tokens] = token_adapters
 
 
 class SmallCallGraphs:
@@ -152,6 +164,7 @@ class SmallCallGraphs:
         self.graphs: dict[tuple[int, str, bool], tuple[Any, StaticBatch]] = {}
         self.fingerprint: tuple | None = None
         self.pool = None
+        self.stacked_names: list[str] = []  # the stacked graphs' adapters, read when the fingerprint changes
 
     @staticmethod
     def accepts(inputs: dict[str, Any]) -> bool:
@@ -160,21 +173,40 @@ class SmallCallGraphs:
             return False
         return len(inputs["cu_seqlens"]) - 1 <= MAX_ITEMS and token_bucket(inputs["input_ids"].shape[1]) is not None
 
-    def run(self, inputs: dict[str, torch.Tensor], adapter: str, return_multivector: bool) -> torch.Tensor:
-        """Single vectors (items, hidden) or multi vectors (1, tokens, dim) of one packed text batch."""
+    def route(self, adapters: Sequence[str]) -> str | None:
+        """Which graph computes a batch whose items have these adapters: the adapter's own when there is one (the
+        caller has set the layers to it), ``STACKED`` when they differ and all stack, None when no graph can."""
         self._drop_if_stale()
+        distinct = set(adapters)
+        if len(distinct) == 1:
+            return adapters[0]
+        from .adapters_nova_embeddings_v1 import BASE
+
+        return STACKED if distinct - {BASE} <= set(self.stacked_names) else None
+
+    def run(self, inputs: dict[str, torch.Tensor], adapters: Sequence[str], route: str,
+            return_multivector: bool) -> torch.Tensor:
+        """Single vectors (items, hidden) or multi vectors (1, tokens, dim) of one packed text batch whose items have
+        ``adapters``, on the graph of ``route`` (from ``route``)."""
         tokens, items = inputs["input_ids"].shape[1], len(inputs["cu_seqlens"]) - 1
-        key = (token_bucket(tokens), adapter, return_multivector)
+        key = (token_bucket(tokens), route, return_multivector)
         if key not in self.graphs:
-            self.graphs[key] = self._build(key[0], return_multivector)
+            self.graphs[key] = self._build(key[0], return_multivector, stacked=route == STACKED)
         graph, static = self.graphs[key]
-        static.fill(inputs)
+        static.fill(inputs, self._token_adapters(adapters, inputs["cu_seqlens"]) if route == STACKED else None)
         graph()
         return static.output[:tokens].unsqueeze(0).clone() if return_multivector else static.output[:items].clone()
 
-    def _build(self, bucket: int, return_multivector: bool) -> tuple[Callable[[], None], StaticBatch]:
+    def _token_adapters(self, adapters: Sequence[str], cu_seqlens: torch.Tensor) -> torch.Tensor:
+        from .adapters_nova_embeddings_v1 import _token_adapters
+
+        return _token_adapters(adapters, self.stacked_names, cu_seqlens)
+
+    def _build(self, bucket: int, return_multivector: bool, stacked: bool) -> tuple[Callable[[], None], StaticBatch]:
         static = StaticBatch.empty(bucket, self.model.device)
         body = lambda: self._body(static, return_multivector)  # noqa: E731
+        if stacked:
+            body = self._stacked(body, static)
         if not self.capture:
             return body, static
         stream = torch.cuda.Stream(self.model.device)
@@ -190,6 +222,17 @@ class SmallCallGraphs:
             body()
         return graph.replay, static
 
+    def _stacked(self, body: Callable[[], None], static: StaticBatch) -> Callable[[], None]:
+        """``body`` with every stackable adapter routed per token from ``static.token_adapters``."""
+        from .adapters_nova_embeddings_v1 import lora_layers, stacked_routing
+
+        def run_stacked() -> None:
+            with stacked_routing(lora_layers(self.model), self.stacked_names, static.token_adapters) as passes:
+                body()
+            static.recorded = tuple(passes)
+
+        return run_stacked
+
     def _body(self, static: StaticBatch, return_multivector: bool) -> None:
         """Embed, language model over the padded packed row, then the head, writing ``static.output``."""
         model = self.model
@@ -198,7 +241,8 @@ class SmallCallGraphs:
         hidden = model._language_model_packed(embeds, static.input_ids, static.cu_seqlens, bucket, None,
                                               static.position_ids)[0]  # (bucket, hidden)
         if return_multivector:
-            static.output = F.normalize(model.multi_vector_projector(hidden).to(torch.float32), dim=-1)
+            projected = model.multi_vector_projector(hidden.unsqueeze(0))[0]  # (1, tokens, .): a stacked pass's layout
+            static.output = F.normalize(projected.to(torch.float32), dim=-1)
         else:
             static.output = F.normalize(static.pooling @ hidden.to(torch.float32), dim=-1)
 
@@ -206,9 +250,12 @@ class SmallCallGraphs:
         """Forget every graph when what they recorded no longer holds (see the module docstring)."""
         fingerprint = self._fingerprint()
         if fingerprint != self.fingerprint:
+            from .adapters_nova_embeddings_v1 import stackable_adapters
+
             self.graphs.clear()
             self.pool = None
             self.fingerprint = fingerprint
+            self.stacked_names = stackable_adapters(self.model, dropout_disabled=True)  # (encode runs without dropout)
 
     def _fingerprint(self) -> tuple:
         from .adapters_nova_embeddings_v1 import module_index

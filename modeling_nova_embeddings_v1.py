@@ -325,8 +325,10 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         server calls it at start-up.
 
         One call per text length (words), by default one per token bucket: the most words that fit it under the
-        task's prompt; with graphs, once per task adapter, since graphs are captured per adapter. Then one mixed
-        call of those texts and ``images`` pages (the vision tower's kernels).
+        task's prompt; with graphs, once per task adapter, since graphs are captured per adapter, and with
+        ``adapter_batching="mixed"`` once more per bucket with one text per task adapter (the stacked graphs of
+        batches that mix adapters). Then one mixed call of those texts and ``images`` pages (the vision tower's
+        kernels).
         """
         import functools
         import time
@@ -343,6 +345,11 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
             lengths = text_lengths if text_lengths is not None else bucket_filling_lengths(tokens_of)
             for n in lengths:  # single-text calls: one per token bucket
                 self.encode([words(n)], task=task)
+        if self.graphs_enabled() and self.adapter_batching == "mixed" and len(tasks) > 1:
+            mixed = lambda n: [{"text": words(n), "task": task} for task in tasks]  # noqa: E731
+            tokens_of = functools.cache(lambda n: sum(len(t) for t in self.prepare_items(mixed(n)).tokenized))
+            for n in bucket_filling_lengths(tokens_of) if text_lengths is None else text_lengths:
+                self.encode(mixed(n))
         pages = [{"image": Image.new("RGB", (448, 448), "white")} for _ in range(images)]
         self.encode([words(n) for n in lengths] + pages)  # a mixed batch: the vision tower's kernels
         if self.device.type == "cuda":
@@ -884,8 +891,10 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
                 names = [adapters[i] for i in batch]
                 row_names = router.enter(names, group_tokens.get(names[0], 0))
                 output_mask = inputs["output_mask"]  # BatchFeature.to moves in place: keep the CPU mask
-                if graphs is not None and row_names is None and router.merged is None and graphs.accepts(inputs):
-                    vectors = graphs.run(inputs, names[0], return_multivector)
+                route = graphs.route(names) if graphs is not None and router.merged is None and \
+                    graphs.accepts(inputs) else None
+                if route is not None:
+                    vectors = graphs.run(inputs, names, route, return_multivector)
                 else:
                     out = self(**inputs.to(self.execution_device, non_blocking=True), return_multivector=return_multivector,
                                adapter_names=row_names)

@@ -15,7 +15,7 @@ import torch
 from peft import LoraConfig
 from transformers import AutoModel
 
-from graphs_nova_embeddings_v1 import MAX_ITEMS, TOKEN_BUCKETS, bucket_filling_lengths, token_bucket
+from graphs_nova_embeddings_v1 import MAX_ITEMS, STACKED, TOKEN_BUCKETS, bucket_filling_lengths, token_bucket
 
 TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 TASKS = ["retrieval.query", "retrieval.passage", "text-matching", "code.query", "code.passage"]
@@ -126,6 +126,70 @@ def test_graphs_follow_adapter_loads_and_weight_changes(tiny_nova_dir):
     torch.testing.assert_close(model.encode(items), packed(model, "off").encode(items), rtol=0, atol=1e-5)
 
 
+def add_custom_adapter(model, name: str = "legal", **config) -> None:
+    """A LoRA adapter with jina's dropout and random non-zero A and B, added through PEFT's own API."""
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=TARGETS, init_lora_weights=False, **config)
+    torch.manual_seed(11)
+    model.add_adapter(config, adapter_name=name)
+
+
+def mixed_items(rng: random.Random, count: int, max_words: int) -> list[dict]:
+    """Items over every task adapter, a custom adapter and the bare backbone."""
+    items = random_items(rng, count, max_words)
+    for item in items:
+        choice = rng.random()
+        if choice < 0.2:
+            item["adapter"] = "legal"
+        elif choice < 0.3:
+            item["adapter"] = None
+    return items
+
+
+def test_mixed_batches_replay_one_stacked_graph_per_bucket(tiny_nova_dir):
+    """adapter_batching="mixed": a batch of several adapters (task ones, a custom one, none) replays the bucket's
+    stacked graph, which routes each token to its adapter from a static buffer; every vector equals the eager
+    mixed pass and the item encoded alone."""
+    model = packed(load(tiny_nova_dir), "on")
+    add_custom_adapter(model)
+    model.adapter_batching = "mixed"
+    rng = random.Random(3)
+    calls = [(mixed_items(rng, rng.randint(2, 8), max_words=rng.choice([2, 8, 40])), i % 4 == 0) for i in range(30)]
+    for items, multi in calls:
+        expected = packed(model, "off").encode(items, return_multivector=multi)
+        assert_same_vectors(packed(model, "on").encode(items, return_multivector=multi), expected, multi)
+    stacked = {key for key in model._graphs.graphs if key[1] == STACKED}
+    assert len(stacked) >= 3 and {multi for _, _, multi in stacked} == {True, False}
+    assert model._graphs.stacked_names == ["code", "legal", "retrieval", "text-matching"]
+    items = calls[1][0]
+    model.adapter_batching = "group"
+    alone = torch.stack([model.encode([item])[0] for item in items])
+    model.adapter_batching = "mixed"
+    torch.testing.assert_close(model.encode(items), alone, rtol=0, atol=1e-5)
+
+
+def test_a_stacked_graph_follows_a_new_adapter_and_refuses_what_cannot_stack(tiny_nova_dir):
+    """Loading an adapter drops the stacked graphs (the next one carries it too); a call with an adapter that does
+    not stack (DoRA) is grouped, one adapter's graph per batch, and stays exact."""
+    model = packed(load(tiny_nova_dir), "on")
+    model.adapter_batching = "mixed"
+    items = [{"text": "one two", "task": "code.query"}, {"text": "three", "task": "text-matching"}]
+    model.encode(items)
+    assert model._graphs.stacked_names == ["code", "retrieval", "text-matching"]
+    add_custom_adapter(model)
+    items.append({"text": "four five six", "adapter": "legal"})
+    got = model.encode(items)
+    assert model._graphs.stacked_names == ["code", "legal", "retrieval", "text-matching"]
+    assert [key[1] for key in model._graphs.graphs] == [STACKED]
+    torch.testing.assert_close(got, packed(model, "off").encode(items), rtol=0, atol=1e-5)
+    packed(model, "on")
+    add_custom_adapter(model, "dora", use_dora=True)
+    items.append({"text": "seven", "adapter": "dora"})
+    got = model.encode(items)
+    assert "dora" not in model._graphs.stacked_names  # the call is grouped: one adapter's graph per batch
+    assert STACKED not in {key[1] for key in model._graphs.graphs} and ("dora" in {key[1] for key in model._graphs.graphs})
+    torch.testing.assert_close(got, packed(model, "off").encode(items), rtol=0, atol=1e-5)
+
+
 def test_cuda_graphs_setting_is_checked(model):
     model.cuda_graphs = "always"
     with pytest.raises(ValueError, match="cuda_graphs must be"):
@@ -135,11 +199,13 @@ def test_cuda_graphs_setting_is_checked(model):
 
 # ---------------------------------------------------------------------- CUDA: captured and replayed
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-def test_replays_equal_eager_for_many_distinct_inputs(tiny_nova_dir):
+@pytest.mark.parametrize("adapter_batching", ["group", "mixed"])
+def test_replays_equal_eager_for_many_distinct_inputs(tiny_nova_dir, adapter_batching):
     """>= 200 distinct calls (lengths across every bucket, 1..8 items, every task adapter; then one-adapter calls of
     30..MAX_ITEMS items in the large buckets; single and multi vectors) replayed from captured graphs equal the eager
-    packed path in bf16."""
+    packed path in bf16; "mixed": batches of several adapters replay the stacked graphs."""
     model = load(tiny_nova_dir, dtype=torch.bfloat16).to("cuda")
+    model.adapter_batching = adapter_batching
     rng = random.Random(1)
     calls = [(random_items(rng, rng.randint(1, 8), max_words=rng.choice([2, 6, 20, 60])), i % 4 == 0)
              for i in range(200)]
@@ -150,6 +216,7 @@ def test_replays_equal_eager_for_many_distinct_inputs(tiny_nova_dir):
     got = [model.encode(items, return_multivector=multi) for items, multi in calls]
     assert model._graphs is not None and model._graphs.capture and len(model._graphs.graphs) >= 10
     assert max(key[0] for key in model._graphs.graphs) > 512
+    assert (STACKED in {key[1] for key in model._graphs.graphs}) == (adapter_batching == "mixed")
     lowest = 1.0
     for (items, multi), mine, theirs in zip(calls, got, expected):
         if multi:
@@ -214,6 +281,12 @@ def test_warmup_captures_every_bucket_for_every_task_adapter(tiny_nova_dir):
     adapters = {model.config.adapter_task(task) for task in model.config.task_prompts}
     assert len(adapters) == 3
     assert set(model._graphs.graphs) == {(bucket, adapter, False) for bucket in TOKEN_BUCKETS for adapter in adapters}
+    model.adapter_batching = "mixed"  # a server's batches mix tasks: the stacked graphs too
+    model.warmup()
+    stacked = {key for key in model._graphs.graphs if key[1] == STACKED}
+    reachable = {bucket for bucket in TOKEN_BUCKETS if bucket >= sum(len(t) for t in model.prepare_items(
+        [{"text": "warm", "task": task} for task in model._one_task_per_adapter()]).tokenized)}
+    assert stacked == {(bucket, STACKED, False) for bucket in reachable}
 
 
 def test_bucket_filling_lengths_land_in_every_bucket_once():
