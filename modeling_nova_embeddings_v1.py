@@ -34,7 +34,7 @@ from .adapters_nova_embeddings_v1 import (
     BASE, AdapterManager, can_stack, lora_layers, module_index, repository_adapter_folders, rows_routed,
 )
 from .configuration_nova_embeddings_v1 import NovaEmbeddingsV1Config
-from .graphs_nova_embeddings_v1 import SmallCallGraphs
+from .graphs_nova_embeddings_v1 import SmallCallGraphs, graph_sized_limits
 from .processing_nova_embeddings_v1 import TASK_ADAPTER, EmbeddingItem, NovaEmbeddingsV1Processor, TokenizedItem
 from .vision_nova_embeddings_v1 import align_vision_mlps, attention_implementation, fast_vision_tower
 
@@ -736,9 +736,21 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         device (``_gather`` collects them), so a next part's batches queue behind these without a sync."""
         adapters = adapters[offset:offset + len(tokenized)]
         groups = adapters if self._batches_per_adapter(adapters, packed) else None
+        if packed and self.graphs_enabled() and not self._merges_a_group(tokenized, groups) \
+                and all(t.image_grid_thw is None for t in tokenized):  # text only (graphs take no images)
+            batch_size, max_batch_tokens = graph_sized_limits([len(t) for t in tokenized], batch_size, max_batch_tokens)
         batches = self.plan_batches(tokenized, batch_size, max_batch_tokens, groups=groups, padded=not packed)
         outputs = self._run_batches(tokenized, batches, adapters, limits, return_multivector, packed, show_progress_bar)
         return _RunPart(offset, tokenized, outputs)
+
+    def _merges_a_group(self, tokenized: Sequence[TokenizedItem], groups: Sequence[str] | None) -> bool:
+        """Whether an adapter group of this part will run on merged weights (which graphs cannot replay)."""
+        if groups is None:
+            return False
+        tokens: dict[str, int] = {}
+        for item, group in zip(tokenized, groups):
+            tokens[group] = tokens.get(group, 0) + len(item)
+        return any(group != BASE and self.adapter_manager.should_merge(count) for group, count in tokens.items())
 
     def _batches_per_adapter(self, adapters: Sequence[str], packed: bool) -> bool:
         """Whether batches hold one adapter each: ``adapter_batching`` "group", or packed items whose adapters cannot

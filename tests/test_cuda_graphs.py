@@ -15,7 +15,9 @@ import torch
 from peft import LoraConfig
 from transformers import AutoModel
 
-from graphs_nova_embeddings_v1 import MAX_ITEMS, STACKED, TOKEN_BUCKETS, bucket_filling_lengths, token_bucket
+from graphs_nova_embeddings_v1 import (
+    MAX_ITEMS, SPLIT_MAX_TOKENS, STACKED, TOKEN_BUCKETS, bucket_filling_lengths, graph_sized_limits, token_bucket,
+)
 
 TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 TASKS = ["retrieval.query", "retrieval.passage", "text-matching", "code.query", "code.passage"]
@@ -86,14 +88,45 @@ def test_static_buffer_body_equals_the_packed_path_on_cpu(model):
         assert_same_vectors(got, expected, multi)
 
 
-def test_calls_too_big_for_a_bucket_take_the_plain_path(model):
+def test_calls_too_big_for_graphs_take_the_plain_path(model):
+    """An item longer than the largest bucket, and a call of more than SPLIT_MAX_TOKENS tokens in one batch, run
+    eagerly (the large call's GPU work dwarfs its launches)."""
     packed(model, "on")
     model._graphs.graphs.clear()
     long_text = " ".join(["word"] * (TOKEN_BUCKETS[-1] + 10))
-    many = [f"item {i}" for i in range(MAX_ITEMS + 1)]
     model.encode([long_text])
-    model.encode(many, batch_size=MAX_ITEMS + 1)
+    large = [" ".join(["word"] * 300)] * (SPLIT_MAX_TOKENS // 300 + 1)
+    assert sum(len(t) for t in model.prepare_items(large).tokenized) > SPLIT_MAX_TOKENS
+    model.encode(large, batch_size=len(large), max_batch_tokens=10 * SPLIT_MAX_TOKENS)
     assert model._graphs.graphs == {}
+
+
+@pytest.mark.parametrize("adapter_batching", ["group", "mixed"])
+def test_a_small_call_of_many_texts_replays_graph_sized_batches(tiny_nova_dir, adapter_batching):
+    """A server's batch: more short texts than one graph holds (items and tokens), over several adapters, is
+    planned into balanced graph-sized batches, all replayed, none eager; vectors equal the plain path's."""
+    model = packed(load(tiny_nova_dir), "on")
+    model.adapter_batching = adapter_batching
+    rng = random.Random(9)
+    items = random_items(rng, 3 * MAX_ITEMS, max_words=12)
+    lengths = [len(t) for t in model.prepare_items(items).tokenized]
+    assert sum(lengths) <= SPLIT_MAX_TOKENS
+    eager_passes = []
+    handle = model.register_forward_pre_hook(lambda module, args, kwargs: eager_passes.append(1), with_kwargs=True)
+    got = model.encode(items, batch_size=256, max_batch_tokens=16384)  # the server's limits
+    handle.remove()
+    assert not eager_passes and model._graphs.graphs
+    expected = packed(model, "off").encode(items, batch_size=256, max_batch_tokens=16384)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    size, tokens = graph_sized_limits(lengths, 256, 16384)
+    assert size == MAX_ITEMS and tokens <= TOKEN_BUCKETS[-1]
+
+
+def test_graph_sized_limits_balance_the_batches():
+    assert graph_sized_limits([40] * 117, 256, 16384) == (MAX_ITEMS, 1560 + 40)  # 4,680 tokens: 3 batches
+    assert graph_sized_limits([100] * 10, 256, 16384) == (MAX_ITEMS, 1100)  # fits one graph
+    assert graph_sized_limits([40] * 117, 16, 500) == (16, 500)  # the caller's smaller limits stay
+    assert graph_sized_limits([1000] * 9, 256, 16384) == (256, 16384)  # over SPLIT_MAX_TOKENS: unchanged
 
 
 def test_graphs_follow_adapter_loads_and_weight_changes(tiny_nova_dir):
