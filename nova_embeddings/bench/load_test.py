@@ -84,9 +84,7 @@ def load_model(spec: str | None, device: str, dtype: str, workdir: Path) -> tupl
     tiny = build_tiny_checkpoint(workdir)
     if spec == "random-full":
         resolved = resolve_device(device)
-        model = random_full_size_model(tiny, resolved, resolve_dtype(dtype, resolved))
-        print(f"warm-up (compilation, as the server does at start-up): {model.warmup():.1f} s", flush=True)
-        return model, "random-full (Qwen2.5-VL-3B size)"
+        return random_full_size_model(tiny, resolved, resolve_dtype(dtype, resolved)), "random-full (Qwen2.5-VL-3B size)"
     return load_repository(tiny, device=device, dtype=dtype), "tiny"
 
 
@@ -395,6 +393,9 @@ def run_in_process(args: argparse.Namespace, headers: dict) -> dict:
         started = time.monotonic()
         model, description = load_model(args.model, args.device, args.dtype, Path(workdir))
         set_model_attrs(model, args.model_attr)
+        if hasattr(model, "warmup"):  # after the attributes: what the warm-up captures depends on them
+            out["warmup_seconds"] = round(model.warmup(), 1)
+            print(f"warm-up (compilation, as the server does at start-up): {out['warmup_seconds']} s", flush=True)
         out["model"] = {"name": description, "device": str(model.device), "dtype": str(model.dtype),
                         "load_seconds": round(time.monotonic() - started, 1)}
         settings = ServerSettings(
