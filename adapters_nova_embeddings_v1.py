@@ -551,7 +551,8 @@ def add_stacked_deltas(layer: "LoraLayer", args: tuple, output: torch.Tensor) ->
     b = torch.cat([layer.lora_B[name].weight for name in routing.held], dim=1)  # (out, ranks)
     keep = (routing.token_adapters.unsqueeze(-1) == routing.owner) * routing.scaling  # the token's block, scaled
     ranks = F.linear(args[0].to(a.dtype), a) * keep.to(a.dtype)
-    # (torch.addmm into the output measured slower on the H200: workload 4 "mixed" 47k vs 57k tokens/s)
+    # (torch.addmm into the output was tried: two H200 runs, w1 at 95k and 94k tokens/s, gave w4 "mixed" 57k with this
+    # form and 47k with addmm, whose out-of-place form copies the output before its GEMM adds into it)
     return output + F.linear(ranks, b).to(output.dtype)
 
 
