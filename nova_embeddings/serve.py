@@ -24,8 +24,9 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
+from .bench.model_attrs import apply_model_attrs, parse_model_attr
 from .server import ServerSettings, create_app
 from .server.settings import MIB
 
@@ -107,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="threads that tokenise and format responses (default: %(default)s)")
     add("--decode-workers", type=int, default=ServerSettings.decode_workers,
         help="threads that decode images, apart from the preprocessing ones (default: %(default)s)")
+    add("--model-attr", action="append", default=[], metavar="NAME=VALUE", type=parse_model_attr,
+        help="set one of the model's speed knobs before the warm-up, e.g. adapter_batching=mixed or "
+             "cuda_graphs=off (the README's table of model attributes); repeatable (default: none)")
     add("--log-level", default="info", help="debug, info, warning or error (default: %(default)s)")
     return parser
 
@@ -210,8 +214,10 @@ def read_chat_template(path: Path) -> str:
 def load_model(
     path: str | Path, device: str = "auto", dtype: str = "auto", attn_implementation: str | None = None,
     chat_template: Path | None = None, loras: list[tuple[str, str]] = (), max_loras: int | None = None,
+    model_attrs: Sequence[tuple[str, Any]] = (),
 ) -> Any:
-    """Load the model for serving: weights, then the chat template override, then the startup adapters."""
+    """Load the model for serving: weights, then the chat template override, the startup adapters, and the
+    ``--model-attr`` knobs (before the server's warm-up, whose captures depend on them)."""
     from transformers import AutoModel
 
     device = resolve_device(device)
@@ -222,6 +228,7 @@ def load_model(
     if chat_template is not None:
         model.processor.chat_template = read_chat_template(chat_template)
     load_startup_adapters(model, loras, max_loras)
+    apply_model_attrs(model, model_attrs)
     return model
 
 
@@ -345,7 +352,7 @@ def make_loader(args: argparse.Namespace, workdir: str | Path) -> Callable[[], A
             logger.info("built the tiny checkpoint in %s", model_path)
         return load_model(model_path, device=args.device, dtype=args.dtype,
                           attn_implementation=args.attn_implementation, chat_template=args.chat_template,
-                          loras=args.load_lora, max_loras=args.max_loras)
+                          loras=args.load_lora, max_loras=args.max_loras, model_attrs=args.model_attr)
 
     return loader
 

@@ -1024,6 +1024,30 @@ def test_serve_command_line_maps_to_settings():
         ServerSettings(allow_private_image_urls=True)
 
 
+def test_serve_model_attrs_are_set_before_the_warm_up(tiny_nova_dir, monkeypatch):
+    """serve --model-attr sets the loaded model's knobs in the loader, so the server's warm-up (which captures
+    graphs by adapter_batching) sees them; a misspelt knob fails the load, naming it."""
+    from nova_embeddings import serve
+
+    args = serve.build_parser().parse_args([str(tiny_nova_dir), "--device", "cpu", "--model-attr",
+                                            "adapter_batching=mixed", "--model-attr", "cuda_graphs=on"])
+    model = serve.make_loader(args, "unused")()
+    assert (model.adapter_batching, model.cuda_graphs) == ("mixed", "on")
+    seen = []
+    monkeypatch.setattr(type(model), "warmup", lambda self: seen.append(self.adapter_batching) or 0.0)
+    app = create_app(lambda: model, ServerSettings())
+
+    async def scenario():
+        async with serving(app) as client:
+            await wait_until(lambda: app.state.nova.phase == "ready")
+            return await client.get("/health")
+
+    assert run(scenario()).status_code == 200 and seen == ["mixed"]
+    args = serve.build_parser().parse_args([str(tiny_nova_dir), "--device", "cpu", "--model-attr", "adapter_batchin=mixed"])
+    with pytest.raises(ValueError, match="no attribute 'adapter_batchin'"):
+        serve.make_loader(args, "unused")()
+
+
 def test_startup_adapters_from_the_command_line(model, lora_dir, clean_adapters):
     from nova_embeddings.serve import load_startup_adapters
 

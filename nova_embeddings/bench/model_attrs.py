@@ -1,5 +1,6 @@
-"""``--model-attr NAME=VALUE`` of the benchmark and the load test: one of the model's speed knobs set for a run
-(``attention_packing``, ``adapter_batching``, ``cuda_graphs``, ...), so two configurations compare in one session."""
+"""``--model-attr NAME=VALUE`` of the benchmark, the load test and ``serve``: one of the model's speed knobs set for
+a run (``attention_packing``, ``adapter_batching``, ``cuda_graphs``, ...), so two configurations compare in one
+session, and a server runs the configuration its operator chose."""
 
 from __future__ import annotations
 
@@ -19,10 +20,18 @@ def parse_model_attr(text: str) -> tuple[str, Any]:
         return name, value
 
 
-def set_model_attrs(model: Any, pairs: Sequence[tuple[str, Any]]) -> None:
-    """Set each attribute; a name the model does not have ends the run with an error line (a typo would otherwise
-    measure the default configuration under another name)."""
+def apply_model_attrs(model: Any, pairs: Sequence[tuple[str, Any]]) -> None:
+    """Set each attribute; ValueError for a name the model does not have (a typo would otherwise run the default
+    configuration under another name)."""
     for name, value in pairs:
         if not hasattr(model, name):
-            raise SystemExit(f"error: --model-attr: the model has no attribute {name!r}")
+            raise ValueError(f"--model-attr: the model has no attribute {name!r}")
         setattr(model, name, value)
+
+
+def set_model_attrs(model: Any, pairs: Sequence[tuple[str, Any]]) -> None:
+    """``apply_model_attrs`` for a measuring run: a bad name ends it with an error line."""
+    try:
+        apply_model_attrs(model, pairs)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
