@@ -3,7 +3,9 @@ packed path, on CPU (``cuda_graphs="on"`` runs the body eagerly) and, captured a
 
 What would make a replay silently wrong, and which test pins it: padding tokens pooled or attended
 (bucket padding, every length), frozen Python numbers and rebound buffers (many distinct inputs through one
-graph), a graph kept across an adapter load or a weight swap, outputs overwritten by the next replay.
+graph), a graph kept across an adapter load or a weight swap, outputs overwritten by the next replay; for the
+stacked graphs of mixed-adapter batches, each token's adapter read from its static buffer (mixed calls of task
+adapters, a custom one and none, equal to the eager stacked pass and to each item alone).
 """
 
 from __future__ import annotations
