@@ -75,6 +75,10 @@ class NovaEmbeddingsV1Config(Qwen2_5_VLConfig):
         for task in self.task_prompts:
             if self.adapter_task(task) not in self.task_names:
                 raise ValueError(f"task {task!r} routes to {self.adapter_task(task)!r}, not in task_names {self.task_names}")
+        for name in ("min_pixels", "max_pixels", "max_image_pixels", "max_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"config.{name} must be a positive int, got {value!r}")
         if not self.min_pixels <= self.max_pixels:
             raise ValueError(f"min_pixels ({self.min_pixels}) must not exceed max_pixels ({self.max_pixels})")
 

@@ -789,8 +789,8 @@ def _image_bytes(source: Any, index: int) -> bytes:
         raise ItemError(index, "'image' is an empty string")
     elif isinstance(source, str) and source[:8].lower().startswith(("http://", "https://")):  # schemes ignore case
         data = _fetch_url(source, index)
-    elif isinstance(source, str) and source.startswith("data:"):
-        data = _decode_base64(source.partition(",")[2], index)
+    elif isinstance(source, str) and source[:5].lower() == "data:":  # schemes ignore case
+        data = _decode_data_uri(source, index)
     elif isinstance(source, str):
         data = _decode_base64(source, index)
     else:
@@ -820,6 +820,18 @@ def _fetch_url(url: str, index: int) -> bytes:
             return response.read(MAX_IMAGE_BYTES + 1)
     except OSError as error:
         raise ItemError(index, f"could not fetch image URL {url!r}: {error}") from None
+
+
+def _decode_data_uri(uri: str, index: int) -> bytes:
+    """The bytes of a ``data:[<mime>];base64,<payload>`` URI; other data URIs are refused with what to send."""
+    header, comma, payload = uri.partition(",")
+    if not comma or not header.lower().endswith(";base64"):
+        raise ItemError(index, f"'image' data URI must be base64 ('data:image/png;base64,...'), got one starting "
+                               f"{uri[:40]!r}")
+    try:
+        return base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise ItemError(index, "'image' data URI: its payload is not valid base64") from None
 
 
 def _decode_base64(text: str, index: int) -> bytes:

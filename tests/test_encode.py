@@ -209,7 +209,8 @@ def test_every_image_source_gives_the_same_vector(model, tmp_path):
         url = f"http://127.0.0.1:{server.server_address[1]}/page.png"
         wrapped = base64.encodebytes(data).decode()  # MIME base64, 76 columns a line (what the `base64` tool prints)
         sources = [image, str(path), path, data, b64, f"data:image/png;base64,{b64}", url, wrapped,
-                   f"data:image/png;base64,{wrapped}", url.replace("http://", "HTTP://")]  # schemes ignore case
+                   f"data:image/png;base64,{wrapped}", url.replace("http://", "HTTP://"),  # schemes ignore case
+                   f"DATA:image/png;BASE64,{b64}"]
         vectors = model.encode([{"image": s} for s in sources])
     finally:
         server.shutdown()

@@ -189,6 +189,9 @@ def hostile_items(tmp_path) -> list[tuple[str, object, str]]:
         ("empty_image_string", {"image": ""}, "'image' is an empty string"),
         ("empty_image_bytes", {"image": b""}, "'image' is empty"),
         ("empty_data_uri", {"image": "data:image/png;base64,"}, "'image' is empty"),
+        ("data_uri_not_base64", {"image": "data:image/png,%89PNG"}, "'image' data URI must be base64"),
+        ("data_uri_bad_payload", {"image": "data:image/png;base64,@@@"}, "data URI: its payload is not valid base64"),
+        ("upper_case_data_uri", {"image": "DATA:image/png;BASE64,@@@"}, "data URI: its payload is not valid base64"),
         ("nul_in_image_string", {"image": "a\0b"}, "'image' string is neither"),
         ("surrogate_image_string", {"image": "a\ud800b"}, "'image' string is neither"),
         ("numpy_image", {"image": np.zeros((8, 8, 3), np.uint8)}, "'image' must be a PIL image, path, URL"),
@@ -306,3 +309,20 @@ def test_whole_number_image_embeds_are_taken_as_floats(model):
     as_ints = model.encode([{"image_embeds": torch.ones(4, 64, dtype=torch.long), "image_grid_thw": grid}])
     as_floats = model.encode([{"image_embeds": torch.ones(4, 64), "image_grid_thw": grid}])
     assert_same(as_ints[0], as_floats[0])
+
+
+@pytest.mark.parametrize("field, value", [("max_pixels", "50000"), ("min_pixels", 0), ("max_image_pixels", 1.5),
+                                          ("max_length", True)])
+def test_a_config_with_a_bad_size_field_fails_at_load_naming_it(tiny_nova_dir, tmp_path, field, value):
+    """A hand-edited config.json (a quoted number, a zero) is refused when the model loads, naming the field, rather
+    than failing later inside image resizing with a bare TypeError."""
+    import json
+    import shutil
+
+    copy = tmp_path / "nova"
+    shutil.copytree(tiny_nova_dir, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config[field] = value
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"config.{field} must be a positive int, got {value!r}"):
+        AutoModel.from_pretrained(copy, trust_remote_code=True)

@@ -592,6 +592,8 @@ ERROR_CASES = [
     ("empty_instructions", {"input": "x", "instructions": "  "}, 400, "instructions", "instructions is empty"),
     ("unknown_model", {"input": "x", "model": "gpt-4"}, 404, "model", "model 'gpt-4' is not served here"),
     ("image_not_base64", {"input": [{"image": "@@not base64@@"}]}, 400, "input[0]", "must be a data URI, a base64"),
+    ("image_data_uri_not_base64", {"input": [{"image": "DATA:image/png,%89PNG"}]}, 400, "input[0]",
+     "data URI must be base64-encoded"),
     ("image_not_an_image", {"input": [{"image": base64.b64encode(b"hello").decode()}]}, 400, "input[0]",
      "unreadable image"),
     ("image_number", {"input": [{"image": 12}]}, 400, "input[0]", "'image' must be a string"),

@@ -36,9 +36,9 @@ def is_url(source: str) -> bool:
 
 def decode_inline_image(source: str) -> bytes:
     """A data URI or a bare base64 string -> bytes; anything else (a path, another scheme) is refused."""
-    if source.startswith("data:"):
+    if source[:5].lower() == "data:":  # schemes ignore case
         header, comma, payload = source.partition(",")
-        if not comma or not header.endswith(";base64"):
+        if not comma or not header.lower().endswith(";base64"):
             raise ImageSourceError("'image' data URI must be base64-encoded (data:image/...;base64,...)")
         source = payload
     elif "://" in source[:16]:
