@@ -1,5 +1,5 @@
-"""CUDA graphs for small encode calls (a short query, a handful of texts, a server batch's adapter group of short
-texts: up to 2048 tokens and 64 items).
+"""CUDA graphs for small encode calls (a short query, a handful of texts, a server batch of short texts planned
+into graph-sized batches: up to 2048 tokens and 64 items each).
 
 A short call is launch-bound: the language model's ~36 blocks x (7 LoRA-wrapped projections, norms, rotary,
 attention) issue thousands of kernels, and Python issuing them (~17 ms per forward pass, compiled blocks
@@ -172,7 +172,8 @@ class StaticBatch:
 
 
 class SmallCallGraphs:
-    """Captured forward passes of the language model and the heads, per (bucket, adapter, output kind).
+    """Captured forward passes of the language model and the heads, per (bucket, route, output kind); a route is
+    one adapter's name (or the bare backbone's) or ``STACKED``.
 
     ``run`` replays on CUDA; ``capture=False`` runs the same padded, static-buffer body eagerly (what the CPU
     tests check: bucket padding, zero-length sequences and the pooling matrix give the unpadded result).
