@@ -26,7 +26,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from .bench.model_attrs import apply_model_attrs, parse_model_attr
+from .model_attrs import apply_model_attrs, parse_model_attr
 from .server import ServerSettings, create_app
 from .server.settings import MIB
 

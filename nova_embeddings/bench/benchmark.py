@@ -64,7 +64,7 @@ from ..tiny import (
     build_tiny_tokenizer,
     write_tokenizer_files,
 )
-from .model_attrs import parse_model_attr, set_model_attrs
+from ..model_attrs import parse_model_attr, set_model_attrs
 
 COSINE_MIN = 0.999
 REF_BATCH = 8  # jina's encode_text / encode_image default batch size

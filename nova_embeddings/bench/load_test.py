@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 
-from .model_attrs import parse_model_attr, set_model_attrs
+from ..model_attrs import parse_model_attr, set_model_attrs
 
 WORDS = ("vector search index query passage model token image batch server latency retrieval document embedding "
          "matrix layer adapter cache memory network signal river mountain city garden history science music").split()
