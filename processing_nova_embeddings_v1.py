@@ -828,17 +828,15 @@ def _decode_data_uri(uri: str, index: int) -> bytes:
     if not comma or not header.lower().endswith(";base64"):
         raise ItemError(index, f"'image' data URI must be base64 ('data:image/png;base64,...'), got one starting "
                                f"{uri[:40]!r}")
-    try:
-        return base64.b64decode("".join(payload.split()), validate=True)
-    except (binascii.Error, ValueError):
-        raise ItemError(index, "'image' data URI: its payload is not valid base64") from None
+    return _decode_base64(payload, index, invalid="'image' data URI: its payload is not valid base64")
 
 
-def _decode_base64(text: str, index: int) -> bytes:
+def _decode_base64(text: str, index: int,
+                   invalid: str = "'image' string is neither an existing path, an http(s) URL, nor valid base64") -> bytes:
     try:
         return base64.b64decode("".join(text.split()), validate=True)  # line breaks of MIME base64 are allowed
     except (binascii.Error, ValueError):
-        raise ItemError(index, "'image' string is neither an existing path, an http(s) URL, nor valid base64") from None
+        raise ItemError(index, invalid) from None
 
 
 __all__ = [
