@@ -36,10 +36,13 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
                 raise DataError(f"{path}, line {number}: invalid JSON: {error.msg} (column {error.colno})") from None
 
 
+URL_SCHEMES = ("http://", "https://", "data:")  # read in any case, as encode() reads them
+
+
 def resolve_image(value: Any, base_dir: Path) -> Any:
     """A relative image path is taken relative to the data file's folder, never the working folder (a missing image
     fails naming that path); URLs, absolute paths and strings that may be base64 pass unchanged."""
-    if not isinstance(value, str) or value.startswith(("http://", "https://", "data:")) or os.path.isabs(value):
+    if not isinstance(value, str) or value[:8].lower().startswith(URL_SCHEMES) or os.path.isabs(value):
         return value
     candidate = base_dir / value
     try:

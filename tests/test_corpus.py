@@ -418,3 +418,5 @@ def test_a_relative_image_path_is_read_next_to_the_data_file_never_from_the_work
     assert resolve_image("img/page.png", data_dir) == str(data_dir / "img" / "page.png")  # not work/img/page.png
     assert resolve_image("iVBORw0KGgo=", data_dir) == "iVBORw0KGgo="
     assert resolve_image("https://x/a.png", data_dir) == "https://x/a.png"
+    for scheme_in_capitals in ("HTTPS://x/a.png", "Http://x/a.png", "DATA:image/png;base64,iVBORw0KGgo="):
+        assert resolve_image(scheme_in_capitals, data_dir) == scheme_in_capitals  # encode reads schemes in any case
