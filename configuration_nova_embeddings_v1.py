@@ -75,8 +75,8 @@ class NovaEmbeddingsV1Config(Qwen2_5_VLConfig):
         for task in self.task_prompts:
             if self.adapter_task(task) not in self.task_names:
                 raise ValueError(f"task {task!r} routes to {self.adapter_task(task)!r}, not in task_names {self.task_names}")
-        for name in ("min_pixels", "max_pixels", "max_image_pixels", "max_length"):
-            value = getattr(self, name)
+        for name in ("min_pixels", "max_pixels", "max_image_pixels", "max_length"):  # plain ints only (processing's
+            value = getattr(self, name)  # per-call _positive_int also takes numpy ints, which a saved config.json cannot)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"config.{name} must be a positive int, got {value!r}")
         if not self.min_pixels <= self.max_pixels:
