@@ -7,7 +7,7 @@ included, measured on an H200) takes longer than the GPU running them. A CUDA gr
 once and replays them with one call.
 
 Every input of a replay lives in a static buffer that the graph reads, refilled with ``copy_`` (never rebound; on
-CUDA asynchronously, from pinned staging buffers):
+CUDA asynchronously, from pinned host buffers written in the collate worker):
 the packed token ids padded to a token bucket, their rope positions, ``cu_seqlens`` padded with zero-length
 sequences to a fixed item count, and a pooling matrix (one row per item: its pooled tokens' weights, 1/count), so
 padding tokens are never pooled. Python numbers that a capture freezes are bucket constants (``max_seqlen`` is
@@ -102,10 +102,11 @@ STACKED = "__stacked__"  # the route of batches that mix adapters: one graph per
 class StaticBatch:
     """The buffers one graph reads and writes; a replay refills the inputs in place.
 
-    On CUDA the inputs are written into pinned host copies (``staging``) and copied in asynchronously (a copy from
-    pageable memory would wait for all the GPU work queued before it); ``copied``, recorded after each copy, keeps
-    the next fill from overwriting staging buffers that a queued copy has yet to read. Elsewhere the inputs are
-    written into the buffers themselves.
+    A batch's inputs are first written, padded to the bucket, into host buffers of their own (``staged``: pinned on
+    CUDA, in the collate worker thread, so the thread that issues replays only queues copies); ``load`` then copies
+    them in, asynchronously on CUDA. A copy from pageable memory would wait for all the GPU work queued before it, and
+    a pinned buffer shared between replays would have to wait for its last copy; PyTorch's pinned-memory cache keeps
+    each batch's buffers alive until their copies have run.
     """
 
     input_ids: torch.Tensor  # (1, bucket) long
@@ -114,18 +115,7 @@ class StaticBatch:
     pooling: torch.Tensor  # (MAX_ITEMS, bucket) float32: row i = item i's pooled tokens, each 1 / count
     token_adapters: torch.Tensor  # (1, bucket) long: each token's adapter in the stacked graph's list, -1: none
     output: torch.Tensor | None = None  # (MAX_ITEMS, hidden) single vectors or (bucket, dim) multi vectors
-    staging: "StaticBatch | None" = None  # CUDA: pinned host buffers of the same shapes
-    copied: "torch.cuda.Event | None" = None  # CUDA: recorded after the last copy out of ``staging``
     recorded: tuple = ()  # objects whose tensors the captured kernels read (a stacked graph's rank tables)
-
-    @classmethod
-    def empty(cls, bucket: int, device: torch.device) -> "StaticBatch":
-        """Buffers for one bucket on ``device``, with pinned staging buffers when it is a CUDA device."""
-        batch = cls.allocate(bucket, device)
-        if device.type == "cuda":
-            batch.staging = cls.allocate(bucket, torch.device("cpu"), pin_memory=True)
-            batch.copied = torch.cuda.Event()
-        return batch
 
     @classmethod
     def allocate(cls, bucket: int, device: torch.device, pin_memory: bool = False) -> "StaticBatch":
@@ -139,19 +129,24 @@ class StaticBatch:
             token_adapters=full((1, bucket), -1, torch.long),
         )
 
-    def fill(self, inputs: dict[str, torch.Tensor], token_adapters: torch.Tensor | None = None) -> None:
-        """Put one packed text batch (CPU tensors from ``collate_packed``; for a stacked graph, each token's adapter
-        index) into the buffers the graph reads."""
-        if self.staging is None:
-            self.write(inputs, token_adapters)
-            return
-        self.copied.synchronize()  # the previous copy out of the staging buffers has read them
-        self.staging.write(inputs, token_adapters)
-        for name in INPUT_NAMES:
-            getattr(self, name).copy_(getattr(self.staging, name), non_blocking=True)
-        self.copied.record(torch.cuda.current_stream(self.input_ids.device))  # the stream the copies and replay run on
+    @classmethod
+    def staged(cls, inputs: dict[str, torch.Tensor], device: torch.device) -> "StaticBatch":
+        """One packed text batch (CPU tensors from ``collate_packed``) written into host buffers of its bucket, pinned
+        when it will be copied to a CUDA ``device``."""
+        batch = cls.allocate(token_bucket(inputs["input_ids"].shape[1]), torch.device("cpu"),
+                             pin_memory=device.type == "cuda")
+        batch.write(inputs)
+        return batch
 
-    def write(self, inputs: dict[str, torch.Tensor], token_adapters: torch.Tensor | None = None) -> None:
+    def load(self, staged: "StaticBatch", token_adapters: torch.Tensor | None = None) -> None:
+        """Copy a staged batch (and, for a stacked graph, each token's adapter index) into the buffers the graph
+        reads."""
+        if token_adapters is not None:
+            staged.token_adapters[:, : token_adapters.shape[-1]] = token_adapters
+        for name in INPUT_NAMES:
+            getattr(self, name).copy_(getattr(staged, name), non_blocking=True)
+
+    def write(self, inputs: dict[str, torch.Tensor]) -> None:
         """Overwrite every input buffer in place (on the host) with the batch, padding the rest."""
         ids, positions, cu = inputs["input_ids"], inputs["position_ids"], inputs["cu_seqlens"].to(torch.int32)
         tokens, items, bucket = ids.shape[1], len(cu) - 1, self.input_ids.shape[1]
@@ -167,8 +162,6 @@ class StaticBatch:
         self.pooling[segment, torch.arange(tokens)] = weights
         self.pooling[:items] /= self.pooling[:items].sum(-1, keepdim=True).clamp(min=1.0)
         self.token_adapters.fill_(-1)  # padding tokens: no adapter (their rows are never pooled anyway)
-        if token_adapters is not None:
-            self.token_adapters[:, :tokens] = token_adapters
 
 
 class SmallCallGraphs:
@@ -205,16 +198,18 @@ class SmallCallGraphs:
 
         return STACKED if distinct - {BASE} <= set(self.stacked_names) else None
 
-    def run(self, inputs: dict[str, torch.Tensor], adapters: Sequence[str], route: str,
-            return_multivector: bool) -> torch.Tensor:
+    def run(self, inputs: dict[str, torch.Tensor], adapters: Sequence[str], route: str, return_multivector: bool,
+            staged: StaticBatch | None = None) -> torch.Tensor:
         """Single vectors (items, hidden) or multi vectors (1, tokens, dim) of one packed text batch whose items have
-        ``adapters``, on the graph of ``route`` (from ``route``)."""
+        ``adapters``, on the graph of ``route`` (from ``route``); ``staged``: its inputs from ``StaticBatch.staged``,
+        if the caller wrote them ahead."""
         tokens, items = inputs["input_ids"].shape[1], len(inputs["cu_seqlens"]) - 1
         key = (token_bucket(tokens), route, return_multivector)
         if key not in self.graphs:
             self.graphs[key] = self._build(key[0], return_multivector, stacked=route == STACKED)
         graph, static = self.graphs[key]
-        static.fill(inputs, self._token_adapters(adapters, inputs["cu_seqlens"]) if route == STACKED else None)
+        staged = staged if staged is not None else StaticBatch.staged(inputs, self.model.device)
+        static.load(staged, self._token_adapters(adapters, inputs["cu_seqlens"]) if route == STACKED else None)
         graph()
         return static.output[:tokens].unsqueeze(0).clone() if return_multivector else static.output[:items].clone()
 
@@ -224,7 +219,7 @@ class SmallCallGraphs:
         return _token_adapters(adapters, self.stacked_names, cu_seqlens)
 
     def _build(self, bucket: int, return_multivector: bool, stacked: bool) -> tuple[Callable[[], None], StaticBatch]:
-        static = StaticBatch.empty(bucket, self.model.device)
+        static = StaticBatch.allocate(bucket, self.model.device)
         body = lambda: self._body(static, return_multivector)  # noqa: E731
         if stacked:
             body = self._stacked(body, static)

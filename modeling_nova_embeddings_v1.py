@@ -34,7 +34,7 @@ from .adapters_nova_embeddings_v1 import (
     BASE, AdapterManager, can_stack, lora_layers, module_index, repository_adapter_folders, rows_routed,
 )
 from .configuration_nova_embeddings_v1 import NovaEmbeddingsV1Config
-from .graphs_nova_embeddings_v1 import SmallCallGraphs, graph_sized_limits
+from .graphs_nova_embeddings_v1 import SmallCallGraphs, StaticBatch, graph_sized_limits
 from .processing_nova_embeddings_v1 import TASK_ADAPTER, EmbeddingItem, NovaEmbeddingsV1Processor, TokenizedItem
 from .vision_nova_embeddings_v1 import align_vision_mlps, attention_implementation, fast_vision_tower
 
@@ -62,11 +62,14 @@ CHARS_PER_TOKEN = 4  # about what a BPE tokenizer gives on English text; sizes e
 @dataclass
 class _RunPart:
     """Batches of one part of an ``encode`` call, run and not yet collected: ``outputs`` hold (indices into
-    ``tokenized``, vectors on the device, output mask) per batch; ``offset`` is the part's first item in the call."""
+    ``tokenized``, vectors, output mask) per batch; ``offset`` is the part's first item in the call. On CUDA the
+    vectors are pinned host tensors whose copies are queued behind the part's GPU work; ``ready`` fires when they
+    have landed."""
 
     offset: int
     tokenized: Sequence[TokenizedItem]
     outputs: list[tuple[list[int], torch.Tensor, torch.Tensor]]
+    ready: "torch.cuda.Event | None" = None
 
 
 @dataclass
@@ -740,8 +743,9 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
                 and all(t.image_grid_thw is None for t in tokenized):  # text only (graphs take no images)
             batch_size, max_batch_tokens = graph_sized_limits([len(t) for t in tokenized], batch_size, max_batch_tokens)
         batches = self.plan_batches(tokenized, batch_size, max_batch_tokens, groups=groups, padded=not packed)
-        outputs = self._run_batches(tokenized, batches, adapters, limits, return_multivector, packed, show_progress_bar)
-        return _RunPart(offset, tokenized, outputs)
+        outputs, ready = self._run_batches(tokenized, batches, adapters, limits, return_multivector, packed,
+                                           show_progress_bar)
+        return _RunPart(offset, tokenized, outputs, ready)
 
     def _merges_a_group(self, tokenized: Sequence[TokenizedItem], groups: Sequence[str] | None) -> bool:
         """Whether an adapter group of this part will run on merged weights (which graphs cannot replay)."""
@@ -764,6 +768,8 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         """Every item's vectors on the CPU, at its index in the call."""
         results: list[torch.Tensor | None] = [None] * count
         for part in parts:
+            if part.ready is not None:
+                part.ready.synchronize()  # (without the interpreter lock)
             for batch, vectors, masks in part.outputs:
                 lengths = [len(part.tokenized[i]) for i in batch]
                 for index, vector in zip(batch, self._split_vectors(vectors, masks, lengths, return_multivector, packed)):
@@ -882,10 +888,13 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         return batches
 
     def _run_batches(self, tokenized, batches, adapters, limits, return_multivector, packed, show_progress_bar):
-        """Run every batch on the model, in order; returns (indices, vectors on the device, output mask) per batch.
+        """Run every batch on the model, in order; returns (indices, vectors, output mask) per batch, and on CUDA the
+        event after which the vectors, copied to pinned host memory, can be read.
 
         Worker threads collate (and, for images, preprocess) the next batches while the GPU runs the current
-        one; outputs stay on the device until the end so the GPU queue never waits on a copy. The adapter lock
+        one; outputs stay on the device until every batch is queued so the GPU queue never waits on a copy. Their
+        copies to the host are queued before the adapter lock is let go, so a call from another thread (a server's
+        next batch) queues its GPU work behind them, not ahead, while this one waits for them. The adapter lock
         is held throughout: no batch runs while adapters are loaded, unloaded, merged or restored.
         """
         group_tokens = {}
@@ -899,23 +908,37 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
             missing = sorted(set(adapters) - set(self.list_adapters()) - {BASE})
             if missing:
                 raise ValueError(f"adapter(s) {missing} were unloaded while the call was being prepared")
-            for batch, inputs in _progress(prepared, show_progress_bar, len(tokenized), total=len(batches)):
+            for batch, (inputs, staged) in _progress(prepared, show_progress_bar, len(tokenized), total=len(batches)):
                 names = [adapters[i] for i in batch]
                 row_names = router.enter(names, group_tokens.get(names[0], 0))
                 output_mask = inputs["output_mask"]  # BatchFeature.to moves in place: keep the CPU mask
                 route = graphs.route(names) if graphs is not None and router.merged is None and \
                     graphs.accepts(inputs) else None
                 if route is not None:
-                    vectors = graphs.run(inputs, names, route, return_multivector)
+                    vectors = graphs.run(inputs, names, route, return_multivector, staged)
                 else:
                     out = self(**inputs.to(self.execution_device, non_blocking=True), return_multivector=return_multivector,
                                adapter_names=row_names)
                     vectors = out.multi_vector if return_multivector else out.single_vector
                 device_outputs.append((batch, vectors, output_mask))
-        return device_outputs
+            return self._start_download(device_outputs)
 
-    def _prepare_batch(self, batch_items: list[TokenizedItem], limits: tuple[int, int], packed: bool):
-        """CPU side of a batch (runs in a worker thread): collate, rope positions, pinned memory."""
+    def _start_download(self, outputs: list[tuple[list[int], torch.Tensor, torch.Tensor]]):
+        """On CUDA, queue each batch's vectors' copy to pinned host memory and an event after them; elsewhere the
+        outputs as they are."""
+        if self.execution_device.type != "cuda":
+            return outputs, None
+        outputs = [(batch, vectors.to("cpu", non_blocking=True), mask) for batch, vectors, mask in outputs]
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(self.execution_device))
+        return outputs, ready
+
+    def _prepare_batch(self, batch_items: list[TokenizedItem], limits: tuple[int, int],
+                       packed: bool) -> tuple[Any, StaticBatch | None]:
+        """CPU side of a batch (runs in a worker thread): collate, rope positions, pinned memory; for a batch a graph
+        may replay, its inputs already padded into the graph's layout (``StaticBatch.staged``), so that the thread
+        issuing the GPU work only queues copies (in a busy server each small host op there can wait for the
+        interpreter lock)."""
         if packed:
             inputs = self.processor.collate_packed(batch_items, min_pixels=limits[0], max_pixels=limits[1])
             inputs["position_ids"] = self.packed_position_ids(
@@ -924,14 +947,15 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
             inputs = self.processor.collate(batch_items, min_pixels=limits[0], max_pixels=limits[1])
             inputs["position_ids"] = self.rope_position_ids(
                 inputs["input_ids"], inputs["attention_mask"], inputs.get("image_grid_thw"))
-        replayed = packed and SmallCallGraphs.accepts(inputs) and self.graphs_enabled()
+        if packed and SmallCallGraphs.accepts(inputs) and self.graphs_enabled():
+            return inputs, StaticBatch.staged(inputs, self.execution_device)
         if "pixel_values" in inputs:  # the tower casts them to its dtype anyway: cast here, half the bytes to pin and copy
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.visual.dtype)
-        if self.execution_device.type == "cuda" and not replayed:
-            for key, value in inputs.items():  # (a graph replay copies its inputs into its own buffers)
+        if self.execution_device.type == "cuda":
+            for key, value in inputs.items():
                 if isinstance(value, torch.Tensor):
                     inputs[key] = value.pin_memory()
-        return inputs
+        return inputs, None
 
     @staticmethod
     def _split_vectors(vectors, masks, lengths, return_multivector, packed) -> list[torch.Tensor]:

@@ -11,6 +11,7 @@ adapters, a custom one and none, equal to the eager stacked pass and to each ite
 from __future__ import annotations
 
 import random
+import sys
 
 import pytest
 import torch
@@ -280,18 +281,52 @@ def test_replay_follows_a_new_adapter_and_keeps_earlier_outputs(tiny_nova_dir):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-def test_back_to_back_replays_of_one_graph_read_their_own_inputs(tiny_nova_dir):
-    """One call of many one-item batches in one bucket: each replay's inputs go through the same pinned staging
-    buffers, queued without a sync in between; none may be overwritten before its copy has read it."""
+def test_back_to_back_replays_of_one_graph_read_their_own_inputs(tiny_nova_dir, monkeypatch):
+    """One call of many one-item batches in one bucket: each replay's inputs come from pinned host buffers of their
+    own, queued without a sync in between; none may be overwritten before its copy has read it."""
     model = load(tiny_nova_dir, dtype=torch.bfloat16).to("cuda")
     texts = [f"query {i}: " + " ".join(random.Random(i).choices(WORDS, k=3)) for i in range(48)]
     model.cuda_graphs = "off"
     expected = model.encode(texts, task="retrieval.query", batch_size=1)
     model.cuda_graphs = "auto"
+    staged = spy_on_staging(model, monkeypatch)
     got = model.encode(texts, task="retrieval.query", batch_size=1)
-    statics = [static for _, static in model._graphs.graphs.values()]
-    assert len(statics) == 1 and statics[0].staging.input_ids.is_pinned() and statics[0].staging.pooling.is_pinned()
+    assert len(model._graphs.graphs) == 1 and len(staged) == 48
+    assert all(batch.input_ids.is_pinned() and batch.pooling.is_pinned() for batch in staged)
     assert float(torch.nn.functional.cosine_similarity(got, expected).min()) >= 0.999
+
+
+def spy_on_staging(model, monkeypatch) -> list:
+    """Record every batch ``StaticBatch.staged`` writes, and the thread that wrote it (as ``batch.thread``)."""
+    import threading
+
+    graphs_module = sys.modules[type(model.small_call_graphs()).__module__]
+    original, staged = graphs_module.StaticBatch.staged.__func__, []
+
+    def staged_and_recorded(cls, inputs, device):
+        batch = original(cls, inputs, device)
+        batch.thread = threading.current_thread().name
+        staged.append(batch)
+        return batch
+
+    monkeypatch.setattr(graphs_module.StaticBatch, "staged", classmethod(staged_and_recorded))
+    return staged
+
+
+def test_replayed_batches_are_staged_by_the_collate_workers(model, monkeypatch):
+    """The thread that issues a call's replays only queues copies: every batch's inputs were padded into the graph's
+    layout by the worker that collated it (a server's encode thread shares the interpreter with the request
+    handlers, and each small host op there can wait for the lock). Prepared items, as a server passes them (a call
+    of raw items runs its first batch alone while the rest is tokenised: one batch, no worker)."""
+    packed(model, "on")
+    rng = random.Random(11)
+    items = [{"text": " ".join(rng.choices(WORDS, k=rng.randint(3, 12))), "task": "retrieval.query"} for _ in range(40)]
+    expected = packed(model, "off").encode(items)
+    packed(model, "on")
+    staged = spy_on_staging(model, monkeypatch)
+    got = model.encode(model.prepare_items(items), batch_size=8)
+    assert len(staged) == 5 and {batch.thread.split("_")[0] for batch in staged} == {"nova-collate"}
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
 def test_threads_share_the_static_buffers_safely(model):
@@ -303,6 +338,23 @@ def test_threads_share_the_static_buffers_safely(model):
     calls = [random_items(rng, rng.randint(1, 4), max_words=rng.choice([3, 12])) for _ in range(24)]
     expected = [model.encode(items) for items in calls]
     with ThreadPoolExecutor(max_workers=6) as pool:
+        got = list(pool.map(model.encode, calls))
+    for mine, theirs in zip(got, expected):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_calls_from_two_threads_on_cuda_get_their_own_vectors(tiny_nova_dir):
+    """A server's two in-flight batches: one thread queues its GPU work while the other waits for its vectors to be
+    copied to the host (an event, outside the adapter lock); every call still gets exactly its own vectors."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = load(tiny_nova_dir, dtype=torch.bfloat16).to("cuda")
+    rng = random.Random(9)
+    calls = [model.prepare_items(random_items(rng, rng.randint(1, 40), max_words=rng.choice([3, 12, 40])))
+             for _ in range(32)]
+    expected = [model.encode(prepared) for prepared in calls]
+    with ThreadPoolExecutor(max_workers=2) as pool:
         got = list(pool.map(model.encode, calls))
     for mine, theirs in zip(got, expected):
         torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-6)

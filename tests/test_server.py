@@ -123,7 +123,8 @@ def assert_vectors_equal(got: list[torch.Tensor], expected: list[torch.Tensor], 
 
 
 class EncodeGate:
-    """Replaces model.encode: blocks every call until released, so tests can hold the batcher busy."""
+    """Replaces model.encode: blocks every call until released, so tests can hold the batcher busy (with
+    ``inflight_batches=1``: the first request's batch then holds the only slot, and the next requests queue)."""
 
     def __init__(self, model, monkeypatch):
         self.encode = model.encode
@@ -357,7 +358,7 @@ def test_bad_request_in_a_shared_batch_fails_alone(model, monkeypatch):
     gate.encode = encode
     bodies = [{"input": ["first"]}, {"input": ["ok", "boom"]}, {"input": ["fine", "also fine"]}]
 
-    app = app_for(model, max_wait_ms=50)
+    app = app_for(model, max_wait_ms=50, inflight_batches=1)  # the gate holds the only slot
 
     async def scenario():
         async with serving(app) as client:
@@ -433,7 +434,7 @@ def test_joined_requests_get_exactly_their_own_vectors(model, monkeypatch):
     dims = model.config.matryoshka_dims[0]
     bodies = [{**b, "dimensions": dims} if "dimensions" in b else b for b in JOINED_REQUESTS]
     gate = EncodeGate(model, monkeypatch)
-    app = app_for(model, api_key="k", max_wait_ms=50)
+    app = app_for(model, api_key="k", max_wait_ms=50, inflight_batches=1)  # the gate holds the only slot
 
     def create(client, body: dict):
         extra = {k: body[k] for k in ("task", "instructions", "truncate", "adapter") if k in body}
@@ -470,7 +471,7 @@ def test_joined_requests_get_exactly_their_own_vectors(model, monkeypatch):
 
 def test_queue_full_is_429_with_retry_after(model, monkeypatch):
     gate = EncodeGate(model, monkeypatch)
-    app = app_for(model, max_queue_requests=2, max_wait_ms=0)
+    app = app_for(model, max_queue_requests=2, max_wait_ms=0, inflight_batches=1)  # the gate holds the only slot
 
     async def scenario():
         async with serving(app) as client:
@@ -491,7 +492,7 @@ def test_queue_full_is_429_with_retry_after(model, monkeypatch):
 
 def test_shutdown_refuses_new_requests_and_drains_the_queue(model, monkeypatch):
     gate = EncodeGate(model, monkeypatch)
-    app = app_for(model, max_wait_ms=0)
+    app = app_for(model, max_wait_ms=0, inflight_batches=1)  # the gate holds the only slot
     texts = [f"draining {i}" for i in range(5)]
 
     async def scenario():
@@ -891,7 +892,7 @@ def test_adapter_unloaded_between_prep_and_encode_is_a_409_for_its_requests_only
     """A request prepared (and routed) for an adapter that is unloaded before its batch runs gets a 409 naming the
     item; a request joined with it in the same batch still gets its vectors."""
     gate = EncodeGate(model, monkeypatch)
-    app = app_for(model, admin_token="t", max_wait_ms=50)
+    app = app_for(model, admin_token="t", max_wait_ms=50, inflight_batches=1)  # the gate holds the only slot
     admin = {"Authorization": "Bearer t"}
 
     async def scenario():
@@ -1088,8 +1089,9 @@ def test_a_fatal_device_error_turns_health_to_failed(model, monkeypatch):
 
 
 # ---------------------------------------------------------------------- the batcher's wait
-def batcher_for_test(max_wait_s: float):
-    """A Batcher over a recording encode function; prepared items are plain lists (sized, joined with +)."""
+def batcher_for_test(max_wait_s: float, max_inflight: int = 1, gate: threading.Event | None = None):
+    """A Batcher over a recording encode function (that waits for ``gate`` when given); prepared items are plain
+    lists (sized, joined with +)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from nova_embeddings.server.batcher import Batcher
@@ -1099,11 +1101,45 @@ def batcher_for_test(max_wait_s: float):
 
     def encode(prepared, return_multivector):
         calls.append(list(prepared))
+        if gate is not None:
+            assert gate.wait(30), "test never opened the gate"
         return list(prepared)
 
-    batcher = Batcher(encode, ThreadPoolExecutor(max_workers=1), Metrics(), max_batch_tokens=1000,
-                      max_batch_items=100, max_wait_s=max_wait_s, max_queue_requests=10)
+    batcher = Batcher(encode, ThreadPoolExecutor(max_workers=max(1, max_inflight)), Metrics(), max_batch_tokens=1000,
+                      max_batch_items=100, max_wait_s=max_wait_s, max_queue_requests=10, max_inflight=max_inflight)
     return batcher, calls
+
+
+@pytest.mark.parametrize("max_inflight", [1, 2, 3])
+def test_batcher_keeps_up_to_max_inflight_batches_in_encode(max_inflight):
+    """While a batch is still in encode() (waiting for its vectors), the next ones start, up to ``max_inflight``;
+    the rest wait for a free slot and then go together. Each request still gets its own items back."""
+    from nova_embeddings.server.batcher import Job
+
+    gate = threading.Event()
+
+    async def scenario():
+        batcher, calls = batcher_for_test(max_wait_s=0.0, max_inflight=max_inflight, gate=gate)
+        batcher.start()
+        futures = []
+        for name in "abcde":
+            futures.append(batcher.submit(Job(prepared=[name], tokens=1), batcher.admit()))
+            await wait_until(lambda: len(calls) == min(len(futures), max_inflight))
+        started = [list(call) for call in calls]
+        gate.set()
+        results = await asyncio.wait_for(asyncio.gather(*futures), timeout=60)
+        await batcher.close()
+        return started, calls, results
+
+    started, calls, results = run(scenario())
+    assert started == [[name] for name in "abcde"[:max_inflight]]
+    assert calls[max_inflight:] == [list("abcde"[max_inflight:])]  # the waiting requests, joined in one batch
+    assert results == [[name] for name in "abcde"]
+
+
+def test_batcher_refuses_no_inflight_batches():
+    with pytest.raises(ValueError, match="max_inflight must be at least 1"):
+        batcher_for_test(max_wait_s=0.0, max_inflight=0)
 
 
 def test_batcher_runs_at_once_when_no_other_request_is_being_prepared():

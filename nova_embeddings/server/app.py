@@ -4,7 +4,8 @@
 the server answers /health with 503 until loading is done). Work is spread so that the event loop never
 waits on the model: tokenisation and response formatting run in a small thread pool; image decoding runs
 in a pool of its own (so a large image never holds up a text request); ``encode()`` and adapter loads run
-in one single-thread executor, so a load never overlaps a batch.
+in the encode executor (``inflight_batches`` threads: a batch's GPU work is queued while the previous one waits for
+its vectors); the model's adapter lock keeps a load from overlapping a batch's GPU work.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class NovaServer:
         self.phase = "loading"  # -> ready -> stopping, or -> failed
         self.metrics = Metrics()
         self.created = int(time.time())
-        self.encode_executor = ThreadPoolExecutor(1, thread_name_prefix="nova-encode")
+        self.encode_executor = ThreadPoolExecutor(settings.inflight_batches, thread_name_prefix="nova-encode")
         self.prep_executor = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="nova-prep")
         self.decode_executor = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="nova-decode")
         self._config_image_pixels: int | None = None  # the model config's own limit, restored at shutdown
@@ -115,6 +116,7 @@ class NovaServer:
         self.batcher = Batcher(
             self._encode, self.encode_executor, self.metrics, max_batch_tokens=s.max_batch_tokens,
             max_batch_items=s.max_batch_items, max_wait_s=s.max_wait_ms / 1000, max_queue_requests=s.max_queue_requests,
+            max_inflight=s.inflight_batches,
         )
         self.batcher.start()
         self.phase = "ready"

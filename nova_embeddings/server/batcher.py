@@ -2,8 +2,11 @@
 
 One worker task (on the event loop) takes jobs from a queue until the batch reaches its token or item
 budget, or ``max_wait`` has passed since it took the first, or no other request is being prepared (nothing
-could join: waiting would only add latency, e.g. to every request of a single client); it then runs ``encode()`` in a single-thread
-executor (the event loop never waits on the GPU) and slices the output back per job, in order. A job's
+could join: waiting would only add latency, e.g. to every request of a single client); it then runs ``encode()`` in the
+encode executor (the event loop never waits on the GPU) and slices the output back per job, in order. Up to
+``max_inflight`` batches are in ``encode()`` at once: the model queues one call's GPU work at a time (its adapter
+lock), so while a call waits for its vectors the next call's batches are already queued behind it, and the GPU does
+not idle between calls while the host collects, hands over and prepares the next one. A job's
 items arrive prepared (validated and tokenised in a preparation thread: ``model.prepare_items``); the jobs
 of one call are joined with ``+``, so nothing is tokenised again on the encode thread. Jobs whose
 ``return_multivector`` differs share the wait but run as separate calls. If a call fails, its jobs are
@@ -80,7 +83,10 @@ class Batcher:
         max_batch_items: int,
         max_wait_s: float,
         max_queue_requests: int,
+        max_inflight: int = 1,
     ):
+        if max_inflight < 1:
+            raise ValueError(f"max_inflight must be at least 1, got {max_inflight}")
         self._encode = encode
         self._executor = executor
         self._metrics = metrics
@@ -88,6 +94,7 @@ class Batcher:
         self.max_batch_items = max_batch_items
         self.max_wait_s = max_wait_s
         self.max_queue_requests = max_queue_requests
+        self.max_inflight = max_inflight  # the executor needs as many threads
         self._pending: deque[Job] = deque()
         self._admitted = 0  # admitted requests still being prepared (not yet queued)
         self._closing = False
@@ -159,16 +166,28 @@ class Batcher:
             await self._worker
 
     async def _run(self) -> None:
+        """Collect a batch whenever fewer than ``max_inflight`` are running; at the end, wait for those."""
+        slots = asyncio.Semaphore(self.max_inflight)
+        running: set[asyncio.Task] = set()
         while True:
+            await slots.acquire()
             batch = await self._collect()
             if batch is None:
-                return
-            try:
-                await self._run_batch(batch)
-            except Exception as error:  # noqa: BLE001 - a bug here must fail these requests, not stop the worker
-                logger.exception("batch failed outside encode()")
-                for job in batch:
-                    _resolve(job, error=error)
+                break
+            task = asyncio.get_running_loop().create_task(self._run_in_slot(batch, slots))
+            running.add(task)
+            task.add_done_callback(running.discard)
+        await asyncio.gather(*running)
+
+    async def _run_in_slot(self, batch: list[Job], slots: asyncio.Semaphore) -> None:
+        try:
+            await self._run_batch(batch)
+        except Exception as error:  # noqa: BLE001 - a bug here must fail these requests, not stop the worker
+            logger.exception("batch failed outside encode()")
+            for job in batch:
+                _resolve(job, error=error)
+        finally:
+            slots.release()
 
     # ------------------------------------------------------------------ batching
     async def _collect(self) -> list[Job] | None:

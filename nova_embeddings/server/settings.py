@@ -30,6 +30,9 @@ class ServerSettings:
     request_read_timeout_s: time allowed to receive a request's body (408 past it): a slow client cannot hold
         a connection and its buffers forever.
     default_multivector: ``return_multivector`` of requests that do not say.
+    inflight_batches: batches in ``encode()`` at once (threads of the encode executor). Two by default: while one
+        call waits for its vectors, the next one's GPU work is already queued, so the GPU does not idle between
+        batches (the model issues one call's GPU work at a time). One: a batch at a time.
     preprocess_workers: threads that decode images, tokenise and format responses. One by default: on a
         full-size model on an H100, two busy tokenising threads slowed the encode thread's batches 2.8x
         (interpreter-lock contention), one by 10%.
@@ -56,13 +59,15 @@ class ServerSettings:
     request_read_timeout_s: float = 60.0
     default_multivector: bool = False
     preprocess_workers: int = 1
+    inflight_batches: int = 2
 
     def __post_init__(self) -> None:
         if not self.served_model_names:
             raise ValueError("served_model_names must name at least one model")
         positive = ("max_batch_tokens", "max_batch_items", "max_queue_requests", "max_items_per_request",
                     "max_request_bytes", "image_url_timeout_s", "image_url_max_bytes", "preprocess_workers",
-                    "max_request_pixels", "max_request_image_tokens", "decode_workers", "request_read_timeout_s")
+                    "max_request_pixels", "max_request_image_tokens", "decode_workers", "request_read_timeout_s",
+                    "inflight_batches")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
