@@ -37,7 +37,7 @@ from .schemas import (
     LoraUnloadRequest,
     OutputOptions,
     embedding_response,
-    first_non_finite,
+    CheckedVectors,
     image_embeds_tensor,
     parse_body,
     request_items,
@@ -175,13 +175,14 @@ class NovaServer:
         raise ApiError(503, reason, code="not_ready", headers={"Retry-After": "5"})
 
     # ------------------------------------------------------------------ model access
-    def _encode(self, prepared: Any, return_multivector: bool) -> Any:
-        """One batcher call (in the encode thread): the joined ``PreparedItems`` of its requests, tokenised already."""
+    def _encode(self, prepared: Any, return_multivector: bool) -> CheckedVectors:
+        """One batcher call (in the encode thread): the joined ``PreparedItems`` of its requests, tokenised already;
+        the vectors come back checked for non-finite values, once for the batch."""
         s = self.settings
-        return self.model.encode(
+        return CheckedVectors.of(self.model.encode(
             prepared, return_multivector=return_multivector, batch_size=s.max_batch_items,
             max_batch_tokens=s.max_batch_tokens, output="torch", show_progress_bar=False,
-        )
+        ))
 
     def adapters(self) -> list[str]:
         """Every loaded adapter (task ones first); [] for a model without adapter support."""
@@ -396,7 +397,7 @@ class NovaServer:
             raise self.encode_error(error, prepared, single) from None
         echoed = request.model if request.model is not None else self.settings.model_name  # as vLLM: the name used
         respond = functools.partial(response_body, vectors, prepared, options, echoed, tokens, single)
-        body = respond() if is_small_response(vectors, options) else await self.in_prep_thread(respond)
+        body = respond() if is_small_response(vectors.vectors, options) else await self.in_prep_thread(respond)
         self.metrics.observe_embedding(len(prepared), tokens, time.monotonic() - started)
         return body
 
@@ -483,14 +484,14 @@ def remote_code_constant(obj: Any, name: str) -> Any:
     return getattr(sys.modules[type(obj).__module__], name)
 
 
-def response_body(vectors: Any, prepared: Any, options: OutputOptions, model_name: str, tokens: int,
+def response_body(vectors: CheckedVectors, prepared: Any, options: OutputOptions, model_name: str, tokens: int,
                   single: bool) -> bytes:
     """A request's vectors checked and serialised (prep thread: neither the event loop nor the encode thread
     spends time on one request's output)."""
-    bad = first_non_finite(vectors)
+    bad = vectors.first_non_finite()
     if bad is not None:
         raise non_finite_error(bad, prepared.tokenized[bad].item, single)
-    return embedding_response(vectors, options, model_name, tokens)
+    return embedding_response(vectors.vectors, options, model_name, tokens)
 
 
 def is_small_response(vectors: Any, options: OutputOptions) -> bool:
