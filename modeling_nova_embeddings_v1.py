@@ -296,9 +296,12 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         """Compile each decoder block with ``torch.compile`` (regional compilation: one graph shared by all
         blocks, dynamic sequence length, so new lengths do not recompile). Fuses the norms, rotary and activation
         kernels that eager mode runs one by one; the first calls pay the compilation (see ``warmup``).
-        ``encode`` calls it by default on CUDA in half precision (``model.compile_blocks``).
+        ``encode`` calls it by default on CUDA in half precision (``model.compile_blocks``). Each adapter state of the
+        blocks (no adapter, each adapter unmerged or merged, a stacked pass) compiles its own variant of a block, more
+        than dynamo's default limit of 8: see ``_allow_block_variants``.
         """
         compile_kwargs.setdefault("dynamic", True)
+        _allow_block_variants()
         if compile_kwargs.get("backend", "inductor") == "inductor" and "mode" not in compile_kwargs:
             compile_kwargs.setdefault("options", dict(self.compile_options))
         blocks = list(self.model.language_model.layers) + (list(self.model.visual.blocks) if vision else [])
@@ -1190,6 +1193,24 @@ def _progress(batches: Iterable, show: bool | None, n_items: int, total: int) ->
     from tqdm.auto import tqdm
 
     return tqdm(batches, desc="encode", unit="batch", total=total)
+
+
+BLOCK_VARIANTS = 64  # compiled variants allowed per block code object (dynamo's default recompile_limit is 8)
+
+
+def _allow_block_variants() -> None:
+    """Raise dynamo's per-function recompile limit to ``BLOCK_VARIANTS`` (never lower it).
+
+    PEFT's LoRA forward branches on the layer's adapter state (active adapter, merged or not, disabled), so dynamo
+    guards on it and compiles one variant of a block per state a call puts the blocks in: with three task adapters,
+    a custom one, merged groups and stacked passes, more than 8. Past the limit dynamo runs every new state eagerly
+    for the rest of the process; measured on the H200, workload 4 (four adapters in one call) hit it, and some of
+    its adapter groups ran uncompiled. The setting is process-wide (dynamo has no per-function one)."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    if hasattr(config, "recompile_limit"):
+        config.recompile_limit = max(config.recompile_limit, BLOCK_VARIANTS)
 
 
 class _Prefetcher:

@@ -295,3 +295,34 @@ def test_stacked_pass_inside_compiled_blocks_equals_each_item_alone(model):
     for _ in range(2):  # the second call runs what the first compiled
         torch.testing.assert_close(model.encode(ITEMS), alone, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(model.encode(ITEMS[::-1]), alone.flip(0), atol=1e-5, rtol=1e-4)
+
+
+def test_every_adapter_state_of_compiled_blocks_stays_compiled(model):
+    """Each adapter state a call puts the blocks in (no adapter, each adapter unmerged or merged, stacked passes;
+    packed or padded; single or multi vectors) compiles its own variant of a block: more than dynamo's default limit
+    of 8, past which it silently runs every new state eagerly. None may hit the limit, and each equals eager."""
+    import logging
+
+    eager = {key: model.encode(ITEMS, return_multivector=key) for key in (False, True)}
+    limit_hits: list[str] = []
+
+    class Recorder(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "recompile_limit" in record.getMessage():
+                limit_hits.append(record.getMessage())
+
+    recorder = Recorder()
+    logging.getLogger("torch._dynamo").addHandler(recorder)
+    try:
+        model.compile_layers(backend="eager", vision=False)
+        for merging in ("off", "on"):
+            for packing in ("off", "on"):
+                for batching in ("group", "mixed"):
+                    model.adapter_merging, model.attention_packing, model.adapter_batching = merging, packing, batching
+                    for multi in (False, True):
+                        got = model.encode(ITEMS, return_multivector=multi)
+                        for mine, theirs in zip(got, eager[multi]):
+                            torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-4)
+    finally:
+        logging.getLogger("torch._dynamo").removeHandler(recorder)
+    assert limit_hits == []
