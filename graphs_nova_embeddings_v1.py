@@ -55,15 +55,24 @@ WARMUP_RUNS = 2  # eager runs on a side stream before capture (kernel selection,
 # (~4.6k tokens over three adapters) then replays 3 graphs. Eagerly, Python issues each kernel, and in a busy server it
 # shares the interpreter with the request handlers (measured on the H200: the encode thread took 120 ms per such
 # batch, encode() alone 117 ms per 256 items; planned into graph-sized batches, the server went from 970 to 1,569
-# items/s). Larger calls keep large batches: their GPU work dwarfs the launches.
+# items/s). Larger calls keep large batches, whose GPU work dwarfs the launches: workload 1 (256 texts of 32-512
+# tokens in eager passes of ~17k tokens) fell from 95,582 to 83,450 tokens/s when planned into graph-sized batches.
 SPLIT_MAX_TOKENS = 4 * TOKEN_BUCKETS[-1]
+# ... unless the caller's limits would cut it into small eager passes anyway (short texts, passes capped by
+# batch_size): a call of 256 prepared 40-token texts in encode()'s default passes of 64 items (~2.5k tokens each)
+# took 200 ms eagerly, where 112 such texts planned into graphs took 47.7 ms (H200, run D).
+SMALL_EAGER_PASS_TOKENS = 2 * TOKEN_BUCKETS[-1]
 
 
 def graph_sized_limits(lengths: Sequence[int], batch_size: int, max_batch_tokens: int) -> tuple[int, int]:
-    """``encode``'s (batch_size, max_batch_tokens) for a packed text call of items of ``lengths`` tokens: unchanged
-    above ``SPLIT_MAX_TOKENS``, else as few graph-sized batches as the tokens need, of about equal size."""
+    """``encode``'s (batch_size, max_batch_tokens) for a packed text call of items of ``lengths`` tokens: as few
+    graph-sized batches as the tokens need, of about equal size; unchanged above ``SPLIT_MAX_TOKENS`` unless the
+    eager passes would hold ``SMALL_EAGER_PASS_TOKENS`` or fewer on average."""
     total = sum(lengths)
-    if not lengths or total > SPLIT_MAX_TOKENS:
+    if not lengths:
+        return batch_size, max_batch_tokens
+    eager_pass = min(max_batch_tokens, batch_size * total / len(lengths))
+    if total > SPLIT_MAX_TOKENS and eager_pass > SMALL_EAGER_PASS_TOKENS:
         return batch_size, max_batch_tokens
     batches = -(-total // TOKEN_BUCKETS[-1])
     per_batch = min(TOKEN_BUCKETS[-1], -(-total // batches) + max(lengths))  # slack: greedy packing is not exact

@@ -19,7 +19,7 @@ from peft import LoraConfig
 from transformers import AutoModel
 
 from graphs_nova_embeddings_v1 import (
-    MAX_ITEMS, SPLIT_MAX_TOKENS, STACKED, TOKEN_BUCKETS, bucket_filling_lengths, graph_sized_limits, token_bucket,
+    MAX_ITEMS, SMALL_EAGER_PASS_TOKENS, SPLIT_MAX_TOKENS, STACKED, TOKEN_BUCKETS, bucket_filling_lengths, graph_sized_limits, token_bucket,
 )
 
 TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
@@ -125,11 +125,31 @@ def test_a_small_call_of_many_texts_replays_graph_sized_batches(tiny_nova_dir, a
     assert size == MAX_ITEMS and tokens <= TOKEN_BUCKETS[-1]
 
 
+def test_a_large_call_of_short_prepared_texts_replays_graph_sized_batches(model):
+    """Over SPLIT_MAX_TOKENS, short texts that encode()'s default limits would cut into small eager passes (64 items)
+    are planned into graph-sized batches instead; none runs eagerly, and the vectors equal the plain path's."""
+    packed(model, "on")
+    rng = random.Random(21)
+    items = [{"text": " ".join(rng.choices(WORDS, k=rng.randint(8, 14))), "task": "retrieval.passage"} for _ in range(300)]
+    prepared = model.prepare_items(items)
+    lengths = [len(t) for t in prepared.tokenized]
+    assert sum(lengths) > SPLIT_MAX_TOKENS and 64 * sum(lengths) / len(lengths) <= SMALL_EAGER_PASS_TOKENS
+    eager_passes = []
+    handle = model.register_forward_pre_hook(lambda module, args, kwargs: eager_passes.append(1), with_kwargs=True)
+    got = model.encode(prepared)
+    handle.remove()
+    assert not eager_passes
+    torch.testing.assert_close(got, packed(model, "off").encode(prepared), rtol=0, atol=1e-5)
+
+
 def test_graph_sized_limits_balance_the_batches():
     assert graph_sized_limits([40] * 117, 256, 16384) == (MAX_ITEMS, 1560 + 40)  # 4,680 tokens: 3 batches
     assert graph_sized_limits([100] * 10, 256, 16384) == (MAX_ITEMS, 1100)  # fits one graph
     assert graph_sized_limits([40] * 117, 16, 500) == (16, 500)  # the caller's smaller limits stay
     assert graph_sized_limits([1000] * 9, 256, 16384) == (256, 16384)  # over SPLIT_MAX_TOKENS: unchanged
+    assert graph_sized_limits([300] * 30, 64, 32768) == (64, 32768)  # ... in eager passes of 9,000 tokens
+    assert graph_sized_limits([40] * 256, 64, 32768) == (MAX_ITEMS, 2048)  # ... but not in passes of 2,560
+    assert graph_sized_limits([40] * 256, 256, 16384) == (256, 16384)  # (a server's one pass of 10,240: unchanged)
 
 
 def test_graphs_follow_adapter_loads_and_weight_changes(tiny_nova_dir):
