@@ -32,12 +32,12 @@ from .errors import ApiError, as_item_error, install_error_handlers, item_error,
 from .images import ImageFetcher, ImageSourceError, decode_image, decode_inline_image, is_url, open_image_header
 from .metrics import Metrics
 from .schemas import (
+    CheckedVectors,
     EmbeddingRequest,
     LoraLoadRequest,
     LoraUnloadRequest,
     OutputOptions,
     embedding_response,
-    CheckedVectors,
     image_embeds_tensor,
     parse_body,
     request_items,
