@@ -8,6 +8,11 @@ number of requests with bounded concurrency, stops at a time cap whatever happen
         [--requests 500] [--concurrency 32] [--items-per-request 4] [--words 48] [--image-fraction 0]
     nova-embeddings load-test --url http://127.0.0.1:8000 [--api-key KEY] ...   # a running server
 
+``--stub-encode`` replaces the served model's ``encode()`` with one that returns constant unit vectors at once
+(validation, tokenising and routing stay real): the server's own ceiling, what its Python costs per request.
+In-process runs also report each server thread's CPU time per request (Linux), which shows where the
+interpreter lock goes.
+
 ``--model none`` (the default) is the tiny checkpoint; ``random-full`` is the full-size architecture
 (jina-embeddings-v4 = Qwen2.5-VL-3B) with random weights made on the device, on the tiny tokenizer: nothing
 is downloaded. Results are printed and written as JSON (``--json``, and $OUT/load_test.json when $OUT is set).
@@ -251,6 +256,47 @@ def encode_baseline(
                                     "p99": round(1000 * percentile(calls, 0.99), 2)}}
 
 
+# ---------------------------------------------------------------------- the server's own cost
+def stub_encode(model: Any) -> None:
+    """Replace ``model.encode`` with one that returns constant unit vectors of the model's widths at once; prepared
+    items are still validated, tokenised and routed by the server as usual."""
+    import torch
+
+    single = model.encode(["width probe"]).shape[-1]
+    multi = model.encode(["width probe"], return_multivector=True)[0].shape[-1]
+
+    def encode(prepared: Any, return_multivector: bool = False, **_: Any) -> Any:
+        if return_multivector:
+            return [torch.full((len(item), multi), multi ** -0.5) for item in prepared.tokenized]
+        return torch.full((len(prepared), single), single ** -0.5)
+
+    model.encode = encode
+
+
+def thread_cpu_seconds() -> dict[str, float]:
+    """CPU seconds of this process's Python threads (each one's own CPU clock), by name with the pool index dropped
+    ("nova-prep_0" -> "nova-prep"); {} where threads have no CPU clock. A thread that ended during the run is not
+    counted (e.g. ``encode()``'s per-call collate workers)."""
+    if not hasattr(time, "pthread_getcpuclockid"):
+        return {}
+    seconds: dict[str, float] = {}
+    for thread in threading.enumerate():
+        try:
+            spent = time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+        except (OSError, TypeError):  # the thread ended meanwhile, or never started
+            continue
+        name = thread.name.rsplit("_", 1)[0]
+        seconds[name] = seconds.get(name, 0.0) + spent
+    return seconds
+
+
+def cpu_per_request(before: dict[str, float], after: dict[str, float], requests: int) -> dict[str, float]:
+    """Milliseconds of CPU per request each server thread (group) spent during the run, largest first."""
+    spent = {name: after[name] - before.get(name, 0.0) for name in after}
+    return {name: round(1000 * value / max(requests, 1), 3)
+            for name, value in sorted(spent.items(), key=lambda kv: -kv[1]) if value > 0}
+
+
 # ---------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -276,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="set an attribute of the model the run serves, e.g. adapter_batching=mixed (repeatable)")
     parser.add_argument("--time-cap", type=float, default=240.0, help="seconds; the run stops by itself after it")
     parser.add_argument("--no-baseline", action="store_true", help="skip the direct encode() timing")
+    parser.add_argument("--stub-encode", action="store_true",
+                        help="serve with encode() replaced by one returning constant unit vectors at once: the "
+                             "server's own ceiling (no baseline)")
     parser.add_argument("--clients", type=int, default=4,
                         help="client processes sharing the requests and the concurrency (one tops out near 100 requests/s)")
     parser.add_argument("--warmup", type=int, default=8, help="requests sent (and not counted) before measuring")
@@ -371,8 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
                                            if k != "api_key"}}
     if args.url:
-        if args.model_attr:
-            raise SystemExit("error: --model-attr sets the model this run loads; a server at --url runs its own")
+        if args.model_attr or args.stub_encode:
+            raise SystemExit("error: --model-attr and --stub-encode change the model this run loads; a server at --url "
+                             "runs its own")
         check_loopback(args.url)
         name = first_served_name(args.url, headers)
         before = read_batch_series(args.url, headers)
@@ -407,11 +457,17 @@ def run_in_process(args: argparse.Namespace, headers: dict) -> dict:
             **({} if args.inflight_batches is None else {"inflight_batches": args.inflight_batches}),
         )
         payloads = make_payloads(args, "load-test")
+        if args.stub_encode:
+            stub_encode(model)
+            out["stub_encode"] = True
         with serve_in_thread(create_app(model, settings), host="127.0.0.1", port=0) as url:
             before = read_batch_series(url, headers)
+            cpu_before = thread_cpu_seconds()
             out["load"] = measure(url, payloads, args, headers)
+            out["server_threads_cpu_ms_per_request"] = cpu_per_request(cpu_before, thread_cpu_seconds(),
+                                                                       out["load"]["requests_ok"])
             out["server_batches"] = server_batch_stats(url, headers, before)
-        if not args.no_baseline:
+        if not args.no_baseline and not args.stub_encode:
             out["encode_baseline"] = encode_baseline(model, payloads, args.max_batch_items, args.max_batch_tokens,
                                                      args.time_cap)
     return out
