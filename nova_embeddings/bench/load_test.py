@@ -10,8 +10,8 @@ number of requests with bounded concurrency, stops at a time cap whatever happen
 
 ``--stub-encode`` replaces the served model's ``encode()`` with one that returns constant unit vectors at once
 (validation, tokenising and routing stay real): the server's own ceiling, what its Python costs per request.
-In-process runs also report each server thread's CPU time per request (Linux), which shows where the
-interpreter lock goes.
+In-process runs also report each server thread's CPU time per request (from the threads' CPU clocks), which
+shows where the interpreter lock goes.
 
 ``--model none`` (the default) is the tiny checkpoint; ``random-full`` is the full-size architecture
 (jina-embeddings-v4 = Qwen2.5-VL-3B) with random weights made on the device, on the tiny tokenizer: nothing
