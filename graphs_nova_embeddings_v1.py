@@ -279,13 +279,14 @@ class SmallCallGraphs:
 
             self.graphs.clear()
             self.pool = None
-            self.fingerprint = fingerprint
+            version, storages, scalings = fingerprint
+            self.fingerprint = (version, storages, [dict(scaling) for scaling in scalings])  # copies: the live dicts change
             self.stacked_names = stackable_adapters(self.model, dropout_disabled=True)  # (encode runs without dropout)
 
     def _fingerprint(self) -> tuple:
         from .adapters_nova_embeddings_v1 import module_index
 
-        index = module_index(self.model)
-        storages = tuple(p.data_ptr() for p in index.parameters)  # model.to() swaps .data without registering
-        scalings = tuple(tuple(sorted(layer.scaling.items())) for layer in index.lora_layers)
+        index = module_index(self.model)  # (checked before every batch: a DoRA merge rebinds a weight mid-call)
+        storages = tuple(map(torch.Tensor.data_ptr, index.parameters))  # model.to() swaps .data without registering
+        scalings = [layer.scaling for layer in index.lora_layers]  # live dicts: compared by value, in no order
         return index.version, storages, scalings
