@@ -208,16 +208,15 @@ class SmallCallGraphs:
         return STACKED if distinct - {BASE} <= set(self.stacked_names) else None
 
     def run(self, inputs: dict[str, torch.Tensor], adapters: Sequence[str], route: str, return_multivector: bool,
-            staged: StaticBatch | None = None) -> torch.Tensor:
+            staged: StaticBatch) -> torch.Tensor:
         """Single vectors (items, hidden) or multi vectors (1, tokens, dim) of one packed text batch whose items have
-        ``adapters``, on the graph of ``route`` (from ``route``); ``staged``: its inputs from ``StaticBatch.staged``,
-        if the caller wrote them ahead."""
+        ``adapters``, on the graph of ``route`` (from ``route``); ``staged``: its inputs from ``StaticBatch.staged``
+        (written ahead, in the collate worker)."""
         tokens, items = inputs["input_ids"].shape[1], len(inputs["cu_seqlens"]) - 1
         key = (token_bucket(tokens), route, return_multivector)
         if key not in self.graphs:
             self.graphs[key] = self._build(key[0], return_multivector, stacked=route == STACKED)
         graph, static = self.graphs[key]
-        staged = staged if staged is not None else StaticBatch.staged(inputs, self.model.device)
         static.load(staged, self._token_adapters(adapters, inputs["cu_seqlens"]) if route == STACKED else None)
         graph()
         return static.output[:tokens].unsqueeze(0).clone() if return_multivector else static.output[:items].clone()

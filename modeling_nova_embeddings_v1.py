@@ -906,7 +906,8 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         device_outputs = []
         self._compile_before_first_batch()
         graphs = self.small_call_graphs() if packed else None
-        with self._adapter_lock, _Prefetcher(self._prepare_batch, tokenized, batches, limits, packed) as prepared, \
+        prepare = functools.partial(self._prepare_batch, stage_for=graphs)
+        with self._adapter_lock, _Prefetcher(prepare, tokenized, batches, limits, packed) as prepared, \
                 self.dropout_disabled(), self.adapter_manager.call_scope() as router:
             missing = sorted(set(adapters) - set(self.list_adapters()) - {BASE})
             if missing:
@@ -936,12 +937,12 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         ready.record(torch.cuda.current_stream(self.execution_device))
         return outputs, ready
 
-    def _prepare_batch(self, batch_items: list[TokenizedItem], limits: tuple[int, int],
-                       packed: bool) -> tuple[Any, StaticBatch | None]:
-        """CPU side of a batch (runs in a worker thread): collate, rope positions, pinned memory; for a batch a graph
-        may replay, its inputs already padded into the graph's layout (``StaticBatch.staged``), so that the thread
-        issuing the GPU work only queues copies (in a busy server each small host op there can wait for the
-        interpreter lock)."""
+    def _prepare_batch(self, batch_items: list[TokenizedItem], limits: tuple[int, int], packed: bool,
+                       stage_for: SmallCallGraphs | None = None) -> tuple[Any, StaticBatch | None]:
+        """CPU side of a batch (runs in a worker thread): collate, rope positions, pinned memory; for a batch the
+        call's graphs (``stage_for``) accept, its inputs already padded into the graph's layout
+        (``StaticBatch.staged``), so that the thread issuing the GPU work only queues copies (in a busy server each
+        small host op there can wait for the interpreter lock)."""
         if packed:
             inputs = self.processor.collate_packed(batch_items, min_pixels=limits[0], max_pixels=limits[1])
             inputs["position_ids"] = self.packed_position_ids(
@@ -950,7 +951,7 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
             inputs = self.processor.collate(batch_items, min_pixels=limits[0], max_pixels=limits[1])
             inputs["position_ids"] = self.rope_position_ids(
                 inputs["input_ids"], inputs["attention_mask"], inputs.get("image_grid_thw"))
-        if packed and SmallCallGraphs.accepts(inputs) and self.graphs_enabled():
+        if stage_for is not None and stage_for.accepts(inputs):
             return inputs, StaticBatch.staged(inputs, self.execution_device)
         if "pixel_values" in inputs:  # the tower casts them to its dtype anyway: cast here, half the bytes to pin and copy
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.visual.dtype)
