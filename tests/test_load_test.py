@@ -26,28 +26,24 @@ def test_load_test_with_two_client_processes_sends_every_request(tmp_path):
 
 
 def test_stub_encode_measures_the_server_alone_and_reports_its_threads_cpu(tmp_path, monkeypatch):
-    """--stub-encode: the model's forward never runs while the server answers every request (prepared as usual);
-    no encode() baseline; each server thread's CPU time per request is reported (Linux)."""
+    """--stub-encode: the model's forward never runs (no warm-up either) while the server answers every request
+    (prepared as usual); no encode() baseline; each server thread's CPU time per request is reported."""
     forward_calls: list[int] = []
-    load_model, stub_encode = load_test.load_model, load_test.stub_encode
+    load_model = load_test.load_model
 
     def loading(*args, **kwargs):
         model, description = load_model(*args, **kwargs)
         model.register_forward_pre_hook(lambda *_: forward_calls.append(1))
         return model, description
 
-    def stubbing(model):
-        stub_encode(model)  # probes the output widths with two real calls
-        forward_calls.clear()
-
     monkeypatch.setattr(load_test, "load_model", loading)
-    monkeypatch.setattr(load_test, "stub_encode", stubbing)
     report_path = tmp_path / "load.json"
     status = load_test.main(["--requests", "6", "--concurrency", "2", "--clients", "1", "--items-per-request", "2",
                              "--words", "5", "--warmup", "0", "--time-cap", "120", "--stub-encode",
                              "--json", str(report_path)])
     report = json.loads(report_path.read_text())
     assert status == 0 and report["stub_encode"] is True and "encode_baseline" not in report
+    assert "warmup_seconds" not in report
     assert report["load"]["statuses"] == {"200": 6} and forward_calls == []
     cpu = report["server_threads_cpu_ms_per_request"]
     if hasattr(time, "pthread_getcpuclockid"):

@@ -258,12 +258,11 @@ def encode_baseline(
 
 # ---------------------------------------------------------------------- the server's own cost
 def stub_encode(model: Any) -> None:
-    """Replace ``model.encode`` with one that returns constant unit vectors of the model's widths at once; prepared
-    items are still validated, tokenised and routed by the server as usual."""
+    """Replace ``model.encode`` with one that returns constant unit vectors of the model's widths (from its config)
+    at once; prepared items are still validated, tokenised and routed by the server as usual."""
     import torch
 
-    single = model.encode(["width probe"]).shape[-1]
-    multi = model.encode(["width probe"], return_multivector=True)[0].shape[-1]
+    single, multi = model.config.embedding_dim, model.config.multi_vector_projector_dim
 
     def encode(prepared: Any, return_multivector: bool = False, **_: Any) -> Any:
         if return_multivector:
@@ -445,7 +444,7 @@ def run_in_process(args: argparse.Namespace, headers: dict) -> dict:
         started = time.monotonic()
         model, description = load_model(args.model, args.device, args.dtype, Path(workdir))
         set_model_attrs(model, args.model_attr)
-        if hasattr(model, "warmup"):  # after the attributes: what the warm-up captures depends on them
+        if hasattr(model, "warmup") and not args.stub_encode:  # after the attributes: the captures depend on them
             out["warmup_seconds"] = round(model.warmup(), 1)
             print(f"warm-up (compilation, as the server does at start-up): {out['warmup_seconds']} s", flush=True)
         out["model"] = {"name": description, "device": str(model.device), "dtype": str(model.dtype),
