@@ -397,7 +397,7 @@ class NovaServer:
             raise self.encode_error(error, prepared, single) from None
         echoed = request.model if request.model is not None else self.settings.model_name  # as vLLM: the name used
         respond = functools.partial(response_body, vectors, prepared, options, echoed, tokens, single)
-        body = respond() if is_small_response(vectors.vectors, options) else await self.in_prep_thread(respond)
+        body = respond() if is_small_response(vectors, options) else await self.in_prep_thread(respond)
         self.metrics.observe_embedding(len(prepared), tokens, time.monotonic() - started)
         return body
 
@@ -494,10 +494,11 @@ def response_body(vectors: CheckedVectors, prepared: Any, options: OutputOptions
     return embedding_response(vectors.vectors, options, model_name, tokens)
 
 
-def is_small_response(vectors: Any, options: OutputOptions) -> bool:
-    """A base64 response small enough to write on the event loop (float JSON is ~20x slower: never inline)."""
-    floats = vectors.numel() if isinstance(vectors, torch.Tensor) else sum(v.numel() for v in vectors)
-    return options.encoding_format == "base64" and floats <= INLINE_RESPONSE_FLOATS
+def is_small_response(vectors: CheckedVectors, options: OutputOptions) -> bool:
+    """A base64 response small enough to write on the event loop (float JSON is ~20x slower: never inline), with
+    no Matryoshka truncation (a torch op: it would hand the interpreter lock away, see ``CheckedVectors``)."""
+    return options.encoding_format == "base64" and options.dimensions is None and \
+        vectors.floats <= INLINE_RESPONSE_FLOATS
 
 
 def non_finite_error(index: int, item: Any, single: bool) -> ApiError:
@@ -562,6 +563,15 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+async def receive_by(receive: Callable, deadline: float) -> dict:
+    """``await receive()``, failing with ``TimeoutError`` at ``deadline`` (event-loop time). ``asyncio.timeout_at``
+    where there is one (3.11+): ``wait_for`` wraps every read in a task of its own, a cost paid per request."""
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout_at(deadline):
+            return await receive()
+    return await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
+
+
 class BodyReadTimeout:
     """ASGI middleware: a request's whole body must arrive within ``timeout_s`` of the app's first read, or the
     read fails with a 408 (uvicorn bounds neither the time nor the rate of a body, so one client trickling
@@ -582,10 +592,9 @@ class BodyReadTimeout:
             nonlocal deadline, complete
             if complete:  # after the body, reads only wait for a disconnect: no deadline
                 return await receive()
-            loop = asyncio.get_running_loop()
-            deadline = deadline if deadline is not None else loop.time() + self.timeout_s
+            deadline = deadline if deadline is not None else asyncio.get_running_loop().time() + self.timeout_s
             try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+                message = await receive_by(receive, deadline)
             except (asyncio.TimeoutError, TimeoutError):
                 raise ApiError(408, f"the request body did not arrive within {self.timeout_s:g} s "
                                     "(--request-read-timeout)", code="request_timeout",
@@ -657,12 +666,16 @@ def create_app(model: Any, settings: ServerSettings | None = None) -> FastAPI:
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(server.metrics_text(), media_type="text/plain; version=0.0.4")
 
-    @app.post("/v1/embeddings", dependencies=[Depends(require_api_key)])
     async def embeddings(request: Request) -> Response:
+        await require_api_key(request)
         server.require_ready()
         with server.tracking():
             body = parse_body(await read_body(request, settings.max_request_bytes), EmbeddingRequest)
             return Response(await server.embed(body), media_type="application/json")
+
+    # A plain Starlette route: the hot path skips FastAPI's per-request dependency solving, which cost as much
+    # event-loop time as the rest of the route (the server is bound by the interpreter lock under load).
+    app.add_route("/v1/embeddings", embeddings, methods=["POST"])
 
     @app.post("/v1/internal/lora/load", dependencies=[Depends(require_admin)])
     async def lora_load(request: Request) -> JSONResponse:

@@ -199,24 +199,25 @@ class OutputOptions:
     encoding_format: str
 
 
-def finish_vectors(vectors: torch.Tensor | list[torch.Tensor], options: OutputOptions) -> list[torch.Tensor]:
-    """Matryoshka truncation exactly as ``encode(dimensions=...)`` does it: cut, then re-normalise."""
+def finish_vectors(vectors: np.ndarray | list[np.ndarray], options: OutputOptions) -> list[np.ndarray]:
+    """Matryoshka truncation exactly as ``encode(dimensions=...)`` does it: cut, then re-normalise (with torch's
+    ``F.normalize``, as ``encode()``, so the values are the same to the last bit)."""
     if options.return_multivector:
         return list(vectors)
     if options.dimensions is not None and options.dimensions < vectors.shape[-1]:
-        vectors = F.normalize(vectors[:, : options.dimensions], dim=-1)
+        vectors = F.normalize(torch.from_numpy(vectors[:, : options.dimensions]), dim=-1).numpy()
     return list(vectors)
 
 
-def encode_vector(vector: torch.Tensor, encoding_format: str) -> list | str:
+def encode_vector(vector: np.ndarray, encoding_format: str) -> list | str:
     """float: nested JSON lists; base64: little-endian float32 bytes, row-major (multi vectors: reshape to the
     entry's ``shape``)."""
     if encoding_format == "base64":
-        return base64.b64encode(np.ascontiguousarray(vector.numpy(), dtype="<f4").tobytes()).decode("ascii")
+        return base64.b64encode(np.ascontiguousarray(vector, dtype="<f4").tobytes()).decode("ascii")
     return vector.tolist()
 
 
-def embedding_entry(index: int, vector: torch.Tensor, options: OutputOptions) -> dict:
+def embedding_entry(index: int, vector: np.ndarray, options: OutputOptions) -> dict:
     """OpenAI's embedding object; a multi vector also carries its ``shape`` [tokens, dim], to reshape base64 bytes."""
     entry = {"object": "embedding", "index": index, "embedding": encode_vector(vector, options.encoding_format)}
     if options.return_multivector:
@@ -225,7 +226,7 @@ def embedding_entry(index: int, vector: torch.Tensor, options: OutputOptions) ->
 
 
 def embedding_response(
-    vectors: torch.Tensor | list[torch.Tensor], options: OutputOptions, model_name: str, prompt_tokens: int
+    vectors: np.ndarray | list[np.ndarray], options: OutputOptions, model_name: str, prompt_tokens: int
 ) -> bytes:
     """The OpenAI response body, serialised (done off the event loop: large float lists are slow to write)."""
     data = [embedding_entry(index, vector, options) for index, vector in enumerate(finish_vectors(vectors, options))]
@@ -236,26 +237,32 @@ def embedding_response(
 
 @dataclass
 class CheckedVectors:
-    """One ``encode()`` call's vectors and, per item, whether all its values are finite; sliced per request.
+    """One ``encode()`` call's vectors as numpy arrays and, per item, whether all its values are finite; sliced per
+    request.
 
-    The check runs once per batch, in the encode thread: per request on the event loop, each small tensor op hands
-    the interpreter lock away and may wait up to a switch interval to get it back, which under load stalls every
-    connection (measured on the H200: a third of the event loop's time sat in that check)."""
+    Everything that touches torch runs once per batch, in the encode thread. A torch op on the event loop hands the
+    interpreter lock away and may wait up to a switch interval to get it back, which under load stalls every
+    connection: on the H200 a per-request finiteness check was a third of the event loop's time, and on a 2-core CPU
+    a per-request ``unbind`` (iterating a tensor) took ~0.17 ms. numpy slicing and iteration keep the lock."""
 
-    vectors: torch.Tensor | list[torch.Tensor]
+    vectors: np.ndarray | list[np.ndarray]
     finite: list[bool]
 
     @classmethod
     def of(cls, vectors: torch.Tensor | list[torch.Tensor]) -> "CheckedVectors":
         if isinstance(vectors, torch.Tensor):  # single vectors: one op for the whole batch
-            return cls(vectors, torch.isfinite(vectors).all(dim=-1).tolist())
-        return cls(vectors, [bool(torch.isfinite(vector).all()) for vector in vectors])
+            return cls(vectors.numpy(), torch.isfinite(vectors).all(dim=-1).tolist())
+        return cls([vector.numpy() for vector in vectors], [bool(torch.isfinite(vector).all()) for vector in vectors])
 
     def __len__(self) -> int:
         return len(self.finite)
 
     def __getitem__(self, items: slice) -> "CheckedVectors":
         return CheckedVectors(self.vectors[items], self.finite[items])
+
+    @property
+    def floats(self) -> int:
+        return self.vectors.size if isinstance(self.vectors, np.ndarray) else sum(v.size for v in self.vectors)
 
     def first_non_finite(self) -> int | None:
         """Index of the first vector holding NaN or infinity (never sent: JSON has no such numbers), else None."""
