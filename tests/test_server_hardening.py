@@ -219,7 +219,14 @@ def malformed_bodies(model) -> list[tuple[str, str, bytes, int, str | None, str]
         ("surrogate_instructions", "/v1/embeddings", b'{"input": "ok", "instructions": "\\udc00"}', 400,
          "instructions", "lone surrogate"),
         ("surrogate_model", "/v1/embeddings", b'{"input": "ok", "model": "\\ud83d"}', 400, "model", "lone surrogate"),
+        # "user" is read by nothing after parsing: only the body check can refuse these
+        ("surrogate_raw_utf8", "/v1/embeddings", b'{"input": "ok", "user": "a\xed\xa0\x80b"}', 400, "user",
+         "lone surrogate"),
+        ("surrogate_utf16", "/v1/embeddings", '{"input": "ok", "user": "a'.encode("utf-16-le") + b"\x00\xd8" +
+         '"}'.encode("utf-16-le"), 400, "user", "lone surrogate"),
         ("deep_input", "/v1/embeddings", b'{"input": ' + deep + b"}", 400, None, "nested too deeply"),
+        ("just_too_deep", "/v1/embeddings", b'{"input": ' + b"[" * 32 + b'"x"' + b"]" * 32 + b"}", 400, None,
+         "nested too deeply"),
         ("deep_top", "/v1/embeddings", deep, 400, None, "nested too deeply"),
         ("deep_admin", "/v1/internal/lora/load", b'{"lora_name": ' + deep + b"}", 400, None, "nested too deeply"),
         ("nan_embeds", "/v1/embeddings", image_embeds_item(model, "NaN"), 400, "input[1]", "not finite"),
