@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -156,21 +157,25 @@ class StaticBatch:
             getattr(self, name).copy_(getattr(staged, name), non_blocking=True)
 
     def write(self, inputs: dict[str, torch.Tensor]) -> None:
-        """Overwrite every input buffer in place (on the host) with the batch, padding the rest."""
-        ids, positions, cu = inputs["input_ids"], inputs["position_ids"], inputs["cu_seqlens"].to(torch.int32)
-        tokens, items, bucket = ids.shape[1], len(cu) - 1, self.input_ids.shape[1]
-        self.input_ids[:, :tokens] = ids
-        self.input_ids[:, tokens:] = 0
-        self.position_ids[:, :, :tokens] = positions
-        self.position_ids[:, :, tokens:] = torch.arange(bucket - tokens)  # the padding run, as one more sequence
-        self.cu_seqlens[: items + 1] = cu
-        self.cu_seqlens[items + 1 :] = bucket  # the padding run ends the row; the tails are empty sequences
-        segment = torch.repeat_interleave(torch.arange(items), (cu[1:] - cu[:-1]).long())
-        weights = inputs["pooling_mask"][0].to(torch.float32)
-        self.pooling.zero_()
-        self.pooling[segment, torch.arange(tokens)] = weights
-        self.pooling[:items] /= self.pooling[:items].sum(-1, keepdim=True).clamp(min=1.0)
-        self.token_adapters.fill_(-1)  # padding tokens: no adapter (their rows are never pooled anyway)
+        """Overwrite every input buffer in place (on the host) with the batch, padding the rest. In numpy, on views of
+        the buffers: a busy server's collate worker runs this, where each torch call lets go of the interpreter
+        lock and may wait to get it back."""
+        ids, positions = inputs["input_ids"].numpy(), inputs["position_ids"].numpy()
+        cu = inputs["cu_seqlens"].numpy().astype(np.int32)
+        input_ids, position_ids, cu_seqlens, pooling = (
+            tensor.numpy() for tensor in (self.input_ids, self.position_ids, self.cu_seqlens, self.pooling))
+        tokens, items, bucket = ids.shape[1], len(cu) - 1, input_ids.shape[1]
+        input_ids[:, :tokens] = ids
+        input_ids[:, tokens:] = 0
+        position_ids[:, :, :tokens] = positions
+        position_ids[:, :, tokens:] = np.arange(bucket - tokens)  # the padding run, as one more sequence
+        cu_seqlens[: items + 1] = cu
+        cu_seqlens[items + 1 :] = bucket  # the padding run ends the row; the tails are empty sequences
+        segment = np.repeat(np.arange(items), np.diff(cu))
+        pooling.fill(0.0)
+        pooling[segment, np.arange(tokens)] = inputs["pooling_mask"].numpy()[0]
+        pooling[:items] /= np.maximum(pooling[:items].sum(-1, keepdims=True), 1.0)  # counts: exact in float32
+        self.token_adapters.numpy().fill(-1)  # padding tokens: no adapter (their rows are never pooled anyway)
 
 
 class SmallCallGraphs:

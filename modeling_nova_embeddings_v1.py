@@ -263,6 +263,8 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
     def packed_position_ids(self, input_ids: torch.LongTensor, cu_seqlens: torch.Tensor,
                             image_grid_thw: torch.LongTensor | None) -> torch.LongTensor:
         """3D rope positions of packed items, each counted from 0 as if it were alone: (3, 1, tokens)."""
+        if image_grid_thw is None and input_ids.device.type == "cpu":
+            return _packed_text_positions(cu_seqlens, input_ids.shape[1])
         bounds = cu_seqlens.tolist()
         lengths = torch.tensor([b - a for a, b in zip(bounds[:-1], bounds[1:])], device=input_ids.device)
         starts = torch.repeat_interleave(torch.tensor(bounds[:-1], device=input_ids.device), lengths)
@@ -1245,6 +1247,14 @@ class _Prefetcher:
             if position + self._ahead < len(self._batches):
                 pending.append(self._submit(self._batches[position + self._ahead]))
             yield batch, inputs
+
+
+def _packed_text_positions(cu_seqlens: torch.Tensor, tokens: int) -> torch.LongTensor:
+    """``packed_position_ids`` of a text-only batch on the host, in numpy: a collate worker of a busy server runs
+    it, where each torch call lets go of the interpreter lock and may wait to get it back."""
+    cu = cu_seqlens.numpy().astype(np.int64)
+    positions = np.arange(tokens, dtype=np.int64) - np.repeat(cu[:-1], np.diff(cu))
+    return torch.from_numpy(np.repeat(positions[None, None, :], 3, axis=0))
 
 
 def _convert(vectors, multi: bool, output: str):

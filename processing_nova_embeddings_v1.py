@@ -469,9 +469,9 @@ class NovaEmbeddingsV1Processor(Qwen2_5_VLProcessor):
         Returns input_ids, pooling_mask, output_mask of shape (1, total_tokens), cu_seqlens (items + 1,
         int32: where each item starts and ends), max_seqlen, and the image tensors as ``collate``.
         """
-        lengths = torch.tensor([len(t) for t in tokenized], dtype=torch.int32)
-        cu_seqlens = torch.zeros(len(tokenized) + 1, dtype=torch.int32)
-        cu_seqlens[1:] = torch.cumsum(lengths, 0)
+        lengths = np.fromiter((len(t) for t in tokenized), dtype=np.int32, count=len(tokenized))
+        cu_seqlens = np.zeros(len(tokenized) + 1, dtype=np.int32)  # numpy: torch calls wait for the interpreter lock
+        np.cumsum(lengths, out=cu_seqlens[1:])
         total = int(cu_seqlens[-1])
         flat = lambda name: torch.from_numpy(np.fromiter(  # 4x faster than torch.tensor of one long list
             itertools.chain.from_iterable(getattr(t, name) for t in tokenized), dtype=_DTYPES[name], count=total
@@ -480,7 +480,7 @@ class NovaEmbeddingsV1Processor(Qwen2_5_VLProcessor):
             "input_ids": flat("input_ids"),
             "pooling_mask": flat("pooling_mask"),
             "output_mask": flat("output_mask"),
-            "cu_seqlens": cu_seqlens,
+            "cu_seqlens": torch.from_numpy(cu_seqlens),
             "max_seqlen": int(lengths.max()) if len(lengths) else 0,
         }
         batch.update(self.process_batch_images(tokenized, min_pixels=min_pixels, max_pixels=max_pixels))
