@@ -22,7 +22,9 @@ def test_load_test_with_two_client_processes_sends_every_request(tmp_path):
     assert load["client_processes"] == 2
     assert load["statuses"] == {"200": 10}
     assert load["requests_ok"] == 10 and load["items_per_s"] > 0
-    assert report["server_batches"]["batches"] >= 1
+    batches = report["server_batches"]
+    assert batches["batches"] >= 1
+    assert 0 < batches["encode_busy_seconds"] <= batches["encode_seconds"] + 1e-3  # overlaps counted once, not twice
 
 
 def test_stub_encode_measures_the_server_alone_and_reports_its_threads_cpu(tmp_path, monkeypatch):

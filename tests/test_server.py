@@ -1137,6 +1137,35 @@ def test_batcher_keeps_up_to_max_inflight_batches_in_encode(max_inflight):
     assert results == [[name] for name in "abcde"]
 
 
+def test_busy_seconds_count_overlapping_batches_once():
+    """``nova_encode_seconds_total`` sums every batch's time in encode(); with two batches in flight that counts their
+    overlap twice, so ``nova_encode_busy_seconds_total`` counts the time with at least one batch in encode()."""
+    from nova_embeddings.server.batcher import Job
+
+    gate = threading.Event()
+
+    async def scenario():
+        batcher, calls = batcher_for_test(max_wait_s=0.0, max_inflight=2, gate=gate)
+        batcher.start()
+        futures = []
+        for name in "ab":
+            futures.append(batcher.submit(Job(prepared=[name], tokens=1), batcher.admit()))
+            await wait_until(lambda: len(calls) == len(futures))
+        await asyncio.sleep(0.3)  # both batches are in encode() all this time
+        busy_while_running = batcher._metrics.busy_seconds()
+        gate.set()
+        await asyncio.wait_for(asyncio.gather(*futures), timeout=60)
+        await batcher.close()
+        return batcher._metrics, busy_while_running
+
+    metrics, busy_while_running = run(scenario())
+    assert metrics.batches == 2
+    assert busy_while_running >= 0.3  # a scrape during a batch counts the batch's time so far
+    assert metrics.encode_seconds - metrics.busy_seconds() >= 0.3  # the 0.3 s overlap, counted once
+    assert metrics.busy_seconds() >= 0.3
+    assert "nova_encode_busy_seconds_total" in metrics.render(0, 0, [], True)
+
+
 def test_batcher_refuses_no_inflight_batches():
     with pytest.raises(ValueError, match="max_inflight must be at least 1"):
         batcher_for_test(max_wait_s=0.0, max_inflight=0)

@@ -249,7 +249,11 @@ class Batcher:
 
     async def _call_encode(self, prepared: Any, return_multivector: bool) -> Any:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._encode, prepared, return_multivector)
+        self._metrics.encode_started()
+        try:
+            return await loop.run_in_executor(self._executor, self._encode, prepared, return_multivector)
+        finally:
+            self._metrics.encode_finished()
 
     def _update_throughput(self, items: int, seconds: float) -> None:
         rate = items / max(seconds, 1e-6)

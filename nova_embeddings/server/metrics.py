@@ -6,6 +6,7 @@ Updated from the event loop only (the batcher's worker runs there too), so no lo
 from __future__ import annotations
 
 import math
+import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
@@ -56,7 +57,10 @@ class Metrics:
     items: int = 0
     tokens: int = 0
     batches: int = 0
-    encode_seconds: float = 0.0
+    encode_seconds: float = 0.0  # every batch's time in encode(), summed (batches in flight together overlap)
+    encode_busy_seconds: float = 0.0  # time with at least one batch in encode(), up to the last batch that ended
+    encoding: int = 0  # batches in encode() now
+    busy_since: float = 0.0
     max_batch_requests: int = 0
     batch_items: Histogram = field(default_factory=lambda: Histogram(BATCH_ITEM_BUCKETS))
     batch_requests: Histogram = field(default_factory=lambda: Histogram(BATCH_REQUEST_BUCKETS))
@@ -77,6 +81,21 @@ class Metrics:
         if len(self.latencies) > self.window:
             self.latencies.popleft()
 
+    def encode_started(self) -> None:
+        if self.encoding == 0:
+            self.busy_since = time.monotonic()
+        self.encoding += 1
+
+    def encode_finished(self) -> None:
+        self.encoding -= 1
+        if self.encoding == 0:
+            self.encode_busy_seconds += time.monotonic() - self.busy_since
+
+    def busy_seconds(self) -> float:
+        """Seconds with at least one batch in encode(), the running stretch included (a counter: never goes down)."""
+        running = time.monotonic() - self.busy_since if self.encoding else 0.0
+        return self.encode_busy_seconds + running
+
     def observe_batch(self, requests: int, items: int, seconds: float) -> None:
         """One encode() call of the batcher."""
         self.batches += 1
@@ -95,6 +114,8 @@ class Metrics:
             "# TYPE nova_tokens_total counter", f"nova_tokens_total {self.tokens}",
             "# TYPE nova_batches_total counter", f"nova_batches_total {self.batches}",
             "# TYPE nova_encode_seconds_total counter", f"nova_encode_seconds_total {self.encode_seconds:g}",
+            "# TYPE nova_encode_busy_seconds_total counter",
+            f"nova_encode_busy_seconds_total {self.busy_seconds():g}",
             "# TYPE nova_queue_requests gauge", f"nova_queue_requests {queue_requests}",
             "# TYPE nova_queue_items gauge", f"nova_queue_items {queue_items}",
             "# TYPE nova_ready gauge", f"nova_ready {int(ready)}",
