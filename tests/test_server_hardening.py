@@ -287,7 +287,7 @@ def test_non_finite_output_is_an_error_not_bare_nan(model, monkeypatch):
     real_encode = model.encode
 
     def poisoned(prepared, **kwargs):
-        vectors = real_encode(prepared, **kwargs).clone()  # a normal tensor: encode() returns inference tensors
+        vectors = real_encode(prepared, **kwargs).copy()  # encode()'s numpy output views its inference tensors
         for index, tokenized in enumerate(prepared.tokenized):
             if tokenized.item.text == "poison":
                 vectors[index] = float("nan")

@@ -261,14 +261,12 @@ def encode_baseline(
 def stub_encode(model: Any) -> None:
     """Replace ``model.encode`` with one that returns constant unit vectors of the model's widths (from its config)
     at once; prepared items are still validated, tokenised and routed by the server as usual."""
-    import torch
-
     single, multi = model.config.embedding_dim, model.config.multi_vector_projector_dim
 
-    def encode(prepared: Any, return_multivector: bool = False, **_: Any) -> Any:
+    def encode(prepared: Any, return_multivector: bool = False, **_: Any) -> Any:  # the server asks for numpy
         if return_multivector:
-            return [torch.full((len(item), multi), multi ** -0.5) for item in prepared.tokenized]
-        return torch.full((len(prepared), single), single ** -0.5)
+            return [np.full((len(item), multi), multi ** -0.5, dtype=np.float32) for item in prepared.tokenized]
+        return np.full((len(prepared), single), single ** -0.5, dtype=np.float32)
 
     model.encode = encode
 

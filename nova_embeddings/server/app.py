@@ -181,7 +181,7 @@ class NovaServer:
         s = self.settings
         return CheckedVectors.of(self.model.encode(
             prepared, return_multivector=return_multivector, batch_size=s.max_batch_items,
-            max_batch_tokens=s.max_batch_tokens, output="torch", show_progress_bar=False,
+            max_batch_tokens=s.max_batch_tokens, output="numpy", show_progress_bar=False,
         ))
 
     def adapters(self) -> list[str]:

@@ -251,7 +251,7 @@ class CheckedVectors:
     """One ``encode()`` call's vectors as numpy arrays and, per item, whether all its values are finite; sliced per
     request.
 
-    Everything that touches torch runs once per batch, in the encode thread. A torch op on the event loop hands the
+    Everything that touches torch runs once per batch, in the encode thread (``encode()``'s own numpy output). A torch op on the event loop hands the
     interpreter lock away and may wait up to a switch interval to get it back, which under load stalls every
     connection: on the H200 a per-request finiteness check was a third of the event loop's time, and on a 2-core CPU
     a per-request ``unbind`` (iterating a tensor) took ~0.17 ms. numpy slicing and iteration keep the lock."""
@@ -260,10 +260,11 @@ class CheckedVectors:
     finite: list[bool]
 
     @classmethod
-    def of(cls, vectors: torch.Tensor | list[torch.Tensor]) -> "CheckedVectors":
-        if isinstance(vectors, torch.Tensor):  # single vectors: one op for the whole batch
-            return cls(vectors.numpy(), torch.isfinite(vectors).all(dim=-1).tolist())
-        return cls([vector.numpy() for vector in vectors], [bool(torch.isfinite(vector).all()) for vector in vectors])
+    def of(cls, vectors: np.ndarray | list[np.ndarray]) -> "CheckedVectors":
+        """``encode(..., output="numpy")``'s vectors (converted there, once for the batch), checked."""
+        if isinstance(vectors, np.ndarray):  # single vectors: one op for the whole batch
+            return cls(vectors, np.isfinite(vectors).all(axis=-1).tolist())
+        return cls(vectors, [bool(np.isfinite(vector).all()) for vector in vectors])
 
     def __len__(self) -> int:
         return len(self.finite)
