@@ -140,6 +140,9 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         self._graphs: SmallCallGraphs | None = None
         self._graphs_lock = threading.Lock()
         self.fast_vision = True  # vision tower through FastVisionTower (same result, cached grid tables); False: stock
+        self.gpu_image_preprocessing = "auto"  # "auto": encode resizes/normalises pictures on the model's GPU; "off"
+        self._image_streams: dict[torch.device, torch.cuda.Stream] = {}  # side stream per device for that work
+        self._image_streams_lock = threading.Lock()
         self.post_init()
 
     @classmethod
@@ -914,7 +917,9 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
             missing = sorted(set(adapters) - set(self.list_adapters()) - {BASE})
             if missing:
                 raise ValueError(f"adapter(s) {missing} were unloaded while the call was being prepared")
-            for batch, (inputs, staged) in _progress(prepared, show_progress_bar, len(tokenized), total=len(batches)):
+            for batch, (inputs, staged, pictures_ready) in _progress(prepared, show_progress_bar, len(tokenized),
+                                                                     total=len(batches)):
+                self._await_pictures(inputs, pictures_ready)
                 names = [adapters[i] for i in batch]
                 row_names = router.enter(names, group_tokens.get(names[0], 0))
                 output_mask = inputs["output_mask"]  # BatchFeature.to moves in place: keep the CPU mask
@@ -940,28 +945,70 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         return outputs, ready
 
     def _prepare_batch(self, batch_items: list[TokenizedItem], limits: tuple[int, int], packed: bool,
-                       stage_for: SmallCallGraphs | None = None) -> tuple[Any, StaticBatch | None]:
+                       stage_for: SmallCallGraphs | None = None) -> tuple[Any, StaticBatch | None, Any]:
         """CPU side of a batch (runs in a worker thread): collate, rope positions, pinned memory; for a batch the
         call's graphs (``stage_for``) accept, its inputs already padded into the graph's layout
         (``StaticBatch.staged``), so that the thread issuing the GPU work only queues copies (in a busy server each
-        small host op there can wait for the interpreter lock)."""
-        if packed:
-            inputs = self.processor.collate_packed(batch_items, min_pixels=limits[0], max_pixels=limits[1])
-            inputs["position_ids"] = self.packed_position_ids(
-                inputs["input_ids"], inputs["cu_seqlens"], inputs.get("image_grid_thw"))
-        else:
-            inputs = self.processor.collate(batch_items, min_pixels=limits[0], max_pixels=limits[1])
-            inputs["position_ids"] = self.rope_position_ids(
-                inputs["input_ids"], inputs["attention_mask"], inputs.get("image_grid_thw"))
-        if stage_for is not None and stage_for.accepts(inputs):
-            return inputs, StaticBatch.staged(inputs, self.execution_device)
-        if "pixel_values" in inputs:  # the tower casts them to its dtype anyway: cast here, half the bytes to pin and copy
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.visual.dtype)
+        small host op there can wait for the interpreter lock).
+
+        Pictures are resized and normalised on the GPU when ``image_preprocessing_device`` says so, on a side
+        stream (the thread then never waits for the model's queued work); the third element is the CUDA event
+        after which their pixel values are ready (``_await_pictures``), else None."""
+        image_device = self.image_preprocessing_device() if any(t.item.image is not None for t in batch_items) else None
+        with nullcontext() if image_device is None else torch.cuda.stream(self._image_stream(image_device)):
+            if packed:
+                inputs = self.processor.collate_packed(batch_items, min_pixels=limits[0], max_pixels=limits[1],
+                                                       image_device=image_device)
+                inputs["position_ids"] = self.packed_position_ids(
+                    inputs["input_ids"], inputs["cu_seqlens"], inputs.get("image_grid_thw"))
+            else:
+                inputs = self.processor.collate(batch_items, min_pixels=limits[0], max_pixels=limits[1],
+                                                image_device=image_device)
+                inputs["position_ids"] = self.rope_position_ids(
+                    inputs["input_ids"], inputs["attention_mask"], inputs.get("image_grid_thw"))
+            if stage_for is not None and stage_for.accepts(inputs):
+                return inputs, StaticBatch.staged(inputs, self.execution_device), None
+            if "pixel_values" in inputs:  # the tower casts them to its dtype anyway: cast here, half the bytes to move
+                inputs["pixel_values"] = inputs["pixel_values"].to(self.model.visual.dtype)
+            pictures_ready = None
+            if image_device is not None:
+                pictures_ready = torch.cuda.Event()
+                pictures_ready.record()
         if self.execution_device.type == "cuda":
             for key, value in inputs.items():
-                if isinstance(value, torch.Tensor):
+                if isinstance(value, torch.Tensor) and value.device.type == "cpu":
                     inputs[key] = value.pin_memory()
-        return inputs, None
+        return inputs, None, pictures_ready
+
+    def image_preprocessing_device(self) -> torch.device | None:
+        """Where ``encode`` resizes and normalises pictures: the model's GPU (``gpu_image_preprocessing`` "auto", on
+        CUDA, with transformers' torchvision image processor), else None: the CPU. On the H200 machine a batch of 8
+        pages took 97 ms of CPU work, 27 ms this way; vectors differ from the CPU's by the resize's rounding."""
+        if self.gpu_image_preprocessing not in ("auto", "off"):
+            raise ValueError(f"gpu_image_preprocessing must be 'auto' or 'off', got {self.gpu_image_preprocessing!r}")
+        device = self.execution_device
+        if self.gpu_image_preprocessing == "off" or device.type != "cuda" or not self.processor.preprocesses_on_device:
+            return None
+        return device
+
+    def _image_stream(self, device: torch.device) -> torch.cuda.Stream:
+        """The side stream pictures are preprocessed on (one per device, shared by the collate workers)."""
+        with self._image_streams_lock:
+            if device not in self._image_streams:
+                self._image_streams[device] = torch.cuda.Stream(device)
+            return self._image_streams[device]
+
+    @staticmethod
+    def _await_pictures(inputs: dict[str, Any], pictures_ready: Any) -> None:
+        """Make the current stream wait for pixel values preprocessed on the side stream, and tell the caching
+        allocator they are used here (else it could hand their memory to the next batch's preprocessing while
+        this batch's kernels are still queued)."""
+        if pictures_ready is None:
+            return
+        pixels = inputs["pixel_values"]
+        stream = torch.cuda.current_stream(pixels.device)
+        stream.wait_event(pictures_ready)
+        pixels.record_stream(stream)
 
     @staticmethod
     def _split_vectors(vectors, masks, lengths, return_multivector, packed) -> list[torch.Tensor]:
@@ -1004,9 +1051,8 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         results = []
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
-            pixels = processor.image_processor(
-                images=[item.image for item in chunk], size={"shortest_edge": low, "longest_edge": high}, return_tensors="pt"
-            )
+            pixels = processor.process_pictures([item.image for item in chunk], min_pixels=low, max_pixels=high,
+                                                device=self.image_preprocessing_device())
             grid = pixels["image_grid_thw"].to(self.execution_device)
             with self._adapter_lock, self.dropout_disabled():  # one GPU user at a time, as encode
                 features = self.vision_tower(pixels["pixel_values"].to(self.execution_device), grid)

@@ -440,9 +440,10 @@ class NovaEmbeddingsV1Processor(Qwen2_5_VLProcessor):
 
     # ------------------------------------------------------------------ tokens -> batch tensors
     def collate(
-        self, tokenized: Sequence[TokenizedItem], *, min_pixels: int, max_pixels: int
+        self, tokenized: Sequence[TokenizedItem], *, min_pixels: int, max_pixels: int,
+        image_device: torch.device | None = None,
     ) -> BatchFeature:
-        """Right-pad a batch and process its images.
+        """Right-pad a batch and process its images (on ``image_device``, see ``process_pictures``).
 
         Returns input_ids, attention_mask, pooling_mask, output_mask, mm_token_type_ids, and for images
         image_grid_thw (every image, in order), pixel_values (images given as pictures) and image_embeds
@@ -460,10 +461,12 @@ class NovaEmbeddingsV1Processor(Qwen2_5_VLProcessor):
             masks["output_mask"][row, :n] = torch.tensor(item.output_mask)
         batch = {"input_ids": ids, **{k: v.long() if k == "attention_mask" else v for k, v in masks.items()}}
         batch["mm_token_type_ids"] = (ids == self.image_token_id).int()
-        batch.update(self.process_batch_images(tokenized, min_pixels=min_pixels, max_pixels=max_pixels))
+        batch.update(self.process_batch_images(tokenized, min_pixels=min_pixels, max_pixels=max_pixels,
+                                               image_device=image_device))
         return BatchFeature(batch)
 
-    def collate_packed(self, tokenized: Sequence[TokenizedItem], *, min_pixels: int, max_pixels: int) -> BatchFeature:
+    def collate_packed(self, tokenized: Sequence[TokenizedItem], *, min_pixels: int, max_pixels: int,
+                       image_device: torch.device | None = None) -> BatchFeature:
         """Concatenate a batch into one row with no padding, for variable-length (packed) attention.
 
         Returns input_ids, pooling_mask, output_mask of shape (1, total_tokens), cu_seqlens (items + 1,
@@ -483,11 +486,14 @@ class NovaEmbeddingsV1Processor(Qwen2_5_VLProcessor):
             "cu_seqlens": torch.from_numpy(cu_seqlens),
             "max_seqlen": int(lengths.max()) if len(lengths) else 0,
         }
-        batch.update(self.process_batch_images(tokenized, min_pixels=min_pixels, max_pixels=max_pixels))
+        batch.update(self.process_batch_images(tokenized, min_pixels=min_pixels, max_pixels=max_pixels,
+                                               image_device=image_device))
         return BatchFeature(batch)
 
-    def process_batch_images(self, tokenized: Sequence[TokenizedItem], *, min_pixels: int, max_pixels: int) -> dict:
-        """Pixel values for the batch's pictures, precomputed embeddings for the rest, grids for all."""
+    def process_batch_images(self, tokenized: Sequence[TokenizedItem], *, min_pixels: int, max_pixels: int,
+                             image_device: torch.device | None = None) -> dict:
+        """Pixel values for the batch's pictures (on ``image_device`` when given), precomputed embeddings for the
+        rest, grids for all (on the CPU)."""
         with_image = [t for t in tokenized if t.item.has_image]
         if not with_image:
             return {}
@@ -497,10 +503,8 @@ class NovaEmbeddingsV1Processor(Qwen2_5_VLProcessor):
             "image_is_precomputed": torch.tensor([t.item.image is None for t in with_image]),
         }
         if pictures:
-            pixels = self.image_processor(
-                images=[t.item.image for t in pictures], size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
-                return_tensors="pt",
-            )
+            pixels = self.process_pictures([t.item.image for t in pictures], min_pixels=min_pixels,
+                                           max_pixels=max_pixels, device=image_device)
             for t, grid in zip(pictures, pixels["image_grid_thw"].tolist()):
                 if tuple(grid) != tuple(t.image_grid_thw):
                     raise ItemError(t.item.index, f"image processor gave grid {grid}, expected {t.image_grid_thw}")
@@ -509,6 +513,30 @@ class NovaEmbeddingsV1Processor(Qwen2_5_VLProcessor):
         if precomputed:
             out["image_embeds"] = torch.cat(precomputed)
         return out
+
+    @property
+    def preprocesses_on_device(self) -> bool:
+        """Whether the image processor can resize and normalise on a GPU: transformers' torchvision backend takes a
+        ``device`` (the PIL backend works on the CPU only)."""
+        try:
+            from transformers.image_processing_backends import TorchvisionBackend
+        except ImportError:  # transformers before the backends module
+            return False
+        return isinstance(self.image_processor, TorchvisionBackend)
+
+    def process_pictures(self, images: Sequence[Image.Image], *, min_pixels: int, max_pixels: int,
+                         device: torch.device | None = None) -> BatchFeature:
+        """The image processor on some pictures: pixel_values (on ``device`` when given: only the pictures' bytes
+        are copied there, resizing and normalising run on it) and image_grid_thw (on the CPU).
+
+        On the H200 machine, 8 pages of 1050x1400 px took 97 ms on its 16 CPU cores and 27 ms with ``device``
+        set to the GPU (half of it the pictures' conversion to arrays); the pixels differ by rounding (mean
+        absolute difference 4e-5 after normalisation)."""
+        if device is not None and not self.preprocesses_on_device:
+            raise ValueError(f"{type(self.image_processor).__name__} processes images on the CPU only")
+        on_device = {} if device is None else {"device": device}
+        return self.image_processor(images=list(images), size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
+                                    return_tensors="pt", **on_device)
 
     # ------------------------------------------------------------------ one call
     def process_items(

@@ -373,6 +373,7 @@ def test_attention_implementations_and_bf16_agree(tiny_nova_dir, model):
 def test_cuda_matches_cpu(tiny_nova_dir, model):
     items = ["hello world", {"image": make_image(17)}, {"text": "x", "instructions": "Be brief"}]
     gpu = AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True, load_task_adapters=False).to("cuda")
+    gpu.gpu_image_preprocessing = "off"  # the same pixels as the CPU model (test_image_preprocessing compares them)
     out = gpu.encode(items)
     assert out.device.type == "cpu"
     torch.testing.assert_close(out, model.encode(items), atol=1e-4, rtol=1e-3)
