@@ -109,9 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
     add("--inflight-batches", type=int, default=ServerSettings.inflight_batches,
         help="batches in encode() at once: the next one's GPU work is queued while one waits for its vectors "
              "(default: %(default)s; 1: one at a time)")
-    add("--dispatch-lead-ms", type=float, default=ServerSettings.dispatch_lead_ms,
-        help="with a batch in encode(), hold the next one (taking requests) until about this long before the GPU "
-             "should finish the queued work; negative: send it as soon as a slot is free (default: %(default)s)")
     add("--decode-workers", type=int, default=ServerSettings.decode_workers,
         help="threads that decode images, apart from the preprocessing ones (default: %(default)s)")
     add("--model-attr", action="append", default=[], metavar="NAME=VALUE", type=parse_model_attr,
@@ -134,7 +131,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         default_multivector=args.multivector_default, preprocess_workers=args.preprocess_workers,
         max_request_pixels=args.max_request_pixels, max_request_image_tokens=args.max_request_image_tokens,
         decode_workers=args.decode_workers, request_read_timeout_s=args.request_read_timeout,
-        inflight_batches=args.inflight_batches, dispatch_lead_ms=args.dispatch_lead_ms,
+        inflight_batches=args.inflight_batches,
     )
 
 

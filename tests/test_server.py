@@ -1089,8 +1089,7 @@ def test_a_fatal_device_error_turns_health_to_failed(model, monkeypatch):
 
 
 # ---------------------------------------------------------------------- the batcher's wait
-def batcher_for_test(max_wait_s: float, max_inflight: int = 1, gate: threading.Event | None = None,
-                     dispatch_lead_s: float | None = None):
+def batcher_for_test(max_wait_s: float, max_inflight: int = 1, gate: threading.Event | None = None):
     """A Batcher over a recording encode function (that waits for ``gate`` when given); prepared items are plain
     lists (sized, joined with +)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -1107,8 +1106,7 @@ def batcher_for_test(max_wait_s: float, max_inflight: int = 1, gate: threading.E
         return list(prepared)
 
     batcher = Batcher(encode, ThreadPoolExecutor(max_workers=max(1, max_inflight)), Metrics(), max_batch_tokens=1000,
-                      max_batch_items=100, max_wait_s=max_wait_s, max_queue_requests=10, max_inflight=max_inflight,
-                      dispatch_lead_s=dispatch_lead_s)
+                      max_batch_items=100, max_wait_s=max_wait_s, max_queue_requests=10, max_inflight=max_inflight)
     return batcher, calls
 
 
@@ -1166,61 +1164,6 @@ def test_busy_seconds_count_overlapping_batches_once():
     assert metrics.encode_seconds - metrics.busy_seconds() >= 0.3  # the 0.3 s overlap, counted once
     assert metrics.busy_seconds() >= 0.3
     assert "nova_encode_busy_seconds_total" in metrics.render(0, 0, [], True)
-
-
-@pytest.mark.parametrize("dispatch_lead_s", [None, 0.0])
-def test_the_next_batch_takes_requests_until_the_running_one_should_be_done(dispatch_lead_s):
-    """With a batch in encode() and a known GPU-busy throughput (4 items/s: the running 1-item batch should be done
-    0.25 s after it started), the next batch is held and takes the requests that arrive meanwhile; with no lead
-    (None) it leaves with the first request, and the next one waits for a free slot."""
-    from nova_embeddings.server.batcher import Job
-
-    gate = threading.Event()
-
-    async def scenario():
-        batcher, calls = batcher_for_test(max_wait_s=0.0, max_inflight=2, gate=gate, dispatch_lead_s=dispatch_lead_s)
-        batcher._busy_items_per_s = 4.0  # as measured from earlier batches
-        batcher.start()
-        futures = [batcher.submit(Job(prepared=["a"], tokens=1), batcher.admit())]
-        await wait_until(lambda: len(calls) == 1)
-        futures.append(batcher.submit(Job(prepared=["b"], tokens=1), batcher.admit()))
-        await asyncio.sleep(0.1)  # within the hold: "b" is still waiting
-        futures.append(batcher.submit(Job(prepared=["c"], tokens=1), batcher.admit()))
-        await wait_until(lambda: len(calls) == 2)
-        gate.set()
-        results = await asyncio.wait_for(asyncio.gather(*futures), timeout=60)
-        await batcher.close()
-        return calls, results
-
-    calls, results = run(scenario())
-    assert results == [["a"], ["b"], ["c"]]
-    assert calls == ([["a"], ["b"], ["c"]] if dispatch_lead_s is None else [["a"], ["b", "c"]])
-
-
-def test_the_hold_is_bounded_and_follows_measured_throughput():
-    """The busy throughput comes from finished batches; however slow it says the GPU is, the hold stays within
-    MAX_HOLD_S; without a batch in encode() nothing is held."""
-    import time
-
-    from nova_embeddings.server.batcher import MAX_HOLD_S, Job
-
-    async def scenario():
-        batcher, calls = batcher_for_test(max_wait_s=0.0, max_inflight=2, dispatch_lead_s=0.0)
-        assert batcher._dispatch_time() == 0.0  # nothing measured, nothing in encode()
-        batcher.start()
-        await asyncio.wait_for(batcher.submit(Job(prepared=["a", "b"], tokens=2), batcher.admit()), timeout=60)
-        measured = batcher._busy_items_per_s
-        assert batcher._dispatch_time() == 0.0  # nothing in encode()
-        batcher._in_encode[-1] = (time.monotonic(), 1)
-        batcher._busy_items_per_s = 1e-6
-        held_until = batcher._dispatch_time() - time.monotonic()
-        del batcher._in_encode[-1]
-        await batcher.close()
-        return measured, held_until
-
-    measured, held_until = run(scenario())
-    assert measured > 0
-    assert 0 < held_until <= MAX_HOLD_S
 
 
 def test_batcher_refuses_no_inflight_batches():

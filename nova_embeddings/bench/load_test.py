@@ -316,8 +316,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preprocess-workers", type=int, default=1)
     parser.add_argument("--inflight-batches", type=int, default=None,
                         help="batches in encode() at once (the server's --inflight-batches; default: the server's)")
-    parser.add_argument("--dispatch-lead-ms", type=float, default=None,
-                        help="the server's --dispatch-lead-ms (negative: no holding; default: the server's)")
     parser.add_argument("--model-attr", action="append", default=[], metavar="NAME=VALUE", type=parse_model_attr,
                         help="set an attribute of the model the run serves, e.g. adapter_batching=mixed (repeatable)")
     parser.add_argument("--time-cap", type=float, default=240.0, help="seconds; the run stops by itself after it")
@@ -455,7 +453,6 @@ def run_in_process(args: argparse.Namespace, headers: dict) -> dict:
             max_batch_items=args.max_batch_items, max_wait_ms=args.max_wait_ms, api_key=args.api_key,
             preprocess_workers=args.preprocess_workers, max_queue_requests=max(1024, 2 * args.concurrency),
             **({} if args.inflight_batches is None else {"inflight_batches": args.inflight_batches}),
-            **({} if args.dispatch_lead_ms is None else {"dispatch_lead_ms": args.dispatch_lead_ms}),
         )
         payloads = make_payloads(args, "load-test")
         if args.stub_encode:

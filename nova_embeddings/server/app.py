@@ -116,7 +116,7 @@ class NovaServer:
         self.batcher = Batcher(
             self._encode, self.encode_executor, self.metrics, max_batch_tokens=s.max_batch_tokens,
             max_batch_items=s.max_batch_items, max_wait_s=s.max_wait_ms / 1000, max_queue_requests=s.max_queue_requests,
-            max_inflight=s.inflight_batches, dispatch_lead_s=s.dispatch_lead_s,
+            max_inflight=s.inflight_batches,
         )
         self.batcher.start()
         self.phase = "ready"

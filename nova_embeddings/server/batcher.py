@@ -11,11 +11,6 @@ items arrive prepared (validated and tokenised in a preparation thread: ``model.
 of one call are joined with ``+``, so nothing is tokenised again on the encode thread. Jobs whose
 ``return_multivector`` differs share the wait but run as separate calls. If a call fails, its jobs are
 retried one by one, so a bad request fails alone.
-
-While another batch is in ``encode()``, the next one keeps taking requests until about ``dispatch_lead_s`` before
-the GPU is expected to finish the work already queued (from the items per second of GPU-busy time seen so far),
-not as soon as a slot frees: its GPU work would only queue behind that work, so waiting costs the requests no
-time, and the batch grows by the requests that arrive meanwhile (larger batches run more items per second).
 """
 
 from __future__ import annotations
@@ -23,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import itertools
 import logging
 import math
 import operator
@@ -37,7 +31,6 @@ from .metrics import Metrics
 
 logger = logging.getLogger("nova_server")
 
-MAX_HOLD_S = 1.0  # the longest the next batch is held for the running ones (a guard against a bad estimate)
 EncodeFn = Callable[[Any, bool], Any]  # (prepared items of one or more jobs, return_multivector) -> vectors
 
 
@@ -91,7 +84,6 @@ class Batcher:
         max_wait_s: float,
         max_queue_requests: int,
         max_inflight: int = 1,
-        dispatch_lead_s: float | None = None,
     ):
         if max_inflight < 1:
             raise ValueError(f"max_inflight must be at least 1, got {max_inflight}")
@@ -108,11 +100,6 @@ class Batcher:
         self._closing = False
         self._wakeup = asyncio.Event()
         self._items_per_s = 0.0  # moving average of encode throughput, for Retry-After
-        self.dispatch_lead_s = dispatch_lead_s  # None: form the next batch as soon as a slot frees
-        self._in_encode: dict[int, tuple[float, int]] = {}  # batch id -> (when it went to encode(), items)
-        self._batch_ids = itertools.count()
-        self._last_finish = 0.0  # when the last batch left encode()
-        self._busy_items_per_s = 0.0  # moving average of items per second of GPU-busy time
         self._worker: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ state
@@ -184,16 +171,15 @@ class Batcher:
         running: set[asyncio.Task] = set()
         while True:
             await slots.acquire()
-            batch = await self._collect(not_before=self._dispatch_time())
+            batch = await self._collect()
             if batch is None:
                 break
-            key = self._start_tracking(batch)  # now, not when the task starts: the next _dispatch_time counts it
-            task = asyncio.get_running_loop().create_task(self._run_in_slot(batch, slots, key))
+            task = asyncio.get_running_loop().create_task(self._run_in_slot(batch, slots))
             running.add(task)
             task.add_done_callback(running.discard)
         await asyncio.gather(*running)
 
-    async def _run_in_slot(self, batch: list[Job], slots: asyncio.Semaphore, key: int) -> None:
+    async def _run_in_slot(self, batch: list[Job], slots: asyncio.Semaphore) -> None:
         try:
             await self._run_batch(batch)
         except Exception as error:  # noqa: BLE001 - a bug here must fail these requests, not stop the worker
@@ -201,43 +187,12 @@ class Batcher:
             for job in batch:
                 _resolve(job, error=error)
         finally:
-            self._finish_tracking(key)
             slots.release()
 
-    def _start_tracking(self, batch: list[Job]) -> int:
-        """Count a batch as in encode() (for ``_dispatch_time``); returns its key for ``_finish_tracking``."""
-        key = next(self._batch_ids)
-        self._in_encode[key] = (time.monotonic(), sum(len(job.prepared) for job in batch))
-        return key
-
-    def _finish_tracking(self, key: int) -> None:
-        """A batch left encode(): update the busy throughput with its items over its time from when it started to
-        run (when it was sent, or when the batch before it finished, whichever is later) to now."""
-        started, items = self._in_encode.pop(key)
-        finished = time.monotonic()
-        running = finished - max(started, self._last_finish)
-        self._last_finish = finished
-        if items and running > 0:
-            rate = items / running
-            self._busy_items_per_s = rate if self._busy_items_per_s == 0 else 0.8 * self._busy_items_per_s + 0.2 * rate
-
     # ------------------------------------------------------------------ batching
-    def _dispatch_time(self) -> float:
-        """When the next batch may leave for encode() (``time.monotonic``): at once when no batch is in encode() or no
-        throughput is known yet; else ``dispatch_lead_s`` before the batches in encode() are expected to be done
-        (from when the first of them started to run, after the last batch that finished), at most
-        ``MAX_HOLD_S`` from now."""
-        if self.dispatch_lead_s is None or not self._in_encode or self._busy_items_per_s <= 0:
-            return 0.0
-        now = time.monotonic()
-        running_since = max(self._last_finish, min(started for started, _ in self._in_encode.values()))
-        queued_items = sum(items for _, items in self._in_encode.values())
-        done = running_since + queued_items / self._busy_items_per_s
-        return min(done - self.dispatch_lead_s, now + MAX_HOLD_S)
-
-    async def _collect(self, not_before: float = 0.0) -> list[Job] | None:
-        """The next batch: wait for a first job, then add jobs until a budget is full, or, from ``not_before`` on,
-        until the wait is over or no admitted request is still being prepared."""
+    async def _collect(self) -> list[Job] | None:
+        """The next batch: wait for a first job, then add jobs until a budget is full, the wait is over, or no
+        admitted request is still being prepared."""
         while not self._pending:
             if self._closing and self._admitted == 0:
                 return None
@@ -252,14 +207,12 @@ class Batcher:
                 batch.append(job)
                 tokens, items = tokens + job.tokens, items + len(job.prepared)
             full = bool(self._pending) or tokens >= self.max_batch_tokens or items >= self.max_batch_items
-            now = time.monotonic()
-            if full or self._closing:
-                return batch
-            if now >= not_before and (now >= deadline or self._admitted == 0):
+            remaining = deadline - time.monotonic()
+            if full or self._closing or remaining <= 0 or self._admitted == 0:
                 return batch
             self._wakeup.clear()
             with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), (not_before if now < not_before else deadline) - now)
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
 
     def _fits(self, job: Job, tokens: int, items: int) -> bool:
         return tokens + job.tokens <= self.max_batch_tokens and items + len(job.prepared) <= self.max_batch_items

@@ -33,9 +33,6 @@ class ServerSettings:
     inflight_batches: batches in ``encode()`` at once (threads of the encode executor). Two by default: while one
         call waits for its vectors, the next one's GPU work is already queued, so the GPU does not idle between
         batches (the model issues one call's GPU work at a time). One: a batch at a time.
-    dispatch_lead_ms: with a batch still in ``encode()``, the next one keeps taking requests until about this long
-        before the GPU is expected to finish the queued work (the batcher's module docstring); negative: it leaves
-        as soon as a slot is free.
     preprocess_workers: threads that decode images, tokenise and format responses. One by default: on a
         full-size model on an H100, two busy tokenising threads slowed the encode thread's batches 2.8x
         (interpreter-lock contention), one by 10%.
@@ -63,7 +60,6 @@ class ServerSettings:
     default_multivector: bool = False
     preprocess_workers: int = 1
     inflight_batches: int = 2
-    dispatch_lead_ms: float = 10.0
 
     def __post_init__(self) -> None:
         if not self.served_model_names:
@@ -81,11 +77,6 @@ class ServerSettings:
             raise ValueError(f"max_image_pixels must be positive, got {self.max_image_pixels}")
         if self.allow_private_image_urls and not self.allow_image_urls:
             raise ValueError("allow_private_image_urls needs allow_image_urls")
-
-    @property
-    def dispatch_lead_s(self) -> float | None:
-        """``dispatch_lead_ms`` in seconds, or None when negative (no holding)."""
-        return None if self.dispatch_lead_ms < 0 else self.dispatch_lead_ms / 1000
 
     @property
     def model_name(self) -> str:
