@@ -115,3 +115,33 @@ def test_model_attr_sets_the_served_models_knob_and_refuses_a_typo(monkeypatch, 
         load_test.main(["--requests", "1", "--no-baseline", "--model-attr", "adapter_batchin=mixed"])
     with pytest.raises(SystemExit, match="a server at --url runs its own"):
         load_test.main(["--url", "http://127.0.0.1:9", "--model-attr", "adapter_batching=mixed"])
+
+
+def test_then_measures_other_load_shapes_against_the_same_server(tmp_path, monkeypatch):
+    """--then: after the run, more measurements against the same served model (loaded and warmed up once), each
+    with its own load flags, its own load figures and the server's batches during it."""
+    loads: list[int] = []
+    load_model = load_test.load_model
+    monkeypatch.setattr(load_test, "load_model", lambda *args, **kwargs: loads.append(1) or load_model(*args, **kwargs))
+    report_path = tmp_path / "load.json"
+    status = load_test.main(["--requests", "6", "--concurrency", "3", "--clients", "1", "--items-per-request", "2",
+                             "--words", "4", "--warmup", "0", "--time-cap", "120", "--no-baseline",
+                             "--then", "concurrency=1 items-per-request=1 requests=4",
+                             "--then", "requests=3 words=9", "--json", str(report_path)])
+    report = json.loads(report_path.read_text())
+    assert status == 0 and loads == [1]
+    assert report["load"]["requests_ok"] == 6 and report["load"]["concurrency"] == 3
+    first, second = report["then"]
+    assert first["flags"]["concurrency"] == 1 and first["flags"]["items_per_request"] == 1
+    assert first["load"]["requests_ok"] == 4 and first["load"]["concurrency"] == 1
+    assert first["server_batches"]["batches"] >= 1
+    assert first["server_batches"]["mean_items_per_batch"] == 1.0  # one 1-item request at a time
+    assert second["flags"]["concurrency"] == 3 and second["flags"]["words"] == 9  # the run's own, but for its changes
+    assert second["load"]["requests_ok"] == 3
+    assert "nova-prep" in second["server_threads_cpu_ms_per_request"]
+
+
+@pytest.mark.parametrize("entry", ["device=cuda", "model-attr=adapter_batching=mixed", "concurrency"])
+def test_then_refuses_anything_but_load_flags(entry):
+    with pytest.raises(SystemExit, match="is not NAME=VALUE with NAME one of"):
+        load_test.main(["--requests", "1", "--no-baseline", "--then", entry])

@@ -27,6 +27,7 @@ import io
 import json
 import math
 import os
+import shlex
 import sys
 import tempfile
 import threading
@@ -326,6 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clients", type=int, default=4,
                         help="client processes sharing the requests and the concurrency (one tops out near 100 requests/s)")
     parser.add_argument("--warmup", type=int, default=8, help="requests sent (and not counted) before measuring")
+    parser.add_argument("--then", action="append", default=[], metavar="NAME=VALUE ...",
+                        help="after the run, measure again against the same server (same model, warm-up and "
+                             "settings) with some load flags changed, e.g. --then \"concurrency=1 clients=1 "
+                             "items-per-request=1 requests=300\" (repeatable; names: THEN_FLAGS). It saves a model "
+                             "load and warm-up per load shape")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     return parser
@@ -411,12 +417,37 @@ def combine(results: list[LoadResult], concurrency: int) -> dict:
     return summary
 
 
+# what a --then measurement may change: the shape of the load, never the server or the model it serves
+THEN_FLAGS = ("requests", "concurrency", "items_per_request", "words", "image_fraction", "image_size",
+              "encoding_format", "clients", "warmup", "seed", "time_cap")
+
+
+def then_args(parser: argparse.ArgumentParser, argv: list[str], args: argparse.Namespace) -> list[argparse.Namespace]:
+    """The arguments of each ``--then``: the run's own, with that entry's NAME=VALUE pairs parsed over them as
+    flags. Only load flags (``THEN_FLAGS``) may change: a later measurement serves what the first one did."""
+    runs = []
+    for entry in args.then:
+        flags = []
+        for pair in shlex.split(entry):
+            name, sep, value = pair.partition("=")
+            if not sep or name.replace("-", "_") not in THEN_FLAGS:
+                raise SystemExit(f"error: --then {entry!r}: {pair!r} is not NAME=VALUE with NAME one of "
+                                 + ", ".join(flag.replace("_", "-") for flag in THEN_FLAGS))
+            flags += ["--" + name.replace("_", "-"), value]
+        runs.append(parser.parse_args([*argv, *flags]))
+    return runs
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    start_watchdog(args.time_cap * 3 + 600)  # model loading and the baseline are bounded by this too
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    args.then_runs = then_args(parser, argv, args)
+    # model loading and the baseline are bounded by this too; each --then adds what its clients may take
+    start_watchdog(args.time_cap * 3 + 600 + sum(then.time_cap * 2 + 60 for then in args.then_runs))
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     report: dict[str, Any] = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
-                                           if k != "api_key"}}
+                                           if k not in ("api_key", "then_runs")}}
     if args.url:
         if args.model_attr or args.stub_encode:
             raise SystemExit("error: --model-attr and --stub-encode change the model this run loads; a server at --url "
@@ -426,11 +457,12 @@ def main(argv: list[str] | None = None) -> int:
         before = read_batch_series(args.url, headers)
         report["load"] = measure(args.url, make_payloads(args, name), args, headers)
         report["server_batches"] = server_batch_stats(args.url, headers, before)
+        report["then"] = [measure_again(args.url, name, then, headers, in_process=False) for then in args.then_runs]
     else:
         report.update(run_in_process(args, headers))
     print(json.dumps(report, indent=2))
     write_report(report, args.json)
-    return 0 if report["load"]["requests_ok"] > 0 else 1
+    return 0 if all(run["load"]["requests_ok"] > 0 for run in [report, *report["then"]]) else 1
 
 
 def run_in_process(args: argparse.Namespace, headers: dict) -> dict:
@@ -451,7 +483,8 @@ def run_in_process(args: argparse.Namespace, headers: dict) -> dict:
         settings = ServerSettings(
             served_model_names=("load-test",), max_batch_tokens=args.max_batch_tokens,
             max_batch_items=args.max_batch_items, max_wait_ms=args.max_wait_ms, api_key=args.api_key,
-            preprocess_workers=args.preprocess_workers, max_queue_requests=max(1024, 2 * args.concurrency),
+            preprocess_workers=args.preprocess_workers,
+            max_queue_requests=max(1024, 2 * max(run.concurrency for run in [args, *args.then_runs])),
             **({} if args.inflight_batches is None else {"inflight_batches": args.inflight_batches}),
         )
         payloads = make_payloads(args, "load-test")
@@ -465,9 +498,24 @@ def run_in_process(args: argparse.Namespace, headers: dict) -> dict:
             out["server_threads_cpu_ms_per_request"] = cpu_per_request(cpu_before, thread_cpu_seconds(),
                                                                        out["load"]["requests_ok"])
             out["server_batches"] = server_batch_stats(url, headers, before)
+            out["then"] = [measure_again(url, "load-test", then, headers, in_process=True) for then in args.then_runs]
         if not args.no_baseline and not args.stub_encode:
             out["encode_baseline"] = encode_baseline(model, payloads, args.max_batch_items, args.max_batch_tokens,
                                                      args.time_cap)
+    return out
+
+
+def measure_again(url: str, name: str, args: argparse.Namespace, headers: dict, in_process: bool) -> dict:
+    """One ``--then`` measurement: its load flags, its load and the server's batches (and, in process, its threads'
+    CPU time) during it."""
+    out: dict[str, Any] = {"flags": {flag: getattr(args, flag) for flag in THEN_FLAGS}}
+    before = read_batch_series(url, headers)
+    cpu_before = thread_cpu_seconds() if in_process else None
+    out["load"] = measure(url, make_payloads(args, name), args, headers)
+    if cpu_before is not None:
+        out["server_threads_cpu_ms_per_request"] = cpu_per_request(cpu_before, thread_cpu_seconds(),
+                                                                   out["load"]["requests_ok"])
+    out["server_batches"] = server_batch_stats(url, headers, before)
     return out
 
 
