@@ -67,6 +67,11 @@ def test_tiny_run_prints_every_table_with_matching_vectors(tmp_path):
     moved = data["workloads"]["w4"]["extra"]["cosine_to_bare_backbone"]
     assert set(moved) == {"retrieval", "text-matching", "code", "custom"} and max(moved.values()) < 0.9999
     assert data["profile"]["top"] and Path(data["profile"]["trace"]).is_file()
+    split = data["profile"]["time"]  # the call's time split: kernels (CPU ops here) and their GEMM part
+    assert split["tokens"] == data["workloads"]["w1"]["rows"][1]["tokens"]
+    assert 0 < split["gemm_ms"] < split["kernel_ms"] and 0 < split["gemm_share"] < 1
+    assert split["gemm_only_tokens_per_s"] > split["kernel_only_tokens_per_s"]
+    assert "of which GEMMs" in done.stdout
     assert "one-query calls" in data["profile"]["small_calls_host"] and "encode" in data["profile"]["small_calls_host"]
 
 
