@@ -997,12 +997,12 @@ def profile_w1(bench: Bench, out_dir: Path) -> dict[str, Any]:
         encode(bench, texts, task=PASSAGE_TASK, adapter=None)
         sync(bench.device)
         call_s = time.perf_counter() - started
-    kind, rows = top_kernels(prof, cuda, 25)
+    kind, rows = kernels_by_time(prof, cuda)
     out_dir.mkdir(parents=True, exist_ok=True)
     trace = out_dir / "benchmark_trace_w1.json.gz"
     prof.export_chrome_trace(str(trace))
     tokens = our_token_count(bench, texts, PASSAGE_TASK)
-    return {"kind": kind, "top": rows, "trace": str(trace), "time": time_split(prof, cuda, call_s, tokens)}
+    return {"kind": kind, "top": rows[:25], "trace": str(trace), "time": time_split(rows, call_s, tokens)}
 
 
 GEMM_MARKS = ("gemm", "nvjet", "cutlass", "cublas", "xmma", "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
@@ -1014,11 +1014,10 @@ def is_gemm(name: str) -> bool:
     return any(mark in lowered for mark in GEMM_MARKS)
 
 
-def time_split(prof, cuda: bool, call_s: float, tokens: int) -> dict[str, float]:
-    """Where one profiled call's time went: its wall time, the kernels' total time and the GEMMs' part of it, and
-    the tokens/s each would allow alone. The GEMMs' figure bounds what kernel work beyond them can gain (on the H200,
-    workload 1's GEMMs alone were 114k tokens/s against a 110k goal)."""
-    _, rows = top_kernels(prof, cuda, None)
+def time_split(rows: list[dict[str, Any]], call_s: float, tokens: int) -> dict[str, float]:
+    """Where one profiled call's time went (``rows``: every kernel, from ``kernels_by_time``): its wall time, the kernels'
+    total time and the GEMMs' part of it, and the tokens/s each would allow alone. The GEMMs' figure bounds what
+    kernel work beyond them can gain (on the H200, workload 1's GEMMs alone were 114k tokens/s against a 110k goal)."""
     kernel_ms = sum(row["total_ms"] for row in rows)
     gemm_ms = sum(row["total_ms"] for row in rows if is_gemm(row["name"]))
     per_s = lambda ms: tokens / (ms / 1000) if ms > 0 else None  # noqa: E731
@@ -1051,8 +1050,8 @@ def profile_small_calls(bench: Bench, calls: int = 50, limit: int = 30) -> str:
     return f"{calls} one-query calls, {per_call:.2f} ms per call under cProfile\n" + text.getvalue()
 
 
-def top_kernels(prof, cuda: bool, limit: int | None) -> tuple[str, list[dict[str, Any]]]:
-    """CUDA kernels (device events) by total time; on a CPU run, CPU ops by self time (all of them: ``limit`` None)."""
+def kernels_by_time(prof, cuda: bool) -> tuple[str, list[dict[str, Any]]]:
+    """Every CUDA kernel (device events) by total time; on a CPU run, CPU ops by self time."""
     from torch.autograd import DeviceType
 
     def self_us(event) -> float:
@@ -1068,7 +1067,7 @@ def top_kernels(prof, cuda: bool, limit: int | None) -> tuple[str, list[dict[str
     events = sorted(events, key=self_us, reverse=True)
     total = sum(self_us(e) for e in events) or 1.0
     return kind, [{"name": e.key, "calls": e.count, "total_ms": self_us(e) / 1000, "share": self_us(e) / total}
-                  for e in events[:limit]]
+                  for e in events]
 
 
 def print_profile(profile: dict[str, Any]) -> None:

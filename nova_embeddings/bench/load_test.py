@@ -454,9 +454,7 @@ def main(argv: list[str] | None = None) -> int:
                              "runs its own")
         check_loopback(args.url)
         name = first_served_name(args.url, headers)
-        before = read_batch_series(args.url, headers)
-        report["load"] = measure(args.url, make_payloads(args, name), args, headers)
-        report["server_batches"] = server_batch_stats(args.url, headers, before)
+        report.update(measure_run(args.url, make_payloads(args, name), args, headers, in_process=False))
         report["then"] = [measure_again(args.url, name, then, headers, in_process=False) for then in args.then_runs]
     else:
         report.update(run_in_process(args, headers))
@@ -492,12 +490,7 @@ def run_in_process(args: argparse.Namespace, headers: dict) -> dict:
             stub_encode(model)
             out["stub_encode"] = True
         with serve_in_thread(create_app(model, settings), host="127.0.0.1", port=0) as url:
-            before = read_batch_series(url, headers)
-            cpu_before = thread_cpu_seconds()
-            out["load"] = measure(url, payloads, args, headers)
-            out["server_threads_cpu_ms_per_request"] = cpu_per_request(cpu_before, thread_cpu_seconds(),
-                                                                       out["load"]["requests_ok"])
-            out["server_batches"] = server_batch_stats(url, headers, before)
+            out.update(measure_run(url, payloads, args, headers, in_process=True))
             out["then"] = [measure_again(url, "load-test", then, headers, in_process=True) for then in args.then_runs]
         if not args.no_baseline and not args.stub_encode:
             out["encode_baseline"] = encode_baseline(model, payloads, args.max_batch_items, args.max_batch_tokens,
@@ -505,18 +498,23 @@ def run_in_process(args: argparse.Namespace, headers: dict) -> dict:
     return out
 
 
-def measure_again(url: str, name: str, args: argparse.Namespace, headers: dict, in_process: bool) -> dict:
-    """One ``--then`` measurement: its load flags, its load and the server's batches (and, in process, its threads'
-    CPU time) during it."""
-    out: dict[str, Any] = {"flags": {flag: getattr(args, flag) for flag in THEN_FLAGS}}
+def measure_run(url: str, payloads: list[dict], args: argparse.Namespace, headers: dict, in_process: bool) -> dict:
+    """One measurement: the load, then the server's batches (and, in process, each server thread's CPU time per
+    request) during it."""
     before = read_batch_series(url, headers)
     cpu_before = thread_cpu_seconds() if in_process else None
-    out["load"] = measure(url, make_payloads(args, name), args, headers)
+    out: dict[str, Any] = {"load": measure(url, payloads, args, headers)}
     if cpu_before is not None:
         out["server_threads_cpu_ms_per_request"] = cpu_per_request(cpu_before, thread_cpu_seconds(),
                                                                    out["load"]["requests_ok"])
     out["server_batches"] = server_batch_stats(url, headers, before)
     return out
+
+
+def measure_again(url: str, name: str, args: argparse.Namespace, headers: dict, in_process: bool) -> dict:
+    """One ``--then`` measurement: its load flags and ``measure_run``'s figures."""
+    return {"flags": {flag: getattr(args, flag) for flag in THEN_FLAGS},
+            **measure_run(url, make_payloads(args, name), args, headers, in_process)}
 
 
 def write_report(report: dict, path: Path | None) -> None:
