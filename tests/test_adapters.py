@@ -326,3 +326,131 @@ def test_every_adapter_state_of_compiled_blocks_stays_compiled(model):
     finally:
         logging.getLogger("torch._dynamo").removeHandler(recorder)
     assert limit_hits == []
+
+
+def adapters_module(model):
+    """The remote-code copy of adapters_nova_embeddings_v1 this model runs on."""
+    import importlib
+
+    return importlib.import_module(type(model).__module__.rsplit(".", 1)[0] + ".adapters_nova_embeddings_v1")
+
+
+@pytest.fixture()
+def bf16_model(tiny_nova_dir, custom_adapter):
+    """A mixed-adapter model as it runs on a GPU: bf16 weights (the segmented pass's grouped GEMMs take bf16)."""
+    model = load(tiny_nova_dir, dtype=torch.bfloat16)
+    model.load_adapter(custom_adapter, adapter_name="custom")
+    model.adapter_batching, model.attention_packing = "mixed", "on"
+    return model
+
+
+@pytest.fixture()
+def grouped_mm_calls(monkeypatch):
+    """Records the (tokens, offsets) of each torch._grouped_mm call."""
+    calls, original = [], torch._grouped_mm
+
+    def recording(mat_a, mat_b, *args, offs=None, **kwargs):
+        calls.append((mat_a.shape[0], offs.tolist()))
+        return original(mat_a, mat_b, *args, offs=offs, **kwargs)
+
+    monkeypatch.setattr(torch, "_grouped_mm", recording)
+    return calls
+
+
+def test_mixed_packed_batches_compute_each_tokens_own_adapter_only(bf16_model, grouped_mm_calls, monkeypatch):
+    """A packed mixed batch holds its items sorted by adapter, and each LoRA layer computes every token's delta with
+    its own adapter's ranks only (two grouped GEMMs over the adapters' runs of tokens, the bare backbone's run
+    last). The vectors equal the masked stacked pass (every adapter's ranks, the others zeroed) and each item
+    encoded alone."""
+    model = bf16_model
+    items = ITEMS + ITEMS[::-1]  # adapters interleaved, each twice
+    together = model.encode(items)
+    layers = [layer for name, layer in model.named_modules() if isinstance(layer, LoraLayer) and "language_model" in name]
+    assert len(grouped_mm_calls) == 2 * len(layers)  # one pass, A then B per LoRA layer (single vectors: no projector)
+    tokens, offsets = grouped_mm_calls[0]
+    names = sorted(model.list_adapters())
+    assert len(offsets) == len(names) + 1 and offsets[-1] == tokens
+    assert offsets == sorted(offsets) and len(set(offsets)) == len(offsets)  # every adapter and the bare one have rows
+
+    monkeypatch.setattr(adapters_module(model), "segmented_lora_supported", lambda layers: False)
+    masked = model.encode(items)
+    assert len(grouped_mm_calls) == 2 * len(layers)  # the masked pass ran: no grouped GEMM
+    torch.testing.assert_close(together, masked, atol=2e-2, rtol=0)
+    alone = torch.stack([model.encode([item])[0] for item in items])
+    assert torch.nn.functional.cosine_similarity(together.float(), alone.float()).min() > 0.999
+    wrong = torch.stack([model.encode([item], adapter="code")[0] for item in items])  # a wrong adapter shows
+    assert torch.nn.functional.cosine_similarity(together.float(), wrong.float()).min() < 0.99
+
+
+def packed_batch(model, texts: list[str]):
+    """The packed batch encode builds for these texts (the processor's public steps)."""
+    processor, limits = model.processor, model.processor.pixel_limits(model.config)
+    tokenized = processor.tokenize_items(processor.normalize_items(texts, config=model.config), config=model.config)
+    return processor.collate_packed(tokenized, min_pixels=limits[0], max_pixels=limits[1])
+
+
+def test_forward_with_unsorted_packed_adapters_keeps_the_masked_pass(bf16_model, grouped_mm_calls):
+    """forward(adapter_names=...) over packed items in any order: sorted by adapter, the segmented pass; else the
+    masked one. Both give each item its own adapter's vector."""
+    model = bf16_model
+    texts, names = ["one two", "three", "four five six"], ["retrieval", "code", "retrieval"]
+    order = [1, 0, 2]  # code before retrieval: sorted
+    with torch.no_grad():  # (with gradients on, forward keeps PEFT's mixed batch, for training)
+        masked = model(**packed_batch(model, texts), adapter_names=names).single_vector
+        assert not grouped_mm_calls
+        segmented = model(**packed_batch(model, [texts[i] for i in order]),
+                          adapter_names=[names[i] for i in order]).single_vector
+    assert grouped_mm_calls
+    torch.testing.assert_close(segmented, masked[order], atol=2e-2, rtol=0)
+
+
+def test_segmented_pass_sees_adapter_weights_change(bf16_model):
+    """The stacked copies of the adapters' weights a segmented pass keeps follow in-place updates (an optimiser
+    step, load_state_dict) and are dropped with the adapter."""
+    model = bf16_model
+    before = model.encode(ITEMS)
+    layers = [layer for layer in model.modules() if isinstance(layer, LoraLayer) and "custom" in layer.lora_B]
+    with torch.no_grad():
+        for layer in layers:
+            layer.lora_B["custom"].weight.mul_(-1)
+    after = model.encode(ITEMS)
+    custom = [i for i, item in enumerate(ITEMS) if isinstance(item, dict) and item.get("adapter") == "custom"]
+    others = [i for i in range(len(ITEMS)) if i not in custom]
+    assert (after[custom] - before[custom]).abs().max() > 1e-2
+    torch.testing.assert_close(after[others], before[others], atol=0, rtol=0)
+    torch.testing.assert_close(after[custom], model.encode([ITEMS[i] for i in custom], adapter="custom"), atol=2e-2,
+                               rtol=0)
+    key = adapters_module(model).SEGMENTED_WEIGHTS
+    assert all(getattr(layer, key, None) is not None for layer in layers)
+    model.unload_adapter("custom")
+    assert all(getattr(layer, key, None) is None for layer in model.modules() if isinstance(layer, LoraLayer))
+
+
+def test_segmented_pass_inside_compiled_blocks(bf16_model):
+    """Dynamo traces the segmented pass's grouped GEMMs with each decoder block; a second mix of adapters (other
+    offsets) runs the same compiled blocks."""
+    model = bf16_model
+    eager = model.encode(ITEMS)
+    model.compile_layers(backend="eager", vision=False)
+    for _ in range(2):
+        torch.testing.assert_close(model.encode(ITEMS), eager, atol=2e-2, rtol=0)
+    torch.testing.assert_close(model.encode(ITEMS[1:4]), eager[1:4], atol=2e-2, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="needs a Hopper-or-newer GPU (CUDA grouped GEMMs)")
+def test_cuda_mixed_packed_batches_run_the_segmented_pass(tiny_nova_dir, custom_adapter, monkeypatch):
+    """On the GPU, as encode runs there by default (compiled blocks, bf16): a packed mixed batch takes the
+    segmented pass, whose vectors match the masked pass and each item encoded alone."""
+    model = load(tiny_nova_dir, dtype=torch.bfloat16).to("cuda")
+    model.load_adapter(custom_adapter, adapter_name="custom")
+    model.adapter_batching, model.cuda_graphs = "mixed", "off"  # (graphs replay the masked pass: small calls)
+    items = ITEMS * 3
+    together = model.encode(items)
+    key = adapters_module(model).SEGMENTED_WEIGHTS
+    assert all(getattr(layer, key, None) is not None for name, layer in model.named_modules()
+               if isinstance(layer, LoraLayer) and "language_model" in name)  # built by segmented passes only
+    monkeypatch.setattr(adapters_module(model), "segmented_lora_supported", lambda layers: False)
+    torch.testing.assert_close(together, model.encode(items), atol=2e-2, rtol=0)
+    alone = torch.stack([model.encode([item])[0] for item in items])
+    assert torch.nn.functional.cosine_similarity(together.float(), alone.float()).min() > 0.999
