@@ -11,7 +11,6 @@ selected (``set_adapter``, ``disable_adapters``) is what a bare ``forward`` uses
 
 from __future__ import annotations
 
-import bisect
 import functools
 import os
 import warnings
@@ -299,8 +298,6 @@ class AdapterManager:
             warnings.filterwarnings("ignore", message=".*was active which is now deleted.*")
             delete_adapter(self.model, adapter_name=name, prefix="lora_")
         getattr(self.model, "peft_config", {}).pop(name, None)
-        for layer in lora_layers(self.model):  # segmented passes' stacked copies of the adapters' weights
-            object.__setattr__(layer, SEGMENTED_WEIGHTS, None)
 
     def unload(self, name: str) -> None:
         names = self.names()
@@ -391,16 +388,12 @@ class BatchRouter:
 
 
 @contextmanager
-def rows_routed(model: nn.Module, adapter_names: Sequence[str] | None, cu_seqlens: torch.Tensor | None = None,
-                packed_tokens: int | None = None):
-    """Route each row (each packed item, given ``cu_seqlens`` and the packed row's length ``packed_tokens``) to its
-    adapter for one forward pass.
+def rows_routed(model: nn.Module, adapter_names: Sequence[str] | None, cu_seqlens: torch.Tensor | None = None):
+    """Route each row (each packed item, given ``cu_seqlens``) to its adapter for one forward pass.
 
     At inference, when every layer holding these adapters is a plain LoRA linear over the language model's tokens,
-    each layer adds the deltas of every stackable adapter in one stacked pass (``stacked_routing``): segmented
-    (each token only its own adapter's ranks) when packed items come sorted by adapter (``adapter_order``, as
-    ``encode`` sorts each batch), else masked. Otherwise PEFT's own mixed-batch forward (per-adapter dropout and
-    gradients while training), which needs padded rows.
+    each layer adds the deltas of every stackable adapter in one stacked pass (``stacked_routing``); otherwise
+    PEFT's own mixed-batch forward (per-adapter dropout and gradients while training), which needs padded rows.
     """
     if adapter_names is None:
         yield
@@ -417,14 +410,7 @@ def rows_routed(model: nn.Module, adapter_names: Sequence[str] | None, cu_seqlen
     names = sorted(set(adapter_names) - {BASE})
     stackable = stackable_adapters(model)
     if set(names) <= set(stackable):
-        offsets = None
-        if packed_tokens is not None and cu_seqlens is not None and segmented_lora_supported(layers):
-            offsets = segment_offsets(adapter_names, stackable, cu_seqlens, packed_tokens)
-        if offsets is not None:
-            routing = stacked_routing(layers, stackable, offsets=offsets)
-        else:
-            routing = stacked_routing(layers, stackable, _token_adapters(adapter_names, stackable, cu_seqlens))
-        with routing:
+        with stacked_routing(layers, stackable, _token_adapters(adapter_names, stackable, cu_seqlens)):
             yield
         return
     if cu_seqlens is not None:
@@ -447,32 +433,23 @@ def rows_routed(model: nn.Module, adapter_names: Sequence[str] | None, cu_seqlen
 
 
 @contextmanager
-def stacked_routing(layers: Sequence["LoraLayer"], names: list[str], token_adapters: torch.Tensor | None = None,
-                    offsets: torch.Tensor | None = None):
+def stacked_routing(layers: Sequence["LoraLayer"], names: list[str], token_adapters: torch.Tensor):
     """For the passes run inside: each layer computes its base projection and adds, for every token, the delta of
-    its adapter among ``names``. Masked: ``token_adapters`` gives an index into ``names`` per token, -1 for the bare
-    backbone (see ``_token_adapters`` for its shapes). Segmented: the packed tokens come sorted by adapter and
-    ``offsets`` (``segment_offsets``) ends each adapter's run, the bare backbone's last. Yields the layers'
-    ``StackedPass`` objects: whoever records the passes (a CUDA graph) keeps them, since the recorded kernels read
-    their tensors.
+    its adapter among ``names`` (``token_adapters``: an index into ``names`` per token, -1 for the bare backbone;
+    see ``_token_adapters`` for its shapes). Yields the layers' ``StackedPass`` objects: whoever records the
+    passes (a CUDA graph) keeps them, since the recorded kernels read their tensors.
 
     ``names`` is every stackable adapter, not only the batch's: the pass then has the same shapes and reads the same
     attributes whichever adapters a batch mixes, so compiled blocks and graphs are not rebuilt per mix. The cost is
     the absent adapters' ranks (r = 32 each: ~3% of a projection's FLOPs per adapter).
     """
-    if (token_adapters is None) == (offsets is None):
-        raise ValueError("stacked_routing takes token_adapters (masked) or offsets (segmented), one of them")
-    routing = token_adapters if offsets is None else offsets
     on_device: dict[torch.device, torch.Tensor] = {}  # one copy per device for the whole pass, not per layer
-    if routing.device.type != "cpu":
-        on_device[routing.device] = routing
+    if token_adapters.device.type != "cpu":
+        on_device[token_adapters.device] = token_adapters
     saved = [(layer, layer.active_adapters, layer.disable_adapters) for layer in layers]
     passes = []
     for layer in layers:
-        if offsets is None:
-            passes.append(stacked_pass(layer, names, token_adapters, on_device))
-        else:
-            passes.append(segmented_pass(layer, names, offsets, on_device))
+        passes.append(stacked_pass(layer, names, token_adapters, on_device))
         object.__setattr__(layer, STACKED_PASS, passes[-1])
         _set_layer_state(layer, layer.active_adapters, True)  # the layer computes the base projection only
     handles = [layer.register_forward_hook(add_stacked_deltas) for layer in layers]
@@ -561,94 +538,6 @@ def stacked_pass(layer: "LoraLayer", names: list[str], token_adapters: torch.Ten
     return StackedPass(held, cached[1], cached[2], on_device[device])
 
 
-SEGMENTED_WEIGHTS = "_nova_segmented_weights"  # each LoRA layer's cached (key, stacked A, stacked B) of a segmented pass
-GROUPED_MM_ALIGNMENT = 8  # CUDA grouped GEMMs need 16-byte aligned rows: bf16 sizes in multiples of 8
-
-
-def adapter_order(name: str, names: Sequence[str]) -> int:
-    """Where rows of adapter ``name`` go in a segmented pass over ``names``: their index, the bare backbone last."""
-    return len(names) if name == BASE else names.index(name)
-
-
-def segmented_lora_supported(layers: Sequence["LoraLayer"]) -> bool:
-    """Whether torch's grouped GEMM can compute these layers' segmented pass: bf16 weights (all its shape checks,
-    and so torch.compile, accept), on the CPU or on a Hopper-or-newer GPU with every projection's sizes aligned for
-    it. Other set-ups keep the masked pass."""
-    if not layers or not hasattr(torch, "_grouped_mm"):
-        return False
-    weight = layers[0].get_base_layer().weight
-    if weight.dtype != torch.bfloat16:
-        return False
-    if weight.device.type == "cpu":
-        return True
-    if weight.device.type != "cuda" or torch.cuda.get_device_capability(weight.device) < (9, 0):
-        return False
-    return all(size % GROUPED_MM_ALIGNMENT == 0 for layer in layers for size in layer.get_base_layer().weight.shape)
-
-
-def segment_offsets(adapter_names: Sequence[str], names: list[str], cu_seqlens: torch.Tensor,
-                    packed_tokens: int) -> torch.Tensor | None:
-    """Where each adapter's run of tokens ends in a packed row whose items come sorted by ``adapter_order`` (one
-    entry per adapter of ``names``, then the bare backbone's, which ends at the row's end), int32 on
-    ``cu_seqlens``' device without a host sync; None when the items are not sorted so."""
-    keys = [adapter_order(name, names) for name in adapter_names]
-    if any(a > b for a, b in zip(keys, keys[1:])):
-        return None
-    ends = [bisect.bisect_right(keys, group) for group in range(len(names))]  # items up to the end of each run
-    bounds = cu_seqlens.to(torch.int32)
-    index = torch.tensor(ends, dtype=torch.long).to(bounds.device, non_blocking=True)
-    row_end = torch.full((1,), packed_tokens, dtype=torch.int32).to(bounds.device, non_blocking=True)
-    return torch.cat([bounds[index], row_end])
-
-
-@dataclass
-class SegmentedPass:
-    """One LoRA layer's part of a segmented pass: every adapter's A (scaled) and B stacked in the pass's order, a
-    zero block where the layer lacks the adapter and for the bare backbone, ranks zero-padded to one width."""
-
-    held: tuple[str, ...]
-    a: torch.Tensor  # (adapters + 1, in, rank)
-    b: torch.Tensor  # (adapters + 1, rank, out)
-    offsets: torch.Tensor  # (adapters + 1,) int32: where each adapter's tokens end
-
-
-def segmented_pass(layer: "LoraLayer", names: list[str], offsets: torch.Tensor,
-                   on_device: dict[torch.device, torch.Tensor]) -> SegmentedPass:
-    """The layer's ``SegmentedPass``. Its stacked weights are built once per set of adapters, ranks, scalings,
-    device and weight versions (an optimiser step or ``load_state_dict`` bumps them) and kept on the layer: a copy
-    of the adapters' LoRA weights, which ``AdapterManager.remove`` drops."""
-    held = tuple(name for name in names if name in layer.lora_A)
-    weight = layer.get_base_layer().weight
-    tensors = [module[name].weight for name in held for module in (layer.lora_A, layer.lora_B)]
-    key = (tuple(names), held, tuple(layer.r[name] for name in held), tuple(float(layer.scaling[name]) for name in held),
-           weight.device, tuple((t.data_ptr(), t._version) for t in tensors))
-    cached = getattr(layer, SEGMENTED_WEIGHTS, None)
-    if cached is None or cached[0] != key:
-        cached = (key, *_stacked_lora_weights(layer, names, held))
-        object.__setattr__(layer, SEGMENTED_WEIGHTS, cached)
-    if weight.device not in on_device:
-        on_device[weight.device] = offsets.to(weight.device, non_blocking=True)
-    return SegmentedPass(held, cached[1], cached[2], on_device[weight.device])
-
-
-def _stacked_lora_weights(layer: "LoraLayer", names: list[str], held: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(adapters + 1, in, rank) scaled A and (adapters + 1, rank, out) B blocks, as transposed views of row-major
-    stacks (the layout grouped GEMMs take for their second operand). Scaling goes into A: the delta is then
-    B (s A) x, which the masked pass computes as B (s (A x))."""
-    weight = layer.get_base_layer().weight
-    out_features, in_features = weight.shape
-    rank = -(-max((layer.r[name] for name in held), default=1) // GROUPED_MM_ALIGNMENT) * GROUPED_MM_ALIGNMENT
-    dtype = layer.lora_A[held[0]].weight.dtype if held else weight.dtype
-    a = torch.zeros(len(names) + 1, rank, in_features, dtype=dtype, device=weight.device)
-    b = torch.zeros(len(names) + 1, out_features, rank, dtype=dtype, device=weight.device)
-    with torch.no_grad():
-        for name in held:
-            group, r = names.index(name), layer.r[name]
-            a[group, :r] = layer.lora_A[name].weight * layer.scaling[name]
-            b[group, :, :r] = layer.lora_B[name].weight
-    return a.transpose(1, 2), b.transpose(1, 2)
-
-
 def add_stacked_deltas(layer: "LoraLayer", args: tuple, output: torch.Tensor) -> torch.Tensor:
     """Every row's LoRA delta of one layer in one pass (rows of several adapters in one batch, issue 11).
 
@@ -658,13 +547,9 @@ def add_stacked_deltas(layer: "LoraLayer", args: tuple, output: torch.Tensor) ->
     its adapter's delta alone, as in PEFT; the extra FLOPs are the other adapters' ranks (r=32 each). One function
     for every layer and pass (compiled blocks see the same hook each time); the pass's data is on the layer.
     """
-    routing: StackedPass | SegmentedPass = getattr(layer, STACKED_PASS)
+    routing: StackedPass = getattr(layer, STACKED_PASS)
     if not routing.held:
         return output
-    if isinstance(routing, SegmentedPass):  # tokens sorted by adapter: each multiplies its own adapter's blocks only
-        x = args[0].reshape(-1, args[0].shape[-1]).to(routing.a.dtype).contiguous()
-        ranks = torch._grouped_mm(x, routing.a, offs=routing.offsets)
-        return output + torch._grouped_mm(ranks, routing.b, offs=routing.offsets).view(output.shape).to(output.dtype)
     a = torch.cat([layer.lora_A[name].weight for name in routing.held])  # (ranks, in)
     b = torch.cat([layer.lora_B[name].weight for name in routing.held], dim=1)  # (out, ranks)
     keep = (routing.token_adapters.unsqueeze(-1) == routing.owner) * routing.scaling  # the token's block, scaled

@@ -31,8 +31,7 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLPreTrainedModel
 
 from .adapters_nova_embeddings_v1 import (
-    BASE, AdapterManager, adapter_order, can_stack, lora_layers, module_index, repository_adapter_folders, rows_routed,
-    stackable_adapters,
+    BASE, AdapterManager, can_stack, lora_layers, module_index, repository_adapter_folders, rows_routed,
 )
 from .configuration_nova_embeddings_v1 import NovaEmbeddingsV1Config
 from .graphs_nova_embeddings_v1 import SmallCallGraphs, StaticBatch, graph_sized_limits
@@ -217,7 +216,7 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         # the lock (reentrant: encode holds it already) keeps another thread's encode or adapter load from changing
         # the LoRA layers' routing or the modules' modes halfway through this pass (sentence-transformers calls here)
         with self._adapter_lock, (nullcontext() if modes_are_right else self.dropout_disabled()), \
-                rows_routed(self, adapter_names, cu_seqlens, input_ids.shape[-1] if cu_seqlens is not None else None):
+                rows_routed(self, adapter_names, cu_seqlens):
             inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw, image_embeds, image_is_precomputed)
             if cu_seqlens is not None:
                 hidden = self._language_model_packed(inputs_embeds, input_ids, cu_seqlens, max_seqlen, image_grid_thw,
@@ -752,19 +751,9 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
                 and all(t.image_grid_thw is None for t in tokenized):  # text only (graphs take no images)
             batch_size, max_batch_tokens = graph_sized_limits([len(t) for t in tokenized], batch_size, max_batch_tokens)
         batches = self.plan_batches(tokenized, batch_size, max_batch_tokens, groups=groups, padded=not packed)
-        if groups is None and len(set(adapters)) > 1:
-            batches = self._sorted_by_adapter(batches, adapters)
         outputs, ready = self._run_batches(tokenized, batches, adapters, limits, return_multivector, packed,
                                            show_progress_bar)
         return _RunPart(offset, tokenized, outputs, ready)
-
-    def _sorted_by_adapter(self, batches: list[list[int]], adapters: Sequence[str]) -> list[list[int]]:
-        """Each batch's items in stacked-pass order of their adapters (longest first within one): a packed pass then
-        computes each token's own adapter only (``segment_offsets``), not every adapter's ranks under a mask."""
-        names = stackable_adapters(self, dropout_disabled=True)
-        if not set(adapters) - {BASE} <= set(names):
-            return batches
-        return [sorted(batch, key=lambda i: adapter_order(adapters[i], names)) for batch in batches]
 
     def _merges_a_group(self, tokenized: Sequence[TokenizedItem], groups: Sequence[str] | None) -> bool:
         """Whether an adapter group of this part will run on merged weights (which graphs cannot replay)."""
