@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import types
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+FUSED_MIN_TOKENS = 4096  # a stacked pass this large fuses deltas into the GEMMs (the weights' copy then pays off)
 MERGE_MIN_TOKENS = 4096  # below this, merging (two weight copies of ~5.5 GB at full size) costs more than unmerged LoRA
 PEFT_PREFIX = "base_model.model."  # how PeftModel.save_pretrained prefixes adapter keys
 LOADED_MARK = "_nova_lora_base"  # set on each projection that one of our adapters wraps
@@ -388,12 +390,15 @@ class BatchRouter:
 
 
 @contextmanager
-def rows_routed(model: nn.Module, adapter_names: Sequence[str] | None, cu_seqlens: torch.Tensor | None = None):
-    """Route each row (each packed item, given ``cu_seqlens``) to its adapter for one forward pass.
+def rows_routed(model: nn.Module, adapter_names: Sequence[str] | None, cu_seqlens: torch.Tensor | None = None,
+                tokens: int = 0):
+    """Route each row (each packed item, given ``cu_seqlens``) to its adapter for one forward pass of ``tokens``
+    tokens (padding included).
 
     At inference, when every layer holding these adapters is a plain LoRA linear over the language model's tokens,
-    each layer adds the deltas of every stackable adapter in one stacked pass (``stacked_routing``); otherwise
-    PEFT's own mixed-batch forward (per-adapter dropout and gradients while training), which needs padded rows.
+    each layer adds the deltas of every stackable adapter in one stacked pass (``stacked_routing``; fused into the
+    projections' GEMMs from ``FUSED_MIN_TOKENS`` on); otherwise PEFT's own mixed-batch forward (per-adapter dropout
+    and gradients while training), which needs padded rows.
     """
     if adapter_names is None:
         yield
@@ -410,7 +415,8 @@ def rows_routed(model: nn.Module, adapter_names: Sequence[str] | None, cu_seqlen
     names = sorted(set(adapter_names) - {BASE})
     stackable = stackable_adapters(model)
     if set(names) <= set(stackable):
-        with stacked_routing(layers, stackable, _token_adapters(adapter_names, stackable, cu_seqlens)):
+        with stacked_routing(layers, stackable, _token_adapters(adapter_names, stackable, cu_seqlens),
+                             fuse=tokens >= FUSED_MIN_TOKENS):
             yield
         return
     if cu_seqlens is not None:
@@ -433,11 +439,15 @@ def rows_routed(model: nn.Module, adapter_names: Sequence[str] | None, cu_seqlen
 
 
 @contextmanager
-def stacked_routing(layers: Sequence["LoraLayer"], names: list[str], token_adapters: torch.Tensor):
+def stacked_routing(layers: Sequence["LoraLayer"], names: list[str], token_adapters: torch.Tensor, fuse: bool = False):
     """For the passes run inside: each layer computes its base projection and adds, for every token, the delta of
     its adapter among ``names`` (``token_adapters``: an index into ``names`` per token, -1 for the bare backbone;
     see ``_token_adapters`` for its shapes). Yields the layers' ``StackedPass`` objects: whoever records the
     passes (a CUDA graph) keeps them, since the recorded kernels read their tensors.
+
+    With ``fuse`` (large passes), layers that ``fuses`` picks compute projection and delta as one GEMM
+    (``fused_lora_forward``); the others, and every layer without it, add the delta after the projection
+    (``add_stacked_deltas``).
 
     ``names`` is every stackable adapter, not only the batch's: the pass then has the same shapes and reads the same
     attributes whichever adapters a batch mixes, so compiled blocks and graphs are not rebuilt per mix. The cost is
@@ -447,17 +457,23 @@ def stacked_routing(layers: Sequence["LoraLayer"], names: list[str], token_adapt
     if token_adapters.device.type != "cpu":
         on_device[token_adapters.device] = token_adapters
     saved = [(layer, layer.active_adapters, layer.disable_adapters) for layer in layers]
-    passes = []
-    for layer in layers:
-        passes.append(stacked_pass(layer, names, token_adapters, on_device))
-        object.__setattr__(layer, STACKED_PASS, passes[-1])
-        _set_layer_state(layer, layer.active_adapters, True)  # the layer computes the base projection only
-    handles = [layer.register_forward_hook(add_stacked_deltas) for layer in layers]
+    passes, handles, fused = [], [], []
     try:
+        for layer in layers:
+            passes.append(stacked_pass(layer, names, token_adapters, on_device))
+            object.__setattr__(layer, STACKED_PASS, passes[-1])
+            if fuse and passes[-1].held and fuses(layer):
+                object.__setattr__(layer, "forward", _fused_forward_of(layer))  # this instance only, for the pass
+                fused.append(layer)
+            else:
+                _set_layer_state(layer, layer.active_adapters, True)  # the layer computes the base projection only
+                handles.append(layer.register_forward_hook(add_stacked_deltas))
         yield passes
     finally:
         for handle in handles:
             handle.remove()
+        for layer in fused:
+            del layer.__dict__["forward"]
         for layer, active, disabled in saved:
             _set_layer_state(layer, active, disabled)
             object.__setattr__(layer, STACKED_PASS, None)
@@ -550,13 +566,54 @@ def add_stacked_deltas(layer: "LoraLayer", args: tuple, output: torch.Tensor) ->
     routing: StackedPass = getattr(layer, STACKED_PASS)
     if not routing.held:
         return output
-    a = torch.cat([layer.lora_A[name].weight for name in routing.held])  # (ranks, in)
     b = torch.cat([layer.lora_B[name].weight for name in routing.held], dim=1)  # (out, ranks)
-    keep = (routing.token_adapters.unsqueeze(-1) == routing.owner) * routing.scaling  # the token's block, scaled
-    ranks = F.linear(args[0].to(a.dtype), a) * keep.to(a.dtype)
+    ranks = _stacked_ranks(layer, routing, args[0])
     # (torch.addmm into the output was tried: two H200 runs, w1 at 95k and 94k tokens/s, gave w4 "mixed" 57k with this
     # form and 47k with addmm, whose out-of-place form copies the output before its GEMM adds into it)
     return output + F.linear(ranks, b).to(output.dtype)
+
+
+FUSED_FORWARD = "_nova_fused_forward"  # each LoRA layer's bound ``fused_lora_forward``, made once
+
+
+def fuses(layer: "LoraLayer") -> bool:
+    """Whether a large stacked pass computes this layer as one GEMM (``fused_lora_forward``): where the delta's
+    traffic outweighs copying the input, i.e. the input is no wider than the output (q, o, gate, up: not down),
+    and no one else has replaced the layer's ``forward`` (accelerate's offload hooks do)."""
+    base = layer.get_base_layer()
+    return base.in_features <= base.out_features and "forward" not in layer.__dict__
+
+
+def _fused_forward_of(layer: "LoraLayer") -> Any:
+    """The layer's ``fused_lora_forward`` bound to it, made once: compiled blocks then see one function per layer."""
+    bound = getattr(layer, FUSED_FORWARD, None)
+    if bound is None:
+        bound = types.MethodType(fused_lora_forward, layer)
+        object.__setattr__(layer, FUSED_FORWARD, bound)
+    return bound
+
+
+def fused_lora_forward(layer: "LoraLayer", x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """A stacked pass's projection and LoRA deltas as one GEMM: ``[x, ranks] @ [W, B_1 ... B_n].T + bias``.
+
+    ``ranks`` are ``add_stacked_deltas``' (every adapter's ranks, each token keeping its adapter's block, scaled).
+    Added after the projection, the delta is a (tokens, out) tensor written, read back and added: for a 2,048 ->
+    11,008 projection over 16k tokens that traffic cost 45% of the projection's own time on an H200. Here the
+    ranks ride along the GEMM's reduction instead (r = 32 per adapter: ~6% more K), for the price of copying the
+    input and the weights beside the ranks. Only in passes without gradients (``_stack_blockers``)."""
+    routing: StackedPass = getattr(layer, STACKED_PASS)
+    base = layer.get_base_layer()
+    ranks = _stacked_ranks(layer, routing, x)
+    b = torch.cat([layer.lora_B[name].weight for name in routing.held], dim=1)  # (out, ranks)
+    return F.linear(torch.cat([x, ranks.to(x.dtype)], dim=-1), torch.cat([base.weight, b.to(base.weight.dtype)], dim=1),
+                    base.bias)
+
+
+def _stacked_ranks(layer: "LoraLayer", routing: "StackedPass", x: torch.Tensor) -> torch.Tensor:
+    """``x @ [A_1; ...; A_n].T`` with each token's ranks outside its adapter's block zeroed and its own scaled."""
+    a = torch.cat([layer.lora_A[name].weight for name in routing.held])  # (ranks, in)
+    keep = (routing.token_adapters.unsqueeze(-1) == routing.owner) * routing.scaling  # the token's block, scaled
+    return F.linear(x.to(a.dtype), a) * keep.to(a.dtype)
 
 
 # ---------------------------------------------------------------------- files

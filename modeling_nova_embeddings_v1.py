@@ -216,7 +216,7 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         # the lock (reentrant: encode holds it already) keeps another thread's encode or adapter load from changing
         # the LoRA layers' routing or the modules' modes halfway through this pass (sentence-transformers calls here)
         with self._adapter_lock, (nullcontext() if modes_are_right else self.dropout_disabled()), \
-                rows_routed(self, adapter_names, cu_seqlens):
+                rows_routed(self, adapter_names, cu_seqlens, input_ids.numel()):
             inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw, image_embeds, image_is_precomputed)
             if cu_seqlens is not None:
                 hidden = self._language_model_packed(inputs_embeds, input_ids, cu_seqlens, max_seqlen, image_grid_thw,

@@ -326,3 +326,78 @@ def test_every_adapter_state_of_compiled_blocks_stays_compiled(model):
     finally:
         logging.getLogger("torch._dynamo").removeHandler(recorder)
     assert limit_hits == []
+
+
+def adapters_module(model):
+    """The remote-code copy of adapters_nova_embeddings_v1 this model runs on."""
+    import importlib
+
+    return importlib.import_module(type(model).__module__.rsplit(".", 1)[0] + ".adapters_nova_embeddings_v1")
+
+
+def fused_layers_seen(model) -> tuple[set[str], list]:
+    """Records which LoRA layers ran a fused forward (their instance ``forward`` replaced) during each pass."""
+    seen: set[str] = set()
+    handles = []
+    for name, layer in model.named_modules():
+        if isinstance(layer, LoraLayer) and "language_model" in name:
+            record = lambda module, args, output, name=name: seen.add(name.rsplit(".", 1)[-1]) \
+                if "forward" in module.__dict__ else None  # noqa: E731
+            handles.append(layer.register_forward_hook(record))
+    return seen, handles
+
+
+@pytest.mark.parametrize("packing", ["on", "off"])
+def test_large_stacked_passes_fuse_the_deltas_into_the_projections(model, packing, monkeypatch):
+    """From FUSED_MIN_TOKENS on, a mixed pass computes the projections whose input is no wider than their output
+    (q, o, gate, up) as one GEMM over [x, ranks] and [W, B] (no delta tensor written and added); the others add
+    the delta. Vectors equal the unfused pass and each item alone, in eval and train mode, padded and packed, and
+    every layer's forward is PEFT's again after the call."""
+    model.adapter_batching, model.attention_packing = "mixed", packing
+    unfused = model.encode(ITEMS)
+    monkeypatch.setattr(adapters_module(model), "FUSED_MIN_TOKENS", 1)
+    seen, handles = fused_layers_seen(model)
+    fused = model.encode(ITEMS)
+    assert seen == {"q_proj", "o_proj", "gate_proj", "up_proj"}
+    torch.testing.assert_close(fused, unfused, atol=1e-5, rtol=1e-4)
+    alone = torch.stack([model.encode([item])[0] for item in ITEMS])
+    torch.testing.assert_close(fused, alone, atol=1e-5, rtol=1e-4)
+    model.train()
+    torch.testing.assert_close(model.encode(ITEMS), fused, atol=0, rtol=0)
+    for handle in handles:
+        handle.remove()
+    assert not any("forward" in layer.__dict__ for layer in model.modules() if isinstance(layer, LoraLayer))
+    wrong = model.encode(ITEMS, adapter="code")  # a wrong adapter shows
+    assert (wrong - fused).abs().max() > 1e-3
+
+
+def test_fused_pass_inside_compiled_blocks(model, monkeypatch):
+    """Dynamo traces the fused projections with each decoder block; fused and unfused passes, and other mixes of
+    adapters, each run their compiled variant with the same vectors as eager."""
+    model.adapter_batching, model.attention_packing = "mixed", "on"
+    monkeypatch.setattr(adapters_module(model), "FUSED_MIN_TOKENS", 1)
+    eager = model.encode(ITEMS)
+    model.compile_layers(backend="eager", vision=False)
+    for _ in range(2):
+        torch.testing.assert_close(model.encode(ITEMS), eager, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(model.encode(ITEMS[1:4]), eager[1:4], atol=1e-5, rtol=1e-4)
+    monkeypatch.setattr(adapters_module(model), "FUSED_MIN_TOKENS", 10**9)
+    torch.testing.assert_close(model.encode(ITEMS), eager, atol=1e-5, rtol=1e-4)
+
+
+def test_fused_pass_leaves_a_replaced_forward_alone(model, monkeypatch):
+    """A layer whose forward someone else replaced (accelerate's hooks do) keeps it: that layer adds its delta
+    after the projection instead, and the vectors are the same."""
+    model.adapter_batching, model.attention_packing = "mixed", "on"
+    expected = model.encode(ITEMS)
+    monkeypatch.setattr(adapters_module(model), "FUSED_MIN_TOKENS", 1)
+    q_proj = next(layer for name, layer in model.named_modules() if name.endswith("layers.0.self_attn.q_proj"))
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        return type(q_proj).forward(q_proj, *args, **kwargs)
+
+    q_proj.forward = wrapped
+    torch.testing.assert_close(model.encode(ITEMS), expected, atol=1e-5, rtol=1e-4)
+    assert calls and q_proj.__dict__["forward"] is wrapped
