@@ -180,8 +180,10 @@ def test_encoding_is_safe_while_adapters_change(model, tiny_nova_dir, tmp_path):
 
 
 def test_merged_adapter_groups_equal_unmerged_and_restore_weights_exactly(model):
-    """adapter_merging="on": each adapter group runs on merged weights (PEFT's merge), originals put back."""
+    """adapter_merging="on": each adapter group runs on merged weights (PEFT's merge), originals put back: the
+    same values in the same memory (CUDA graphs captured before read the weights there)."""
     before = snapshot(model)
+    pointers = {name: p.data_ptr() for name, p in model.named_parameters()}
     model.adapter_merging = "off"
     unmerged = model.encode(ITEMS)
     unmerged_multi = model.encode(ITEMS, return_multivector=True)
@@ -193,6 +195,7 @@ def test_merged_adapter_groups_equal_unmerged_and_restore_weights_exactly(model)
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert pointers == {name: p.data_ptr() for name, p in model.named_parameters()}
     assert not any(m.merged_adapters for m in model.modules() if isinstance(m, LoraLayer))
     model.adapter_merging, model.attention_packing = "auto", "auto"
 
