@@ -705,9 +705,12 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         if not adapters:
             return self._empty_result(return_multivector, dimensions, output)
         packed = self.use_packed_attention()
+        lead = self._pipeline_lead(normalized, packed, batch_size, max_batch_tokens, limits)
+        order = None
+        if lead is not None and self._batches_per_adapter(adapters, packed):
+            normalized, adapters, order = _grouped_by_adapter(normalized, adapters)
         run = functools.partial(self._run_items, adapters=adapters, limits=limits, packed=packed, batch_size=batch_size,
                                 max_batch_tokens=max_batch_tokens, return_multivector=return_multivector)
-        lead = self._pipeline_lead(normalized, packed, batch_size, max_batch_tokens, limits)
         if lead is not None:
             show = len(adapters) >= 256 if show_progress_bar is None else show_progress_bar
             parts = self._run_pipelined(run, normalized, lead, limits, truncate, show_progress_bar=show)
@@ -716,6 +719,8 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
                 tokenized = self._tokenize_items(normalized, limits, truncate)
             parts = [run(tokenized, show_progress_bar=show_progress_bar)]
         results = self._gather(parts, len(adapters), return_multivector, packed)
+        if order is not None:
+            results = _in_call_order(results, order)
         return _convert(self._finish(results, return_multivector, dimensions), return_multivector, output)
 
     def _pipeline_lead(self, normalized: list[EmbeddingItem] | None, packed: bool, batch_size: int,
@@ -1216,6 +1221,23 @@ def _is_int(value: Any) -> bool:
 def _require_positive_int(name: str, value: Any) -> None:
     if not _is_int(value) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _grouped_by_adapter(items: list[EmbeddingItem], adapters: list[str]) -> tuple[list, list, list[int]]:
+    """The call's items and adapters sorted by adapter (stably), and where each came from. A pipelined call whose
+    batches hold one adapter each then starts the GPU on one adapter's items: in call order, its first part (about
+    one batch) spread over every adapter and ran as that many small batches (and merges), then the rest as many
+    again. Items keep their ``index``, so errors still name each item by its place in the call."""
+    order = sorted(range(len(adapters)), key=adapters.__getitem__)
+    return [items[i] for i in order], [adapters[i] for i in order], order
+
+
+def _in_call_order(results: list, order: list[int]) -> list:
+    """Undo ``_grouped_by_adapter`` on the results."""
+    restored = [None] * len(results)
+    for position, index in enumerate(order):
+        restored[index] = results[position]
+    return restored
 
 
 def _lead_items(items: Sequence[EmbeddingItem], batch_size: int, max_batch_tokens: int, image_tokens: int) -> int:

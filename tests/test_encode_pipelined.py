@@ -54,12 +54,34 @@ def tokenize_calls(model, monkeypatch):
 def test_pipelined_call_equals_each_item_alone_in_input_order(model, tokenize_calls):
     together = model.encode(MIXED, batch_size=2)
     multi = model.encode(MIXED, batch_size=2, return_multivector=True)
-    assert tokenize_calls[0] == (list(range(2)), True)  # the first batch's items, then the GPU starts
-    assert tokenize_calls[1] == (list(range(2, len(MIXED))), False)  # the rest in a worker thread meanwhile
+    (head, on_caller), (rest, on_worker) = tokenize_calls[:2]
+    assert len(head) == 2 and on_caller  # the first batch's items, then the GPU starts
+    assert sorted(head + rest) == list(range(len(MIXED))) and not on_worker  # the rest in a worker thread meanwhile
     alone = torch.stack([model.encode([item])[0] for item in MIXED])
     torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
     for item, vectors in zip(MIXED, multi):
         torch.testing.assert_close(vectors, model.encode([item], return_multivector=True)[0], rtol=0, atol=1e-5)
+
+
+def test_pipelined_call_of_one_adapter_per_batch_starts_on_one_adapters_items(model, tokenize_calls, monkeypatch):
+    """adapter_batching="group" (the default): the first part tokenised is one adapter's items, so the call runs as
+    many batches as it would unpipelined. In call order, the first part spread over every adapter and ran as that
+    many small batches (each merged on a GPU), then the rest as many again. Vectors come back in input order."""
+    items = [{"text": text(5 + i), "task": "code.query" if i % 2 else "retrieval.query"} for i in range(8)]
+    adapters = ["code" if i % 2 else "retrieval" for i in range(8)]
+    passes = []
+    original = model.forward
+    monkeypatch.setattr(model, "forward", lambda *args, **kwargs: (passes.append(1), original(*args, **kwargs))[1])
+    together = model.encode(items, batch_size=2)
+    head = tokenize_calls[0][0]
+    assert len(head) == 2 and len({adapters[i] for i in head}) == 1
+    assert len(passes) == 4  # 4 items per adapter, 2 per batch
+    alone = torch.stack([original_encode(model, item) for item in items])
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
+
+
+def original_encode(model, item):
+    return model.encode([item])[0]
 
 
 def test_pipelined_call_equals_the_whole_call_tokenised_first(model, tokenize_calls):
