@@ -353,15 +353,16 @@ def fused_layers_seen(model) -> tuple[set[str], list]:
 @pytest.mark.parametrize("packing", ["on", "off"])
 def test_large_stacked_passes_fuse_the_deltas_into_the_projections(model, packing, monkeypatch):
     """From FUSED_MIN_TOKENS on, a mixed pass computes the projections whose input is no wider than their output
-    (q, o, gate, up) as one GEMM over [x, ranks] and [W, B] (no delta tensor written and added); the others add
+    or FUSED_MAX_INPUT as one GEMM over [x, ranks] and [W, B] (no delta tensor written and added); the others add
     the delta. Vectors equal the unfused pass and each item alone, in eval and train mode, padded and packed, and
     every layer's forward is PEFT's again after the call."""
     model.adapter_batching, model.attention_packing = "mixed", packing
     unfused = model.encode(ITEMS)
     monkeypatch.setattr(adapters_module(model), "FUSED_MIN_TOKENS", 1)
+    monkeypatch.setattr(adapters_module(model), "FUSED_MAX_INPUT", model.config.text_config.hidden_size)
     seen, handles = fused_layers_seen(model)
     fused = model.encode(ITEMS)
-    assert seen == {"q_proj", "o_proj", "gate_proj", "up_proj"}
+    assert seen == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"}  # not down: intermediate -> hidden
     torch.testing.assert_close(fused, unfused, atol=1e-5, rtol=1e-4)
     alone = torch.stack([model.encode([item])[0] for item in ITEMS])
     torch.testing.assert_close(fused, alone, atol=1e-5, rtol=1e-4)
