@@ -405,3 +405,23 @@ def test_fused_pass_leaves_a_replaced_forward_alone(model, monkeypatch):
     q_proj.forward = wrapped
     torch.testing.assert_close(model.encode(ITEMS), expected, atol=1e-5, rtol=1e-4)
     assert calls and q_proj.__dict__["forward"] is wrapped
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fused_mixed_pass_equals_the_added_deltas(tiny_nova_dir, custom_adapter, monkeypatch):
+    """On the GPU as encode runs there by default (bf16, blocks compiled by inductor): a fused mixed pass gives the
+    vectors of the pass that adds the deltas, and of each item alone."""
+    model = load(tiny_nova_dir, dtype=torch.bfloat16).to("cuda")
+    model.load_adapter(custom_adapter, adapter_name="custom")
+    model.adapter_batching, model.cuda_graphs = "mixed", "off"  # (graphs replay small calls unfused)
+    items = ITEMS * 4
+    added = model.encode(items)
+    monkeypatch.setattr(adapters_module(model), "FUSED_MIN_TOKENS", 1)
+    seen, handles = fused_layers_seen(model)
+    fused = model.encode(items)
+    for handle in handles:
+        handle.remove()
+    assert seen >= {"q_proj", "o_proj", "gate_proj", "up_proj"}
+    assert torch.nn.functional.cosine_similarity(fused, added).min() > 0.999
+    alone = torch.stack([model.encode([item])[0] for item in items])
+    assert torch.nn.functional.cosine_similarity(fused, alone).min() > 0.999
