@@ -707,7 +707,7 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
         packed = self.use_packed_attention()
         lead = self._pipeline_lead(normalized, packed, batch_size, max_batch_tokens, limits)
         order = None
-        if lead is not None and self._batches_per_adapter(adapters, packed):
+        if lead is not None and len(set(adapters)) > 1 and self._batches_per_adapter(adapters, packed):
             normalized, adapters, order = _grouped_by_adapter(normalized, adapters)
         run = functools.partial(self._run_items, adapters=adapters, limits=limits, packed=packed, batch_size=batch_size,
                                 max_batch_tokens=max_batch_tokens, return_multivector=return_multivector)
