@@ -76,12 +76,8 @@ def test_pipelined_call_of_one_adapter_per_batch_starts_on_one_adapters_items(mo
     head = tokenize_calls[0][0]
     assert len(head) == 2 and len({adapters[i] for i in head}) == 1
     assert len(passes) == 4  # 4 items per adapter, 2 per batch
-    alone = torch.stack([original_encode(model, item) for item in items])
+    alone = torch.stack([model.encode([item])[0] for item in items])
     torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
-
-
-def original_encode(model, item):
-    return model.encode([item])[0]
 
 
 def test_pipelined_call_equals_the_whole_call_tokenised_first(model, tokenize_calls):
