@@ -145,7 +145,7 @@ class AdapterManager:
     def __init__(self, model: nn.Module):
         self.model = model
         self.merging = "auto"  # "auto": merge a big single-adapter group into the weights on CUDA; "on"; "off"
-        self._merge_backup: dict[nn.Module, tuple[torch.Tensor, bool]] = {}  # original weight, swapped back or copied
+        self._merge_backup: dict[nn.Module, torch.Tensor] = {}  # each merged layer's original weight tensor
 
     # ------------------------------------------------------------------ what exists
     def names(self) -> list[str]:
@@ -224,34 +224,30 @@ class AdapterManager:
     def merge(self, name: str, layers: Sequence["LoraLayer"]) -> None:
         """Merge one adapter into the base weights, keeping the originals to restore exactly.
 
-        A plain LoRA linear layer merges as one ``addmm`` (W + scaling * B @ A, what PEFT's merge adds) into a new
-        tensor that the parameter then points to, its original kept aside: restoring points it back, so a merge
-        and restore move the weights once (reading W, writing W') instead of three times (a backup copy, the
-        in-place add, the copy back). Other kinds (DoRA, LoRA bias, fan-in-fan-out) go through PEFT's ``merge`` on
-        a backed-up copy. PEFT's per-layer Python cost x 252 layers made a merge cost ~25 ms on the GPU, more than
-        it saved on a few thousand tokens."""
+        The parameter is pointed at a new tensor holding the merged weights, its original kept aside: restoring
+        points it back. A plain LoRA linear layer merges as one ``addmm`` (W + scaling * B @ A, what PEFT's merge
+        adds) into that tensor, so a merge and restore move the weights once (reading W, writing W') instead of
+        three times (a backup copy, the in-place add, the copy back). Other kinds (DoRA, LoRA bias, fan-in-fan-out)
+        go through PEFT's in-place ``merge`` on a copy. PEFT's per-layer Python cost x 252 layers made a merge cost
+        ~25 ms on the GPU, more than it saved on a few thousand tokens."""
         for layer in layers:
             if name in layer.lora_A and layer not in self._merge_backup:
                 weight = layer.get_base_layer().weight
                 _set_layer_state(layer, [name], False)
+                self._merge_backup[layer] = weight.data
                 if _plain_lora_linear(layer, name, weight):
-                    self._merge_backup[layer] = (weight.data, True)
                     with torch.no_grad():
                         weight.data = torch.addmm(weight.data, layer.lora_B[name].weight, layer.lora_A[name].weight,
                                                   alpha=layer.scaling[name])
                     layer.merged_adapters.append(name)
                 else:
-                    self._merge_backup[layer] = (weight.detach().clone(), False)
+                    weight.data = weight.data.clone()
                     layer.merge(adapter_names=[name])
 
     def restore_merged(self) -> None:
         """Put the exact original weights back (subtracting the delta again would drift in bf16)."""
-        for layer, (original, swapped) in self._merge_backup.items():
-            weight = layer.get_base_layer().weight
-            if swapped:
-                weight.data = original
-            else:
-                weight.data.copy_(original)
+        for layer, original in self._merge_backup.items():
+            layer.get_base_layer().weight.data = original
             layer.merged_adapters.clear()
         self._merge_backup = {}
 
@@ -578,7 +574,7 @@ def add_stacked_deltas(layer: "LoraLayer", args: tuple, output: torch.Tensor) ->
     routing: StackedPass = getattr(layer, STACKED_PASS)
     if not routing.held:
         return output
-    b = torch.cat([layer.lora_B[name].weight for name in routing.held], dim=1)  # (out, ranks)
+    b = _stacked_b(layer, routing)
     ranks = _stacked_ranks(layer, routing, args[0])
     # (torch.addmm into the output was tried: two H200 runs, w1 at 95k and 94k tokens/s, gave w4 "mixed" 57k with this
     # form and 47k with addmm, whose out-of-place form copies the output before its GEMM adds into it)
@@ -617,9 +613,14 @@ def fused_lora_forward(layer: "LoraLayer", x: torch.Tensor, *args: Any, **kwargs
     routing: StackedPass = getattr(layer, STACKED_PASS)
     base = layer.get_base_layer()
     ranks = _stacked_ranks(layer, routing, x)
-    b = torch.cat([layer.lora_B[name].weight for name in routing.held], dim=1)  # (out, ranks)
+    b = _stacked_b(layer, routing)
     return F.linear(torch.cat([x, ranks.to(x.dtype)], dim=-1), torch.cat([base.weight, b.to(base.weight.dtype)], dim=1),
                     base.bias)
+
+
+def _stacked_b(layer: "LoraLayer", routing: "StackedPass") -> torch.Tensor:
+    """``[B_1 ... B_n]``: the pass's adapters' B matrices side by side, (out, ranks)."""
+    return torch.cat([layer.lora_B[name].weight for name in routing.held], dim=1)
 
 
 def _stacked_ranks(layer: "LoraLayer", routing: "StackedPass", x: torch.Tensor) -> torch.Tensor:
