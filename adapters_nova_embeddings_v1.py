@@ -145,7 +145,7 @@ class AdapterManager:
     def __init__(self, model: nn.Module):
         self.model = model
         self.merging = "auto"  # "auto": merge a big single-adapter group into the weights on CUDA; "on"; "off"
-        self._merge_backup: dict[nn.Module, torch.Tensor] = {}  # each merged layer's original weight tensor
+        self._merge_backup: dict[nn.Module, tuple[torch.Tensor, torch.Tensor | None]] = {}  # original weight, bias
 
     # ------------------------------------------------------------------ what exists
     def names(self) -> list[str]:
@@ -228,26 +228,33 @@ class AdapterManager:
         points it back. A plain LoRA linear layer merges as one ``addmm`` (W + scaling * B @ A, what PEFT's merge
         adds) into that tensor, so a merge and restore move the weights once (reading W, writing W') instead of
         three times (a backup copy, the in-place add, the copy back). Other kinds (DoRA, LoRA bias, fan-in-fan-out)
-        go through PEFT's in-place ``merge`` on a copy. PEFT's per-layer Python cost x 252 layers made a merge cost
-        ~25 ms on the GPU, more than it saved on a few thousand tokens."""
+        go through PEFT's in-place ``merge`` on copies of the weight and bias (a LoRA bias merges into the base
+        bias). PEFT's per-layer Python cost x 252 layers made a merge cost ~25 ms on the GPU, more than it saved
+        on a few thousand tokens."""
         for layer in layers:
             if name in layer.lora_A and layer not in self._merge_backup:
-                weight = layer.get_base_layer().weight
+                base = layer.get_base_layer()
+                weight, bias = base.weight, getattr(base, "bias", None)
                 _set_layer_state(layer, [name], False)
-                self._merge_backup[layer] = weight.data
+                self._merge_backup[layer] = (weight.data, None if bias is None else bias.data)
                 if _plain_lora_linear(layer, name, weight):
                     with torch.no_grad():
                         weight.data = torch.addmm(weight.data, layer.lora_B[name].weight, layer.lora_A[name].weight,
                                                   alpha=layer.scaling[name])
                     layer.merged_adapters.append(name)
                 else:
-                    weight.data = weight.data.clone()
+                    for parameter in (weight, bias):
+                        if parameter is not None:
+                            parameter.data = parameter.data.clone()
                     layer.merge(adapter_names=[name])
 
     def restore_merged(self) -> None:
-        """Put the exact original weights back (subtracting the delta again would drift in bf16)."""
-        for layer, original in self._merge_backup.items():
-            layer.get_base_layer().weight.data = original
+        """Put the exact original weights and biases back (subtracting the delta again would drift in bf16)."""
+        for layer, (weight, bias) in self._merge_backup.items():
+            base = layer.get_base_layer()
+            base.weight.data = weight
+            if bias is not None:
+                base.bias.data = bias
             layer.merged_adapters.clear()
         self._merge_backup = {}
 

@@ -290,6 +290,32 @@ def test_adapters_that_cannot_stack_fall_back_to_exact_per_adapter_batches(tiny_
     torch.testing.assert_close(model.encode(items), alone, atol=1e-5, rtol=1e-4)
 
 
+def test_merging_an_adapter_peft_merges_in_place_restores_the_original_weights(tiny_nova_dir, tmp_path):
+    """A LoRA with a bias is not a plain LoRA: merged groups go through PEFT's merge, which adds into the weight and
+    the base bias in place; it runs on copies, and the original weights and biases come back exactly, where they
+    were (the biases were once left merged, so every later group and call ran on them)."""
+    torch.manual_seed(4)
+    base = load(tiny_nova_dir, load_task_adapters=False)
+    biased = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q|k|v)_proj$",
+                                             lora_bias=True, init_lora_weights=False))  # (the projections with a bias)
+    biased.save_pretrained(tmp_path / "biased")
+    model = load(tiny_nova_dir)
+    model.load_adapter(str(tmp_path / "biased"), adapter_name="biased")
+    items = ITEMS[:3] + [{"text": "biased item", "adapter": "biased"}]
+    alone = torch.stack([model.encode([item])[0] for item in items])
+    before = snapshot(model)
+    pointers = {name: p.data_ptr() for name, p in model.named_parameters()}
+    merges = []
+    layer = next(m for m in model.modules() if isinstance(m, LoraLayer) and "biased" in m.lora_A)
+    layer.merge = lambda *args, **kwargs: (merges.append(1), type(layer).merge(layer, *args, **kwargs))[1]
+    model.adapter_merging = "on"
+    torch.testing.assert_close(model.encode(items), alone, atol=1e-5, rtol=1e-4)
+    assert merges  # PEFT's own merge ran
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert pointers == {name: p.data_ptr() for name, p in model.named_parameters()}
+
+
 def test_stacked_pass_inside_compiled_blocks_equals_each_item_alone(model):
     """The stacked deltas are added by a hook inside each decoder block: traced by torch.compile with the block."""
     alone = torch.stack([model.encode([item])[0] for item in ITEMS])
