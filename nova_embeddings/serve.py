@@ -18,6 +18,7 @@ import io
 import ipaddress
 import logging
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -109,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--inflight-batches", type=int, default=ServerSettings.inflight_batches,
         help="batches in encode() at once: the next one's GPU work is queued while one waits for its vectors "
              "(default: %(default)s; 1: one at a time)")
+    add("--http-processes", type=int, default=0,
+        help="processes that serve HTTP (parse and check requests, write responses) apart from the model's "
+             "process, which then only prepares items and runs the model: for many concurrent clients "
+             "(default: %(default)s, the model's process serves HTTP itself)")
     add("--decode-workers", type=int, default=ServerSettings.decode_workers,
         help="threads that decode images, apart from the preprocessing ones (default: %(default)s)")
     add("--model-attr", action="append", default=[], metavar="NAME=VALUE", type=parse_model_attr,
@@ -381,8 +386,24 @@ def main(argv: list[str] | None = None) -> int:
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                 timeout_graceful_shutdown=int(DRAIN_TIMEOUT_S))
         sockets = [config.bind_socket()]  # before the lifespan starts loading: a busy port exits at once
+        if args.http_processes > 0:
+            return serve_with_http_processes(app, args.http_processes, sockets, args.log_level)
         draining_server_class()(config, app.state.nova).run(sockets=sockets)
     return 0
+
+
+def serve_with_http_processes(app: Any, count: int, sockets: list, log_level: str) -> int:
+    """``--http-processes N``: this process runs the model; N spawned ones serve HTTP on ``sockets``. SIGINT or
+    SIGTERM drains them, then the batcher; an HTTP process that dies stops the server (exit code 1)."""
+    from .server.frontend import HttpProcesses
+
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    processes = HttpProcesses(app.state.nova, count, sockets, log_level)
+    processes.start()
+    logger.info("serving HTTP from %d processes on %s", count, sockets[0].getsockname())
+    return processes.wait(stop)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ number of requests with bounded concurrency, stops at a time cap whatever happen
 ``--stub-encode`` replaces the served model's ``encode()`` with one that returns constant unit vectors at once
 (validation, tokenising and routing stay real): the server's own ceiling, what its Python costs per request.
 In-process runs also report each server thread's CPU time per request (from the threads' CPU clocks), which
-shows where the interpreter lock goes.
+shows where the interpreter lock goes (with ``--http-processes N``: the model's process only, whose interpreter
+lock is the one that the GPU work shares).
 
 ``--model none`` (the default) is the tiny checkpoint; ``random-full`` is the full-size architecture
 (jina-embeddings-v4 = Qwen2.5-VL-3B) with random weights made on the device, on the tiny tokenizer: nothing
@@ -317,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preprocess-workers", type=int, default=1)
     parser.add_argument("--inflight-batches", type=int, default=None,
                         help="batches in encode() at once (the server's --inflight-batches; default: the server's)")
+    parser.add_argument("--http-processes", type=int, default=0,
+                        help="serve HTTP from this many processes apart from the model's (the server's "
+                             "--http-processes; default: %(default)s, the model's process serves HTTP itself)")
     parser.add_argument("--model-attr", action="append", default=[], metavar="NAME=VALUE", type=parse_model_attr,
                         help="set an attribute of the model the run serves, e.g. adapter_batching=mixed (repeatable)")
     parser.add_argument("--time-cap", type=float, default=240.0, help="seconds; the run stops by itself after it")
@@ -467,6 +471,7 @@ def run_in_process(args: argparse.Namespace, headers: dict) -> dict:
     """Load the model, serve it on 127.0.0.1 in a thread, measure, then time encode() on the same items."""
     from ..server import ServerSettings, create_app
     from ..serve import serve_in_thread
+    from ..server.frontend import serving_http_processes
 
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="nova-load-") as workdir:
@@ -489,7 +494,9 @@ def run_in_process(args: argparse.Namespace, headers: dict) -> dict:
         if args.stub_encode:
             stub_encode(model)
             out["stub_encode"] = True
-        with serve_in_thread(create_app(model, settings), host="127.0.0.1", port=0) as url:
+        app = create_app(model, settings)
+        serving = serving_http_processes(app, args.http_processes) if args.http_processes else serve_in_thread(app)
+        with serving as url:
             out.update(measure_run(url, payloads, args, headers, in_process=True))
             out["then"] = [measure_again(url, "load-test", then, headers, in_process=True) for then in args.then_runs]
         if not args.no_baseline and not args.stub_encode:

@@ -19,9 +19,10 @@ import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import torch
 from fastapi import Depends, FastAPI, Request
@@ -56,6 +57,31 @@ KNOWN_PATHS = frozenset({"/v1/embeddings", "/v1/models", "/health", "/metrics", 
                          "/v1/internal/lora/unload"})
 
 
+class InFlight:
+    """The requests being answered, and a wait for there being none: what a graceful stop waits for."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @contextlib.contextmanager
+    def tracking(self) -> Iterator[None]:
+        self.count += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self.count -= 1
+            if self.count == 0:
+                self._idle.set()
+
+    async def until_idle(self, timeout_s: float) -> None:
+        """Return once no request is in flight, or after ``timeout_s``."""
+        with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+
+
 class NovaServer:
     """State of one server: the model, its executors, the batcher, the image fetcher and the metrics."""
 
@@ -76,9 +102,7 @@ class NovaServer:
         self.fetcher: ImageFetcher | None = None
         self.admin_lock = asyncio.Lock()
         self._load_task: asyncio.Task | None = None
-        self.in_flight = 0  # requests past the ready check and not answered yet: what a drain waits for
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self.requests = InFlight()  # requests past the ready check and not answered yet: what a drain waits for
 
     # ------------------------------------------------------------------ lifecycle
     @contextlib.asynccontextmanager
@@ -150,21 +174,12 @@ class NovaServer:
         requests under way finish (at most ``timeout_s``); ``shutdown`` then releases everything."""
         if self.phase == "ready":
             self.phase = "stopping"
-            logger.info("stopping: %d request(s) in flight", self.in_flight)
-        with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            logger.info("stopping: %d request(s) in flight", self.requests.count)
+        await self.requests.until_idle(timeout_s)
 
-    @contextlib.contextmanager
-    def tracking(self) -> Any:
+    def tracking(self) -> contextlib.AbstractContextManager:
         """Count a request as in flight while it is being answered."""
-        self.in_flight += 1
-        self._idle.clear()
-        try:
-            yield
-        finally:
-            self.in_flight -= 1
-            if self.in_flight == 0:
-                self._idle.set()
+        return self.requests.tracking()
 
     def require_ready(self) -> None:
         if self.phase == "ready":
@@ -378,8 +393,9 @@ class NovaServer:
         loaded = set(self.adapters()) | {remote_code_constant(self.model, "BASE")}
         return next(((index, name) for index, name in enumerate(prepared.adapters) if name not in loaded), None)
 
-    async def embed(self, request: EmbeddingRequest) -> bytes:
-        """Prepare, queue, wait for the batcher, format: the body of a /v1/embeddings response."""
+    async def embedded(self, request: EmbeddingRequest) -> "Embedded":
+        """Prepare, queue, wait for the batcher, check: a request's vectors, not yet written out (what an HTTP
+        process gets back from this one, see ``frontend.py``)."""
         started = time.monotonic()
         options, adapter = self.resolve_options(request)
         raw_items, single = request_items(request, self.settings.max_items_per_request)
@@ -395,11 +411,17 @@ class NovaServer:
             vectors = await future
         except Exception as error:  # noqa: BLE001 - mapped to 400/409/500 below
             raise self.encode_error(error, prepared, single) from None
+        bad = vectors.first_non_finite()
+        if bad is not None:
+            raise non_finite_error(bad, prepared.tokenized[bad].item, single)
         echoed = request.model if request.model is not None else self.settings.model_name  # as vLLM: the name used
-        respond = functools.partial(response_body, vectors, prepared, options, echoed, tokens, single)
-        body = respond() if is_small_response(vectors, options) else await self.in_prep_thread(respond)
         self.metrics.observe_embedding(len(prepared), tokens, time.monotonic() - started)
-        return body
+        return Embedded(vectors, options, echoed, tokens)
+
+    async def embed(self, request: EmbeddingRequest) -> bytes:
+        """The body of a /v1/embeddings response: written on the event loop when small, else in the prep thread."""
+        embedded = await self.embedded(request)
+        return embedded.body() if embedded.is_small() else await self.in_prep_thread(embedded.body)
 
     # ------------------------------------------------------------------ adapters
     def _require_adapter_api(self) -> None:
@@ -484,21 +506,24 @@ def remote_code_constant(obj: Any, name: str) -> Any:
     return getattr(sys.modules[type(obj).__module__], name)
 
 
-def response_body(vectors: CheckedVectors, prepared: Any, options: OutputOptions, model_name: str, tokens: int,
-                  single: bool) -> bytes:
-    """A request's vectors checked and serialised (prep thread: neither the event loop nor the encode thread
-    spends time on one request's output)."""
-    bad = vectors.first_non_finite()
-    if bad is not None:
-        raise non_finite_error(bad, prepared.tokenized[bad].item, single)
-    return embedding_response(vectors.vectors, options, model_name, tokens)
+@dataclass
+class Embedded:
+    """A request's checked vectors and what its response says about them; ``body()`` writes the response."""
 
+    vectors: CheckedVectors
+    options: OutputOptions
+    model_name: str
+    tokens: int
 
-def is_small_response(vectors: CheckedVectors, options: OutputOptions) -> bool:
-    """A base64 response small enough to write on the event loop (float JSON is ~20x slower: never inline), with
-    no Matryoshka truncation (a torch op: it would hand the interpreter lock away, see ``CheckedVectors``)."""
-    return options.encoding_format == "base64" and options.dimensions is None and \
-        vectors.floats <= INLINE_RESPONSE_FLOATS
+    def body(self) -> bytes:
+        return embedding_response(self.vectors.vectors, self.options, self.model_name, self.tokens)
+
+    def is_small(self) -> bool:
+        """A base64 response small enough to write on the event loop (float JSON is ~20x slower: never inline),
+        with no Matryoshka truncation (a torch op: it would hand the interpreter lock away, see
+        ``CheckedVectors``)."""
+        return self.options.encoding_format == "base64" and self.options.dimensions is None and \
+            self.vectors.floats <= INLINE_RESPONSE_FLOATS
 
 
 def non_finite_error(index: int, item: Any, single: bool) -> ApiError:
@@ -628,15 +653,8 @@ class ResponseCounter:
         await self.app(scope, receive, counting_send)
 
 
-def create_app(model: Any, settings: ServerSettings | None = None) -> FastAPI:
-    """The server as an ASGI app; its lifespan starts and drains it. ``app.state.nova`` is the NovaServer."""
-    settings = settings or ServerSettings()
-    server = NovaServer(model, settings)
-    app = FastAPI(title="nova-embeddings-v1", lifespan=server.lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.nova = server
-    install_error_handlers(app)
-    app.add_middleware(BodyReadTimeout, timeout_s=settings.request_read_timeout_s)
-    app.add_middleware(ResponseCounter, metrics=server.metrics)
+def access_checks(settings: ServerSettings) -> tuple[Callable, Callable]:
+    """(API key check, admin token check) of a request, as route dependencies: the same in every HTTP process."""
 
     async def require_api_key(request: Request) -> None:
         if settings.api_key is not None and not _token_matches(_bearer_token(request), settings.api_key):
@@ -648,6 +666,21 @@ def create_app(model: Any, settings: ServerSettings | None = None) -> FastAPI:
             raise ApiError(404, "Not Found", code="not_found")
         if not _token_matches(_bearer_token(request), settings.admin_token):
             raise ApiError(403, "admin endpoints need 'Authorization: Bearer <admin token>'", code="forbidden")
+
+    return require_api_key, require_admin
+
+
+def create_app(model: Any, settings: ServerSettings | None = None) -> FastAPI:
+    """The server as an ASGI app; its lifespan starts and drains it. ``app.state.nova`` is the NovaServer."""
+    settings = settings or ServerSettings()
+    server = NovaServer(model, settings)
+    app = FastAPI(title="nova-embeddings-v1", lifespan=server.lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.nova = server
+    install_error_handlers(app)
+    app.add_middleware(BodyReadTimeout, timeout_s=settings.request_read_timeout_s)
+    app.add_middleware(ResponseCounter, metrics=server.metrics)
+
+    require_api_key, require_admin = access_checks(settings)
 
     @app.get("/health")
     async def health() -> JSONResponse:

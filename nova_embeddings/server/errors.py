@@ -41,8 +41,17 @@ class ApiError(Exception):
         self.code = code
         self.headers = headers or {}
 
+    def __reduce__(self) -> tuple:
+        """Pickled by its fields: an HTTP process (``frontend.py``) receives it from the model's process."""
+        return _rebuilt_api_error, (self.status, self.message, self.param, self.code, self.headers)
+
     def response(self) -> JSONResponse:
         return error_response(self.status, self.message, param=self.param, code=self.code, headers=self.headers)
+
+
+def _rebuilt_api_error(status: int, message: str, param: str | None, code: str | None,
+                       headers: dict[str, str]) -> ApiError:
+    return ApiError(status, message, param=param, code=code, headers=headers)
 
 
 def error_response(

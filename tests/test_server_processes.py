@@ -1,0 +1,244 @@
+"""The server with HTTP in processes of its own (``serve --http-processes N``), on the tiny checkpoint.
+
+The HTTP processes are real spawned processes on 127.0.0.1, talking to the model's process over its Unix socket;
+clients are the official ``openai`` client and httpx, as users run them. Every vector is compared with a
+direct ``encode()`` of the same items.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from test_server import (  # noqa: F401 - fixtures
+    ATOL,
+    MODEL_NAME,
+    EncodeGate,
+    app_for,
+    assert_vectors_equal,
+    clean_adapters,
+    lora_dir,
+    model,
+    vectors_of,
+)
+
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+from nova_embeddings.server import create_app  # noqa: E402
+from nova_embeddings.server.errors import ApiError  # noqa: E402
+from nova_embeddings.server.frontend import HttpProcesses, serving_http_processes  # noqa: E402
+from nova_embeddings.server.settings import ServerSettings  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ADMIN = "admin-secret"
+
+
+def wait_ready(url: str, timeout_s: float = 120.0) -> httpx.Response:
+    """/health once it says ok (or its last answer); a `serve` process refuses connections until it has bound."""
+    health = None
+    for _ in range(int(timeout_s / 0.05)):
+        try:
+            health = httpx.get(f"{url}/health", timeout=30)
+        except httpx.ConnectError:  # not bound yet: asked again
+            health = None
+        if health is not None and health.status_code == 200:
+            return health
+        threading.Event().wait(0.05)
+    return health
+
+
+def test_api_errors_cross_processes_whole():
+    error = ApiError(409, "input[2]: adapter 'x' was unloaded", param="input[2]", code="adapter_unloaded",
+                     headers={"Retry-After": "5"})
+    copy = pickle.loads(pickle.dumps(error))
+    assert (copy.status, copy.message, copy.param, copy.code, copy.headers) == \
+        (409, "input[2]: adapter 'x' was unloaded", "input[2]", "adapter_unloaded", {"Retry-After": "5"})
+
+
+def test_openai_client_through_two_http_processes(model):
+    openai = pytest.importorskip("openai")
+    texts = ["first text", "second, longer text about rivers", "third"]
+    dims = model.config.matryoshka_dims[0]
+    app = app_for(lambda: model, api_key="k")  # loaded in the background, as `serve` does
+    with serving_http_processes(app, 2) as url:
+        health = wait_ready(url)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0, timeout=30)
+        default = client.embeddings.create(model=MODEL_NAME, input=texts)  # the client asks for base64
+        floats = client.embeddings.create(model=MODEL_NAME, input=texts[0], encoding_format="float")
+        short = client.embeddings.create(model=MODEL_NAME, input=texts, dimensions=dims)
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.embeddings.create(model=MODEL_NAME, input=["ok", ""])
+        with pytest.raises(openai.NotFoundError):
+            client.embeddings.create(model="gpt-4", input="x")
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).embeddings.create(
+                model=MODEL_NAME, input="x")
+        listed = [entry.id for entry in client.models.list()]
+        metrics = httpx.get(f"{url}/metrics", headers={"Authorization": "Bearer k"}).text
+    assert health.json() == {"status": "ok"}
+    expected = model.encode(texts)
+    torch.testing.assert_close(torch.tensor([d.embedding for d in default.data]), expected, atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(torch.tensor(floats.data[0].embedding), expected[0], atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(torch.tensor([d.embedding for d in short.data]), model.encode(texts, dimensions=dims),
+                               atol=ATOL, rtol=1e-4)
+    assert default.usage.prompt_tokens > 0 and default.model == MODEL_NAME
+    assert bad.value.body["param"] == "input[1]" and "empty" in bad.value.body["message"]
+    assert listed == [MODEL_NAME]
+    # the HTTP processes' responses are counted in the model's process, whichever process answered
+    assert 'nova_http_responses_total{path="/v1/embeddings",status="200"} 3' in metrics
+    assert 'nova_http_responses_total{path="/v1/embeddings",status="400"} 1' in metrics
+    assert 'nova_http_responses_total{path="/v1/embeddings",status="401"} 1' in metrics
+    assert 'nova_http_responses_total{path="/v1/embeddings",status="404"} 1' in metrics
+    assert "nova_items_total 7" in metrics
+
+
+def test_concurrent_requests_share_batches_and_each_gets_its_own_vectors(model):
+    bodies = [{"input": [f"text {i} of request {r}" for i in range(1 + r % 3)],
+               "task": ["retrieval.query", "text-matching", "code.query"][r % 3]} for r in range(24)]
+    app = create_app(model, ServerSettings(served_model_names=(MODEL_NAME,), max_wait_ms=20))
+    with serving_http_processes(app, 2) as url:
+        with ThreadPoolExecutor(12) as pool:
+            responses = list(pool.map(lambda body: httpx.post(f"{url}/v1/embeddings", json=body, timeout=60), bodies))
+        metrics = httpx.get(f"{url}/metrics").text
+    for body, response in zip(bodies, responses):
+        assert response.status_code == 200, response.text
+        assert_vectors_equal(vectors_of(response), list(model.encode(body["input"], task=body["task"])))
+    batches = int(next(line.split()[1] for line in metrics.splitlines() if line.startswith("nova_batches_total")))
+    assert batches < len(bodies)  # requests of both processes joined batches
+
+
+def test_adapters_loaded_through_one_process_serve_through_every_process(model, lora_dir, clean_adapters):
+    app = create_app(model, ServerSettings(served_model_names=(MODEL_NAME,), admin_token=ADMIN))
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    with serving_http_processes(app, 2) as url:
+        refused = httpx.post(f"{url}/v1/internal/lora/load", json={"lora_name": "mine", "lora_path": lora_dir})
+        loaded = httpx.post(f"{url}/v1/internal/lora/load", json={"lora_name": "mine", "lora_path": lora_dir},
+                            headers=admin, timeout=60)
+        # new connections spread over both processes: every one of them routes to the new adapter
+        routed = [httpx.post(f"{url}/v1/embeddings", json={"input": "legal text", "model": "mine"}, timeout=60)
+                  for _ in range(6)]
+        listed = httpx.get(f"{url}/v1/models").json()
+        unloaded = httpx.post(f"{url}/v1/internal/lora/unload", json={"lora_name": "mine"}, headers=admin, timeout=60)
+        gone = httpx.post(f"{url}/v1/embeddings", json={"input": "legal text", "model": "mine"}, timeout=60)
+    assert refused.status_code == 403
+    assert loaded.status_code == 200 and "mine" in loaded.json()["adapters"]
+    assert [entry["id"] for entry in listed["data"]] == [MODEL_NAME, "mine"]
+    assert unloaded.status_code == 200 and "mine" not in unloaded.json()["adapters"]
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
+    model.load_adapter(lora_dir, adapter_name="mine")
+    expected = model.encode([{"text": "legal text", "adapter": "mine"}])
+    assert not torch.allclose(expected, model.encode(["legal text"]), atol=1e-3)  # the adapter shows
+    for response in routed:
+        assert response.status_code == 200, response.text
+        assert_vectors_equal(vectors_of(response), list(expected))
+
+
+def test_stop_drains_requests_in_flight_and_refuses_new_ones(model, monkeypatch):
+    gate = EncodeGate(model, monkeypatch)
+    app = create_app(model, ServerSettings(served_model_names=(MODEL_NAME,), max_wait_ms=0))
+    sock = socket.create_server(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    processes = HttpProcesses(app.state.nova, 1, [sock])
+    processes.start()
+    try:
+        in_flight: dict = {}
+        thread = threading.Thread(target=lambda: in_flight.update(
+            response=httpx.post(f"{url}/v1/embeddings", json={"input": "in flight"}, timeout=60)))
+        thread.start()
+        assert gate.entered.wait(30)
+        stopper = threading.Thread(target=processes.stop)
+        stopper.start()
+        for _ in range(1000):  # the HTTP process drains: 503 for new requests while the one in flight waits
+            health = httpx.get(f"{url}/health", timeout=10)
+            if health.status_code == 503:
+                break
+            threading.Event().wait(0.01)
+        late = httpx.post(f"{url}/v1/embeddings", json={"input": "too late"}, timeout=10)
+        gate.release.set()
+        thread.join(60)
+        stopper.join(120)
+    finally:
+        gate.release.set()
+        processes.stop()
+        sock.close()
+    assert health.json() == {"status": "stopping"}
+    assert late.status_code == 503 and late.json()["error"]["code"] == "not_ready"
+    assert in_flight["response"].status_code == 200
+    assert not stopper.is_alive() and all(not process.is_alive() for process in processes.processes)
+    assert app.state.nova.phase == "stopping"
+    monkeypatch.undo()
+    assert_vectors_equal(vectors_of(in_flight["response"]), list(model.encode(["in flight"])))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_serve(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, list[str], int]:
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(REPO_ROOT)}
+    command = [sys.executable, "-m", "nova_embeddings", "serve", "--port", str(port), "--log-level", "info", *args]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                               cwd=tmp_path)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")), daemon=True).start()
+    return process, lines, port
+
+
+def port_closed(port: int, timeout_s: float = 60.0) -> bool:
+    for _ in range(int(timeout_s / 0.1)):
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+        except httpx.TransportError:
+            return True
+        threading.Event().wait(0.1)
+    return False
+
+
+def test_serve_with_http_processes_answers_and_stops_on_sigterm(tmp_path):
+    """`nova-embeddings serve --http-processes 2` as users run it: it answers, and SIGTERM stops every process."""
+    process, lines, port = start_serve(tmp_path, "--http-processes", "2")
+    try:
+        health = wait_ready(f"http://127.0.0.1:{port}", timeout_s=600)
+        response = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"input": ["a", "b"]}, timeout=60)
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+    log = "".join(lines)
+    assert health.status_code == 200, log
+    assert response.status_code == 200 and len(response.json()["data"]) == 2, log
+    assert code == 0, log
+    assert "serving HTTP from 2 processes" in log
+    assert port_closed(port), log  # no HTTP process outlived the server
+    assert "Traceback" not in log, log
+
+
+def test_http_processes_stop_when_the_model_process_dies(tmp_path):
+    """A killed model process (SIGKILL: no clean-up) leaves no HTTP process behind answering on the port."""
+    process, lines, port = start_serve(tmp_path, "--http-processes", "2")
+    try:
+        health = wait_ready(f"http://127.0.0.1:{port}", timeout_s=600)
+        process.kill()
+        process.wait(30)
+        closed = port_closed(port)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+    assert health.status_code == 200, "".join(lines)
+    assert closed, "".join(lines)
