@@ -27,6 +27,22 @@ def test_load_test_with_two_client_processes_sends_every_request(tmp_path):
     assert 0 < batches["encode_busy_seconds"] <= batches["encode_seconds"] + 1e-3  # overlaps counted once, not twice
 
 
+def test_load_test_through_http_processes_counts_every_request_in_the_model_process(tmp_path):
+    """--http-processes 1: the requests go through a spawned HTTP process; the model's process batches them and its
+    /metrics counts them; its engine thread answers them."""
+    report_path = tmp_path / "load.json"
+    status = load_test.main(["--requests", "8", "--concurrency", "4", "--clients", "1", "--items-per-request", "2",
+                             "--words", "5", "--warmup", "2", "--time-cap", "120", "--no-baseline",
+                             "--http-processes", "1", "--json", str(report_path)])
+    report = json.loads(report_path.read_text())
+    assert status == 0 and report["http_processes"] == 1
+    assert report["load"]["statuses"] == {"200": 8}
+    assert report["server_batches"]["batches"] >= 1
+    cpu = report["server_threads_cpu_ms_per_request"]
+    if hasattr(time, "pthread_getcpuclockid"):
+        assert "uvicorn" not in cpu and cpu["nova-engine"] > 0
+
+
 def test_stub_encode_measures_the_server_alone_and_reports_its_threads_cpu(tmp_path, monkeypatch):
     """--stub-encode: the model's forward never runs (no warm-up either) while the server answers every request
     (prepared as usual); no encode() baseline; each server thread's CPU time per request is reported."""

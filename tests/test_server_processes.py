@@ -242,3 +242,17 @@ def test_http_processes_stop_when_the_model_process_dies(tmp_path):
             process.wait(10)
     assert health.status_code == 200, "".join(lines)
     assert closed, "".join(lines)
+
+
+def test_http_processes_default_to_two_on_a_gpu_and_none_on_a_cpu(monkeypatch):
+    from nova_embeddings import serve
+
+    parse = serve.build_parser().parse_args
+    assert serve.http_process_count(parse([]).http_processes, "cpu") == 0
+    assert serve.http_process_count(parse([]).http_processes, "cuda:1") == serve.GPU_HTTP_PROCESSES == 2
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert serve.http_process_count(parse([]).http_processes, "auto") == 2
+    assert serve.http_process_count(parse(["--http-processes", "0"]).http_processes, "cuda") == 0
+    assert serve.http_process_count(parse(["--http-processes", "3"]).http_processes, "cpu") == 3
+    with pytest.raises(SystemExit):
+        parse(["--http-processes", "-1"])

@@ -318,9 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preprocess-workers", type=int, default=1)
     parser.add_argument("--inflight-batches", type=int, default=None,
                         help="batches in encode() at once (the server's --inflight-batches; default: the server's)")
-    parser.add_argument("--http-processes", type=int, default=0,
+    parser.add_argument("--http-processes", type=int, default=None,
                         help="serve HTTP from this many processes apart from the model's (the server's "
-                             "--http-processes; default: %(default)s, the model's process serves HTTP itself)")
+                             "--http-processes; default: the server's, 2 on a GPU, 0 on a CPU)")
     parser.add_argument("--model-attr", action="append", default=[], metavar="NAME=VALUE", type=parse_model_attr,
                         help="set an attribute of the model the run serves, e.g. adapter_batching=mixed (repeatable)")
     parser.add_argument("--time-cap", type=float, default=240.0, help="seconds; the run stops by itself after it")
@@ -470,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_in_process(args: argparse.Namespace, headers: dict) -> dict:
     """Load the model, serve it on 127.0.0.1 in a thread, measure, then time encode() on the same items."""
     from ..server import ServerSettings, create_app
-    from ..serve import serve_in_thread
+    from ..serve import http_process_count, serve_in_thread
     from ..server.frontend import serving_http_processes
 
     out: dict[str, Any] = {}
@@ -495,7 +495,9 @@ def run_in_process(args: argparse.Namespace, headers: dict) -> dict:
             stub_encode(model)
             out["stub_encode"] = True
         app = create_app(model, settings)
-        serving = serving_http_processes(app, args.http_processes) if args.http_processes else serve_in_thread(app)
+        http_processes = http_process_count(args.http_processes, str(model.device))
+        out["http_processes"] = http_processes
+        serving = serving_http_processes(app, http_processes) if http_processes else serve_in_thread(app)
         with serving as url:
             out.update(measure_run(url, payloads, args, headers, in_process=True))
             out["then"] = [measure_again(url, "load-test", then, headers, in_process=True) for then in args.then_runs]
