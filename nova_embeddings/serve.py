@@ -412,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve_with_http_processes(app: Any, count: int, sockets: list, log_level: str) -> int:
     """``--http-processes N``: this process runs the model; N spawned ones serve HTTP on ``sockets``. SIGINT or
-    SIGTERM drains them, then the batcher; an HTTP process that dies stops the server (exit code 1)."""
+    SIGTERM drains them, then the batcher; an HTTP process that dies is replaced, unless they keep dying (then the
+    server stops with exit code 1)."""
     from .server.frontend import HttpProcesses
 
     stop = threading.Event()

@@ -25,8 +25,10 @@ from test_server import (  # noqa: F401 - fixtures
     EncodeGate,
     app_for,
     assert_vectors_equal,
+    b64_png,
     clean_adapters,
     lora_dir,
+    make_image,
     model,
     vectors_of,
 )
@@ -115,6 +117,54 @@ def test_concurrent_requests_share_batches_and_each_gets_its_own_vectors(model):
         assert_vectors_equal(vectors_of(response), list(model.encode(body["input"], task=body["task"])))
     batches = int(next(line.split()[1] for line in metrics.splitlines() if line.startswith("nova_batches_total")))
     assert batches < len(bodies)  # requests of both processes joined batches
+
+
+def test_images_and_multivectors_through_an_http_process(model):
+    """An image item crosses to the model's process as sent (base64) and is decoded, checked and encoded there."""
+    body = {"input": [{"image": b64_png(5)}, {"text": "caption", "image": b64_png(6)}, "plain"],
+            "encoding_format": "float"}
+    app = create_app(model, ServerSettings(served_model_names=(MODEL_NAME,), max_image_pixels=1200))
+    with serving_http_processes(app, 1) as url:
+        response = httpx.post(f"{url}/v1/embeddings", json=body, timeout=60)
+        multi = httpx.post(f"{url}/v1/embeddings", json={**body, "return_multivector": True}, timeout=60)
+        too_big = httpx.post(f"{url}/v1/embeddings", json={"input": ["x", {"image": b64_png(7, width=50, height=40)}]},
+                             timeout=60)
+    items = [{"image": make_image(5)}, {"text": "caption", "image": make_image(6)}, "plain"]
+    assert response.status_code == 200, response.text
+    assert_vectors_equal(vectors_of(response), list(model.encode(items)))
+    assert multi.status_code == 200, multi.text
+    assert_vectors_equal(vectors_of(multi), list(model.encode(items, return_multivector=True)))
+    assert too_big.status_code == 400 and too_big.json()["error"]["param"] == "input[1]"
+    assert "over the limit of 1200 pixels" in too_big.json()["error"]["message"]
+
+
+def test_a_dead_http_process_is_replaced_and_a_crash_loop_stops_the_server(model, monkeypatch):
+    from nova_embeddings.server import frontend
+
+    monkeypatch.setattr(frontend, "MAX_RESTARTS", 1)
+    app = create_app(model, ServerSettings(served_model_names=(MODEL_NAME,)))
+    sock = socket.create_server(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    processes = HttpProcesses(app.state.nova, 2, [sock])
+    processes.start()
+    try:
+        first = processes.processes[0]
+        first.kill()
+        first.join(30)
+        replaced = processes.replace_dead()
+        served = [httpx.post(f"{url}/v1/embeddings", json={"input": "still here"}, timeout=60) for _ in range(6)]
+        new = processes.processes[0]
+        new.kill()
+        new.join(30)
+        second = processes.replace_dead()
+    finally:
+        processes.stop()
+        sock.close()
+    assert replaced and new is not first and new.pid != first.pid
+    assert all(response.status_code == 200 for response in served)
+    assert_vectors_equal(vectors_of(served[-1]), list(model.encode(["still here"])))
+    assert not second  # two deaths within the window, over the bound of 1: the server is to stop
+    assert all(not process.is_alive() for process in processes.processes)
 
 
 def test_adapters_loaded_through_one_process_serve_through_every_process(model, lora_dir, clean_adapters):

@@ -12,7 +12,8 @@ the single-process server holds, since both run the same ``NovaServer`` methods.
 The processes talk over one Unix socket in a private temporary folder (mode 0700: only this user can connect);
 a frame is a 4-byte length and a pickle. Each HTTP process keeps one connection and multiplexes its requests
 over it by call id. If the model's process goes away, the HTTP processes stop; a SIGTERM to the model's process
-drains the HTTP processes first (their requests in flight finish), then the batcher.
+drains the HTTP processes first (their requests in flight finish), then the batcher. An HTTP process that dies is
+replaced (the model stays loaded), unless they keep dying.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ FRAME_HEADER = struct.Struct("!I")
 SOCKET_NAME = "engine.sock"
 CONNECT_TIMEOUT_S = 60.0
 LISTEN_BACKLOG = 2048  # uvicorn's default
-STOP_TIMEOUT_S = 40.0  # an HTTP process's drain (30 s) and uvicorn's own stop
+STOP_TIMEOUT_S = 40.0
+MAX_RESTARTS, RESTART_WINDOW_S = 5, 60.0  # HTTP processes replaced when they die, at most this often  # an HTTP process's drain (30 s) and uvicorn's own stop
 NOT_READY = {"loading": "the model is still loading",
              "failed": "the model failed to load or to run (see the server log)",
              "stopping": "the server is shutting down"}
@@ -165,6 +167,7 @@ class HttpProcesses:
         self._listening = threading.Event()
         self._thread = threading.Thread(target=self._run_engine, name="nova-engine", daemon=True)
         self._engine_error: BaseException | None = None
+        self._deaths: list[float] = []  # when HTTP processes died, for replace_dead's bound
 
     # ------------------------------------------------------------------ engine thread
     def _run_engine(self) -> None:
@@ -197,14 +200,7 @@ class HttpProcesses:
             raise RuntimeError("the model's server did not start") from self._engine_error
         for sock in self.sockets:  # connections wait in the backlog while the HTTP processes start
             sock.listen(LISTEN_BACKLOG)
-        context = multiprocessing.get_context("spawn")  # never fork a process that holds CUDA
-        for index in range(self.count):
-            process = context.Process(
-                target=run_http_process, name=f"nova-http-{index}", daemon=False,
-                args=(self.server.settings, self.socket_path, self.sockets, self.log_level),
-            )
-            process.start()
-            self.processes.append(process)
+        self.processes = [self._spawn(index) for index in range(self.count)]
         deadline = time.monotonic() + timeout_s
         while self._endpoint.connections < self.count:
             dead = [process.name for process in self.processes if not process.is_alive()]
@@ -213,13 +209,35 @@ class HttpProcesses:
                 raise RuntimeError(f"HTTP process(es) {dead or 'not connected in time'} did not start (see the log)")
             time.sleep(0.02)
 
+    def _spawn(self, index: int) -> multiprocessing.Process:
+        context = multiprocessing.get_context("spawn")  # never fork a process that holds CUDA
+        process = context.Process(target=run_http_process, name=f"nova-http-{index}", daemon=False,
+                                  args=(self.server.settings, self.socket_path, self.sockets, self.log_level))
+        process.start()
+        return process
+
+    def replace_dead(self) -> bool:
+        """Start a new HTTP process in place of each one that died (its requests in flight are lost; the others
+        go on). False, and nothing started, once more than ``MAX_RESTARTS`` died within ``RESTART_WINDOW_S``: an
+        HTTP process that keeps dying is a fault to report, not to hide."""
+        now = time.monotonic()
+        for index, process in enumerate(self.processes):
+            if process.is_alive():
+                continue
+            self._deaths = [t for t in self._deaths if now - t < RESTART_WINDOW_S] + [now]
+            if len(self._deaths) > MAX_RESTARTS:
+                logger.error("HTTP process %s exited (code %s), the %d-th within %g s: stopping the server",
+                             process.name, process.exitcode, len(self._deaths), RESTART_WINDOW_S)
+                return False
+            logger.error("HTTP process %s exited (code %s): starting another", process.name, process.exitcode)
+            self.processes[index] = self._spawn(index)
+        return True
+
     def wait(self, stop: threading.Event) -> int:
-        """Block until ``stop`` is set (a signal) or an HTTP process dies; then stop everything. 0, or 1 when an
-        HTTP process died on its own."""
+        """Block until ``stop`` is set (a signal), replacing HTTP processes that die; then stop everything. 0, or 1
+        when HTTP processes kept dying."""
         while not stop.wait(0.2):
-            dead = [process for process in self.processes if not process.is_alive()]
-            if dead:
-                logger.error("HTTP process %s exited (code %s): stopping the server", dead[0].name, dead[0].exitcode)
+            if not self.replace_dead():
                 self.stop()
                 return 1
         self.stop()
