@@ -3,7 +3,7 @@
     pip install -e ".[server]"
     nova-embeddings serve [MODEL] [--host 127.0.0.1] [--port 8000] [--device auto] [--dtype auto]
         [--chat-template PATH] [--load-lora NAME=PATH ...] [--max-loras N] [--max-batch-tokens N]
-        [--max-wait-ms MS] [--api-key KEY] [--admin-token TOKEN] [--allow-image-urls] ...
+        [--max-wait-ms MS] [--api-key KEY] [--admin-token TOKEN] [--allow-image-urls] [--http-processes N] ...
 
 With no MODEL it builds the tiny random-weight checkpoint in a temporary folder and serves that, so the
 API can be tried on a laptop (its vectors mean nothing). See the README's "Serving" section for the API.
