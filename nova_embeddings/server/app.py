@@ -53,6 +53,9 @@ URL_FETCH_CONCURRENCY = 8
 # base64 responses up to this many floats are written on the event loop (~0.1 ms per 2048 floats): for them a
 # hop to the prep thread and back costs more than the work, and the prep thread stays free for tokenising.
 INLINE_RESPONSE_FLOATS = 65536
+NOT_READY_REASONS = {"loading": "the model is still loading",
+                     "failed": "the model failed to load or to run (see the server log)",
+                     "stopping": "the server is shutting down"}
 KNOWN_PATHS = frozenset({"/v1/embeddings", "/v1/models", "/health", "/metrics", "/v1/internal/lora/load",
                          "/v1/internal/lora/unload"})
 
@@ -184,10 +187,7 @@ class NovaServer:
     def require_ready(self) -> None:
         if self.phase == "ready":
             return
-        reason = {"loading": "the model is still loading",
-                  "failed": "the model failed to load or to run (see the server log)",
-                  "stopping": "the server is shutting down"}[self.phase]
-        raise ApiError(503, reason, code="not_ready", headers={"Retry-After": "5"})
+        raise ApiError(503, NOT_READY_REASONS[self.phase], code="not_ready", headers={"Retry-After": "5"})
 
     # ------------------------------------------------------------------ model access
     def _encode(self, prepared: Any, return_multivector: bool) -> CheckedVectors:

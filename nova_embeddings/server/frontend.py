@@ -39,6 +39,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from .app import (
     ADMIN_BODY_BYTES,
+    NOT_READY_REASONS,
     BodyReadTimeout,
     Embedded,
     InFlight,
@@ -57,11 +58,9 @@ FRAME_HEADER = struct.Struct("!I")
 SOCKET_NAME = "engine.sock"
 CONNECT_TIMEOUT_S = 60.0
 LISTEN_BACKLOG = 2048  # uvicorn's default
-STOP_TIMEOUT_S = 40.0
-MAX_RESTARTS, RESTART_WINDOW_S = 5, 60.0  # HTTP processes replaced when they die, at most this often  # an HTTP process's drain (30 s) and uvicorn's own stop
-NOT_READY = {"loading": "the model is still loading",
-             "failed": "the model failed to load or to run (see the server log)",
-             "stopping": "the server is shutting down"}
+STOP_TIMEOUT_S = 40.0  # an HTTP process's drain (30 s) and uvicorn's own stop
+MAX_RESTARTS, RESTART_WINDOW_S = 5, 60.0  # HTTP processes replaced when they die, at most this often
+INTERNAL_ERROR = ApiError(500, "internal server error (see the server log)", code="internal_error")
 
 
 # ---------------------------------------------------------------------- frames
@@ -116,9 +115,15 @@ class EngineEndpoint:
             reply = (call_id, False, error)
         except Exception:  # noqa: BLE001 - as the single-process server's handler: logged, a 500 for the client
             logger.exception("unexpected error in %s", method)
-            reply = (call_id, False, ApiError(500, "internal server error (see the server log)", code="internal_error"))
-        if call_id is not None and not writer.is_closing():
-            writer.write(frame(reply))
+            reply = (call_id, False, INTERNAL_ERROR)
+        if call_id is None or writer.is_closing():
+            return
+        try:
+            data = frame(reply)
+        except Exception:  # noqa: BLE001 - an answer that cannot cross must still end the call waiting for it
+            logger.exception("the answer to %s could not be sent", method)
+            data = frame((call_id, False, INTERNAL_ERROR))
+        writer.write(data)
 
     async def call(self, method: str, *args: Any) -> Any:
         """One call of an HTTP process; the same checks as the single-process routes make."""
@@ -301,7 +306,7 @@ class EngineClient:
     async def call(self, method: str, *args: Any) -> Any:
         """The model's process's answer; its ApiError raised here."""
         if self._writer is None or self._writer.is_closing():
-            raise ApiError(503, NOT_READY["stopping"], code="not_ready")
+            raise ApiError(503, NOT_READY_REASONS["stopping"], code="not_ready")
         call_id = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         self._calls[call_id] = future
@@ -325,7 +330,7 @@ class EngineClient:
                 if future is not None and not future.done():
                     future.set_result((ok, value))
         except (asyncio.IncompleteReadError, ConnectionError):
-            lost = ApiError(503, NOT_READY["stopping"], code="not_ready")
+            lost = ApiError(503, NOT_READY_REASONS["stopping"], code="not_ready")
             for future in self._calls.values():
                 if not future.done():
                     future.set_result((False, lost))
@@ -362,7 +367,7 @@ class HttpFrontEnd:
 
     def require_serving(self) -> None:
         if self.stopping:
-            raise ApiError(503, NOT_READY["stopping"], code="not_ready", headers={"Retry-After": "5"})
+            raise ApiError(503, NOT_READY_REASONS["stopping"], code="not_ready", headers={"Retry-After": "5"})
 
     async def health(self) -> JSONResponse:
         phase = "stopping" if self.stopping else await self.engine.call("health")
