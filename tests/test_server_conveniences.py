@@ -190,11 +190,7 @@ def test_sigterm_answers_503_while_draining_in_flight_requests(model, monkeypatc
             thread.start()
             assert gate.entered.wait(30)
             server.handle_exit(signal.SIGTERM, None)
-            for _ in range(1000):
-                health = httpx.get(f"{url}/health", timeout=10)
-                if health.status_code == 503:
-                    break
-                threading.Event().wait(0.01)
+            health = health_once_draining(url)
             late = httpx.post(f"{url}/v1/embeddings", json={"input": "too late"}, timeout=10)
             gate.release.set()
             thread.join(30)
@@ -205,6 +201,16 @@ def test_sigterm_answers_503_while_draining_in_flight_requests(model, monkeypatc
     assert stopped
     monkeypatch.undo()
     assert_vectors_equal(vectors_of(in_flight["response"]), list(model.encode(["in flight"])))
+
+
+def health_once_draining(url: str) -> httpx.Response:
+    """/health polled until it answers 503 (the drain has begun), or its last answer."""
+    for _ in range(1000):
+        health = httpx.get(f"{url}/health", timeout=10)
+        if health.status_code == 503:
+            break
+        threading.Event().wait(0.01)
+    return health
 
 
 def server_thread_stops(server) -> bool:

@@ -32,6 +32,7 @@ from test_server import (  # noqa: F401 - fixtures
     model,
     vectors_of,
 )
+from test_server_conveniences import health_once_draining
 
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
@@ -208,11 +209,7 @@ def test_stop_drains_requests_in_flight_and_refuses_new_ones(model, monkeypatch)
         assert gate.entered.wait(30)
         stopper = threading.Thread(target=processes.stop)
         stopper.start()
-        for _ in range(1000):  # the HTTP process drains: 503 for new requests while the one in flight waits
-            health = httpx.get(f"{url}/health", timeout=10)
-            if health.status_code == 503:
-                break
-            threading.Event().wait(0.01)
+        health = health_once_draining(url)  # the HTTP process drains: 503 for new requests, the one in flight waits
         late = httpx.post(f"{url}/v1/embeddings", json={"input": "too late"}, timeout=10)
         gate.release.set()
         thread.join(60)
