@@ -68,6 +68,10 @@ def http_process_count(requested: int | None, device: str) -> int:
     """``--http-processes``, or its default: on a GPU, HTTP apart from the model's process (at concurrency 64 on the
     H200 that took the server from 0.87x to 0.97x of ``encode()``'s throughput); on a CPU, which runs the model
     itself, none."""
+    if sys.platform == "win32":  # the processes talk over a Unix socket
+        if requested:
+            raise ValueError("--http-processes needs Unix sockets, which this platform (Windows) lacks; use 0")
+        return 0
     if requested is not None:
         return requested
     return GPU_HTTP_PROCESSES if resolve_device(device).startswith("cuda") else 0
@@ -389,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_library_logs()
     try:
         settings = settings_from_args(args)
+        http_processes = http_process_count(args.http_processes, args.device)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -403,7 +408,6 @@ def main(argv: list[str] | None = None) -> int:
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                 timeout_graceful_shutdown=int(DRAIN_TIMEOUT_S))
         sockets = [config.bind_socket()]  # before the lifespan starts loading: a busy port exits at once
-        http_processes = http_process_count(args.http_processes, args.device)
         if http_processes > 0:
             return serve_with_http_processes(app, http_processes, sockets, args.log_level)
         draining_server_class()(config, app.state.nova).run(sockets=sockets)

@@ -303,3 +303,7 @@ def test_http_processes_default_to_two_on_a_gpu_and_none_on_a_cpu(monkeypatch):
     assert serve.http_process_count(parse(["--http-processes", "3"]).http_processes, "cpu") == 3
     with pytest.raises(SystemExit):
         parse(["--http-processes", "-1"])
+    monkeypatch.setattr(sys, "platform", "win32")  # no Unix sockets: none by default, a clear error if asked for
+    assert serve.http_process_count(None, "cuda") == 0
+    with pytest.raises(ValueError, match="Unix sockets"):
+        serve.http_process_count(2, "cuda")
