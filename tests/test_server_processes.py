@@ -88,7 +88,10 @@ def test_openai_client_through_two_http_processes(model):
                 model=MODEL_NAME, input="x")
         listed = [entry.id for entry in client.models.list()]
         metrics = httpx.get(f"{url}/metrics", headers={"Authorization": "Bearer k"}).text
+        keyless = [httpx.get(f"{url}{path}").status_code for path in ("/metrics", "/v1/models", f"/v1/models/{MODEL_NAME}")]
+        keyless_health = httpx.get(f"{url}/health").status_code
     assert health.json() == {"status": "ok"}
+    assert keyless == [401, 401, 401] and keyless_health == 200  # every endpoint but /health needs the key
     expected = model.encode(texts)
     torch.testing.assert_close(torch.tensor([d.embedding for d in default.data]), expected, atol=ATOL, rtol=1e-4)
     torch.testing.assert_close(torch.tensor(floats.data[0].embedding), expected[0], atol=ATOL, rtol=1e-4)
@@ -307,3 +310,32 @@ def test_http_processes_default_to_two_on_a_gpu_and_none_on_a_cpu(monkeypatch):
     assert serve.http_process_count(None, "cuda") == 0
     with pytest.raises(ValueError, match="Unix sockets"):
         serve.http_process_count(2, "cuda")
+
+
+def test_http_processes_say_loading_then_failed_as_the_model_process_does(model):
+    """While the model loads, and after its load failed, every HTTP process answers as the single-process server:
+    /health 503 with the phase, embeddings 503 ``not_ready`` naming the reason."""
+    release = threading.Event()
+
+    def failing_loader():
+        assert release.wait(60)
+        raise RuntimeError("no weights here")
+
+    app = app_for(failing_loader)
+    with serving_http_processes(app, 2) as url:
+        loading = httpx.get(f"{url}/health", timeout=30)
+        early = httpx.post(f"{url}/v1/embeddings", json={"input": "x"}, timeout=30)
+        release.set()
+        for _ in range(600):
+            failed = httpx.get(f"{url}/health", timeout=30)
+            if failed.json()["status"] != "loading":
+                break
+            threading.Event().wait(0.05)
+        late = httpx.post(f"{url}/v1/embeddings", json={"input": "x"}, timeout=30)
+        entry = httpx.get(f"{url}/v1/models/{MODEL_NAME}", timeout=30)
+    assert loading.status_code == 503 and loading.json() == {"status": "loading"}
+    assert early.status_code == 503 and early.json()["error"]["message"] == "the model is still loading"
+    assert early.headers["retry-after"] == "5"
+    assert failed.status_code == 503 and failed.json() == {"status": "failed"}
+    assert late.status_code == 503 and "failed to load" in late.json()["error"]["message"]
+    assert entry.status_code == 200 and entry.json()["id"] == MODEL_NAME  # the listing does not need the model
