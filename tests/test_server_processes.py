@@ -339,3 +339,13 @@ def test_http_processes_say_loading_then_failed_as_the_model_process_does(model)
     assert failed.status_code == 503 and failed.json() == {"status": "failed"}
     assert late.status_code == 503 and "failed to load" in late.json()["error"]["message"]
     assert entry.status_code == 200 and entry.json()["id"] == MODEL_NAME  # the listing does not need the model
+
+
+def test_the_socket_folder_fits_a_unix_socket_address(monkeypatch):
+    from nova_embeddings.server import frontend
+
+    monkeypatch.setattr(frontend.tempfile, "gettempdir", lambda: "/scratch/tmp")
+    assert frontend.socket_folder_parent() == "/scratch/tmp"
+    deep = "/var/folders/" + "x" * 90 + "/T"
+    monkeypatch.setattr(frontend.tempfile, "gettempdir", lambda: deep)
+    assert frontend.socket_folder_parent() == "/tmp"

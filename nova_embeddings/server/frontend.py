@@ -56,6 +56,7 @@ logger = logging.getLogger("nova_server")
 
 FRAME_HEADER = struct.Struct("!I")
 SOCKET_NAME = "engine.sock"
+MAX_SOCKET_PATH = 100  # sun_path holds 104 (macOS) or 108 (Linux) bytes
 CONNECT_TIMEOUT_S = 60.0
 LISTEN_BACKLOG = 2048  # uvicorn's default
 STOP_TIMEOUT_S = 40.0  # an HTTP process's drain (30 s) and uvicorn's own stop
@@ -84,6 +85,13 @@ def fast_event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     except ImportError:
         return None
     return uvloop.new_event_loop
+
+
+def socket_folder_parent() -> str:
+    """Where the private socket folder goes: the temporary folder, unless its path is too long for a Unix socket
+    address (about 100 bytes; macOS's per-user temporary folders come close), then /tmp."""
+    parent = tempfile.gettempdir()
+    return parent if len(os.path.join(parent, "nova-http-12345678", SOCKET_NAME)) <= MAX_SOCKET_PATH else "/tmp"
 
 
 class EngineEndpoint:
@@ -163,7 +171,7 @@ class HttpProcesses:
         self.sockets = sockets
         self.log_level = log_level
         self.processes: list[multiprocessing.Process] = []
-        self._folder = tempfile.TemporaryDirectory(prefix="nova-http-")
+        self._folder = tempfile.TemporaryDirectory(prefix="nova-http-", dir=socket_folder_parent())
         os.chmod(self._folder.name, 0o700)
         self.socket_path = str(Path(self._folder.name) / SOCKET_NAME)
         self._endpoint = EngineEndpoint(server)
