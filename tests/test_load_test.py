@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import httpx
@@ -41,6 +42,8 @@ def test_load_test_through_http_processes_counts_every_request_in_the_model_proc
     cpu = report["server_threads_cpu_ms_per_request"]
     if hasattr(time, "pthread_getcpuclockid"):
         assert "uvicorn" not in cpu and cpu["nova-engine"] > 0
+    if os.path.exists("/proc/self/stat"):
+        assert cpu["nova-http processes"] > 0  # the HTTP process's own CPU, read from /proc
 
 
 def test_stub_encode_measures_the_server_alone_and_reports_its_threads_cpu(tmp_path, monkeypatch):

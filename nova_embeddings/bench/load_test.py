@@ -11,8 +11,8 @@ number of requests with bounded concurrency, stops at a time cap whatever happen
 ``--stub-encode`` replaces the served model's ``encode()`` with one that returns constant unit vectors at once
 (validation, tokenising and routing stay real): the server's own ceiling, what its Python costs per request.
 In-process runs also report each server thread's CPU time per request (from the threads' CPU clocks), which
-shows where the interpreter lock goes (with ``--http-processes N``: the model's process only, whose interpreter
-lock is the one that the GPU work shares).
+shows where the interpreter lock goes; with ``--http-processes N``, the HTTP processes' CPU time is given beside
+them, summed ("nova-http processes", Linux only).
 
 ``--model none`` (the default) is the tiny checkpoint; ``random-full`` is the full-size architecture
 (jina-embeddings-v4 = Qwen2.5-VL-3B) with random weights made on the device, on the tiny tokenizer: nothing
@@ -27,6 +27,7 @@ import base64
 import io
 import json
 import math
+import multiprocessing
 import os
 import shlex
 import sys
@@ -290,6 +291,25 @@ def thread_cpu_seconds() -> dict[str, float]:
     return seconds
 
 
+def http_process_cpu_seconds() -> dict[str, float]:
+    """CPU seconds of the server's HTTP processes (``--http-processes``; this process's children named
+    ``nova-http-N``), summed under one name; {} without them or without Linux's /proc."""
+    total, found = 0.0, False
+    for child in multiprocessing.active_children():
+        stat = Path(f"/proc/{child.pid}/stat")
+        if not child.name.startswith("nova-http") or not stat.exists():
+            continue
+        fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command name: state, ppid, ...
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        found = True
+    return {"nova-http processes": total} if found else {}
+
+
+def server_cpu_seconds() -> dict[str, float]:
+    """The server's CPU seconds: this process's threads by name, and its HTTP processes."""
+    return {**thread_cpu_seconds(), **http_process_cpu_seconds()}
+
+
 def cpu_per_request(before: dict[str, float], after: dict[str, float], requests: int) -> dict[str, float]:
     """Milliseconds of CPU per request each server thread (group) spent during the run, largest first."""
     spent = {name: after[name] - before.get(name, 0.0) for name in after}
@@ -391,7 +411,6 @@ def measure(url: str, payloads: list[dict], args: argparse.Namespace, headers: d
     machine: 1 process 391 items/s, 2 processes 1,217, 4 processes 1,279 against the same server), so a single
     client measures itself; and sharing the server's interpreter lock would slow both."""
     import concurrent.futures
-    import multiprocessing
 
     clients = max(1, min(args.clients, args.concurrency, len(payloads)))
     shares = [payloads[index::clients] for index in range(clients)]
@@ -511,10 +530,10 @@ def measure_run(url: str, payloads: list[dict], args: argparse.Namespace, header
     """One measurement: the load, then the server's batches (and, in process, each server thread's CPU time per
     request) during it."""
     before = read_batch_series(url, headers)
-    cpu_before = thread_cpu_seconds() if in_process else None
+    cpu_before = server_cpu_seconds() if in_process else None
     out: dict[str, Any] = {"load": measure(url, payloads, args, headers)}
     if cpu_before is not None:
-        out["server_threads_cpu_ms_per_request"] = cpu_per_request(cpu_before, thread_cpu_seconds(),
+        out["server_threads_cpu_ms_per_request"] = cpu_per_request(cpu_before, server_cpu_seconds(),
                                                                    out["load"]["requests_ok"])
     out["server_batches"] = server_batch_stats(url, headers, before)
     return out
