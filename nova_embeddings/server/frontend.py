@@ -191,7 +191,8 @@ class HttpProcesses:
                 loop.run_until_complete(loop.shutdown_asyncgens())
             finally:
                 loop.close()
-        except BaseException as error:  # noqa: BLE001 - reported by start()/stop() in the calling thread
+        except BaseException as error:  # noqa: BLE001 - raised again by start(); later, the HTTP processes stop
+            logger.exception("the model's server stopped with an error")
             self._engine_error = error
             self._listening.set()
 
@@ -239,7 +240,7 @@ class HttpProcesses:
                 continue
             self._deaths = [t for t in self._deaths if now - t < RESTART_WINDOW_S] + [now]
             if len(self._deaths) > MAX_RESTARTS:
-                logger.error("HTTP process %s exited (code %s), the %d-th within %g s: stopping the server",
+                logger.error("HTTP process %s exited (code %s): %d deaths within %g s, stopping the server",
                              process.name, process.exitcode, len(self._deaths), RESTART_WINDOW_S)
                 return False
             logger.error("HTTP process %s exited (code %s): starting another", process.name, process.exitcode)
