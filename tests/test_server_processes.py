@@ -108,19 +108,35 @@ def test_openai_client_through_two_http_processes(model):
     assert "nova_items_total 7" in metrics
 
 
-def test_concurrent_requests_share_batches_and_each_gets_its_own_vectors(model):
+def test_concurrent_requests_share_batches_and_each_gets_its_own_vectors(model, monkeypatch):
+    """Requests of both HTTP processes queued behind a busy batch join one batch, and each gets its own vectors."""
     bodies = [{"input": [f"text {i} of request {r}" for i in range(1 + r % 3)],
                "task": ["retrieval.query", "text-matching", "code.query"][r % 3]} for r in range(24)]
-    app = create_app(model, ServerSettings(served_model_names=(MODEL_NAME,), max_wait_ms=20))
-    with serving_http_processes(app, 2) as url:
-        with ThreadPoolExecutor(12) as pool:
-            responses = list(pool.map(lambda body: httpx.post(f"{url}/v1/embeddings", json=body, timeout=60), bodies))
+    items = sum(len(body["input"]) for body in bodies)
+    gate = EncodeGate(model, monkeypatch)
+    app = create_app(model, ServerSettings(served_model_names=(MODEL_NAME,), inflight_batches=1, max_wait_ms=0))
+    batcher = lambda: app.state.nova.batcher  # noqa: E731 - made when the server starts
+    post = lambda body: httpx.post(f"{url}/v1/embeddings", json=body, timeout=60)  # noqa: E731
+    with serving_http_processes(app, 2) as url, ThreadPoolExecutor(len(bodies) + 1) as pool:
+        first = pool.submit(post, {"input": "holds the only batch slot"})
+        assert gate.entered.wait(30)
+        queued = [pool.submit(post, body) for body in bodies]
+        for _ in range(2000):  # until every request is prepared and queued behind the busy batch (the gate waits 30 s)
+            if batcher().queue_items == items:  # counts prepared requests only
+                break
+            threading.Event().wait(0.01)
+        waiting = batcher().queue_items
+        gate.release.set()
+        responses = [future.result() for future in queued]
+        assert first.result().status_code == 200
         metrics = httpx.get(f"{url}/metrics").text
+    monkeypatch.undo()
+    assert waiting == items
     for body, response in zip(bodies, responses):
         assert response.status_code == 200, response.text
         assert_vectors_equal(vectors_of(response), list(model.encode(body["input"], task=body["task"])))
-    batches = int(next(line.split()[1] for line in metrics.splitlines() if line.startswith("nova_batches_total")))
-    assert batches < len(bodies)  # requests of both processes joined batches
+    assert gate.calls == [1, items]  # the 24 requests made one batch
+    assert "nova_batches_total 2" in metrics
 
 
 def test_images_and_multivectors_through_an_http_process(model):
