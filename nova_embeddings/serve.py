@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--multivector-default", "--is-multi-vector-embeddings", dest="multivector_default", action="store_true",
         help="requests that do not set return_multivector get multi vectors (default: off)")
     add("--preprocess-workers", type=int, default=1,
-        help="threads that tokenise and format responses (default: %(default)s)")
+        help="threads of the model's process that tokenise (and, without HTTP processes, write large responses) "
+             "(default: %(default)s)")
     add("--inflight-batches", type=int, default=ServerSettings.inflight_batches,
         help="batches in encode() at once: the next one's GPU work is queued while one waits for its vectors "
              "(default: %(default)s; 1: one at a time)")
