@@ -33,7 +33,8 @@ class ServerSettings:
     inflight_batches: batches in ``encode()`` at once (threads of the encode executor). Two by default: while one
         call waits for its vectors, the next one's GPU work is already queued, so the GPU does not idle between
         batches (the model issues one call's GPU work at a time). One: a batch at a time.
-    preprocess_workers: threads that decode images, tokenise and format responses. One by default: on a
+    preprocess_workers: threads that read image headers, tokenise and write large responses (with HTTP processes,
+        ``frontend.py``, those write the responses). One by default: on a
         full-size model on an H100, two busy tokenising threads slowed the encode thread's batches 2.8x
         (interpreter-lock contention), one by 10%.
     """
