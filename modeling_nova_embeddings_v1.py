@@ -718,9 +718,7 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
             if normalized is not None:
                 tokenized = self._tokenize_items(normalized, limits, truncate)
             parts = [run(tokenized, show_progress_bar=show_progress_bar)]
-        results = self._gather(parts, len(adapters), return_multivector, packed)
-        if order is not None:
-            results = _in_call_order(results, order)
+        results = self._gather(parts, len(adapters), return_multivector, packed, order)
         return _convert(self._finish(results, return_multivector, dimensions), return_multivector, output)
 
     def _pipeline_lead(self, normalized: list[EmbeddingItem] | None, packed: bool, batch_size: int,
@@ -776,9 +774,10 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
             return True
         return packed and not can_stack(self, sorted(set(adapters) - {BASE}), dropout_disabled=True)
 
-    def _gather(self, parts: Sequence["_RunPart"], count: int, return_multivector: bool,
-                packed: bool) -> list[torch.Tensor]:
-        """Every item's vectors on the CPU, at its index in the call."""
+    def _gather(self, parts: Sequence["_RunPart"], count: int, return_multivector: bool, packed: bool,
+                order: list[int] | None = None) -> list[torch.Tensor]:
+        """Every item's vectors on the CPU, at its index in the call (``order``: each position's index in the call,
+        when ``_grouped_by_adapter`` re-sorted the items)."""
         results: list[torch.Tensor | None] = [None] * count
         for part in parts:
             if part.ready is not None:
@@ -786,7 +785,8 @@ class NovaEmbeddingsV1Model(Qwen2_5_VLPreTrainedModel):
             for batch, vectors, masks in part.outputs:
                 lengths = [len(part.tokenized[i]) for i in batch]
                 for index, vector in zip(batch, self._split_vectors(vectors, masks, lengths, return_multivector, packed)):
-                    results[part.offset + index] = vector
+                    position = part.offset + index
+                    results[position if order is None else order[position]] = vector
         return results
 
     def _image_token_bound(self, limits: tuple[int, int]) -> int:
@@ -1230,14 +1230,6 @@ def _grouped_by_adapter(items: list[EmbeddingItem], adapters: list[str]) -> tupl
     again. Items keep their ``index``, so errors still name each item by its place in the call."""
     order = sorted(range(len(adapters)), key=adapters.__getitem__)
     return [items[i] for i in order], [adapters[i] for i in order], order
-
-
-def _in_call_order(results: list, order: list[int]) -> list:
-    """Undo ``_grouped_by_adapter`` on the results."""
-    restored = [None] * len(results)
-    for position, index in enumerate(order):
-        restored[index] = results[position]
-    return restored
 
 
 def _lead_items(items: Sequence[EmbeddingItem], batch_size: int, max_batch_tokens: int, image_tokens: int) -> int:
