@@ -185,9 +185,8 @@ class NovaServer:
         return self.requests.tracking()
 
     def require_ready(self) -> None:
-        if self.phase == "ready":
-            return
-        raise ApiError(503, NOT_READY_REASONS[self.phase], code="not_ready", headers={"Retry-After": "5"})
+        if self.phase != "ready":
+            raise not_ready_error(self.phase)
 
     # ------------------------------------------------------------------ model access
     def _encode(self, prepared: Any, return_multivector: bool) -> CheckedVectors:
@@ -653,6 +652,17 @@ class ResponseCounter:
         await self.app(scope, receive, counting_send)
 
 
+def not_ready_error(phase: str) -> ApiError:
+    """The 503 of a server that is loading, failed or stopping."""
+    return ApiError(503, NOT_READY_REASONS[phase], code="not_ready", headers={"Retry-After": "5"})
+
+
+def health_response(phase: str) -> JSONResponse:
+    """/health: 200 ``{"status": "ok"}`` when ready, else 503 with the phase."""
+    ready = phase == "ready"
+    return JSONResponse({"status": "ok" if ready else phase}, status_code=200 if ready else 503)
+
+
 def access_checks(settings: ServerSettings) -> tuple[Callable, Callable]:
     """(API key check, admin token check) of a request, as route dependencies: the same in every HTTP process."""
 
@@ -684,8 +694,7 @@ def create_app(model: Any, settings: ServerSettings | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        return JSONResponse({"status": "ok" if server.phase == "ready" else server.phase},
-                            status_code=200 if server.phase == "ready" else 503)
+        return health_response(server.phase)
 
     @app.get("/v1/models", dependencies=[Depends(require_api_key)])
     async def models() -> JSONResponse:

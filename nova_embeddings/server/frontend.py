@@ -46,6 +46,8 @@ from .app import (
     NovaServer,
     ResponseCounter,
     access_checks,
+    health_response,
+    not_ready_error,
     read_body,
 )
 from .errors import ApiError, install_error_handlers
@@ -376,11 +378,10 @@ class HttpFrontEnd:
 
     def require_serving(self) -> None:
         if self.stopping:
-            raise ApiError(503, NOT_READY_REASONS["stopping"], code="not_ready", headers={"Retry-After": "5"})
+            raise not_ready_error("stopping")
 
     async def health(self) -> JSONResponse:
-        phase = "stopping" if self.stopping else await self.engine.call("health")
-        return JSONResponse({"status": "ok" if phase == "ready" else phase}, status_code=200 if phase == "ready" else 503)
+        return health_response("stopping" if self.stopping else await self.engine.call("health"))
 
     async def embed(self, request: EmbeddingRequest) -> bytes:
         embedded: Embedded = await self.engine.call("embed", request)
