@@ -11,6 +11,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModel
 from peft.tuners.lora.layer import LoraLayer
 
+BASE = "__base__"  # the bare backbone in adapter_names (PEFT's name)
+
 TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$|.*multi_vector_projector$"
 ITEMS = ["hello world", {"text": "def f(): pass", "task": "code.passage"}, {"text": "same meaning", "task": "text-matching"},
          {"text": "custom", "adapter": "custom"}, {"text": "bare", "adapter": None}, {"text": "a passage", "task": "retrieval.passage"}]
@@ -431,6 +433,36 @@ def test_fused_pass_leaves_a_replaced_forward_alone(model, monkeypatch):
     q_proj.forward = wrapped
     torch.testing.assert_close(model.encode(ITEMS), expected, atol=1e-5, rtol=1e-4)
     assert calls and q_proj.__dict__["forward"] is wrapped
+
+
+def test_token_adapters_are_built_where_cu_seqlens_is_without_reading_it_back(model):
+    """A packed mixed pass on a GPU gets cu_seqlens there; reading it back to the host waited for every pass queued
+    before (the GPU idled ~8 ms per pass of workload 4 "mixed" on the H200). On the meta device, where nothing can be
+    read back, the token adapters are still built; on the CPU they mark padding after the items as the bare
+    backbone (-1)."""
+    module = adapters_module(model)
+    names, cu_seqlens = ["code", BASE, "custom"], torch.tensor([0, 3, 5, 9], dtype=torch.int32)
+    on_cpu = module._token_adapters(names, ["code", "custom"], cu_seqlens, 12)
+    assert on_cpu.tolist() == [[0, 0, 0, -1, -1, 1, 1, 1, 1, -1, -1, -1]]
+    assert module._token_adapters(names, ["code", "custom"], cu_seqlens).shape == (1, 9)
+    on_meta = module._token_adapters(names, ["code", "custom"], cu_seqlens.to("meta"), 12)
+    assert on_meta.device.type == "meta" and on_meta.shape == (1, 12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_token_adapters_need_no_host_sync(model):
+    """On a GPU the token adapters come from cu_seqlens on the device with no synchronising call (CUDA's sync debug
+    mode turns one into an error), equal to those built on the CPU."""
+    module = adapters_module(model)
+    names, cu_seqlens = ["code", BASE, "custom"], torch.tensor([0, 3, 5, 9], dtype=torch.int32)
+    on_gpu = cu_seqlens.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        built = module._token_adapters(names, ["code", "custom"], on_gpu, 12)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert built.tolist() == module._token_adapters(names, ["code", "custom"], cu_seqlens, 12).tolist()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
