@@ -110,9 +110,13 @@ def layer_adapter_names(layers: Sequence["LoraLayer"]) -> set[str]:
 
 def _plain_lora_linear(layer: "LoraLayer", name: str, weight: torch.Tensor) -> bool:
     """Whether merging ``name`` into ``layer`` is exactly W + scaling * B @ A (vanilla LoRA on a Linear)."""
+    return _plain_lora_weights(layer, name, layer.lora_A[name].weight, layer.lora_B[name].weight, weight)
+
+
+def _plain_lora_weights(layer: "LoraLayer", name: str, a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor) -> bool:
+    """``_plain_lora_linear`` given the adapter's A and B weights and the base weight."""
     from peft.tuners.lora.layer import Linear
 
-    a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
     return (isinstance(layer, Linear) and not layer.fan_in_fan_out and name not in getattr(layer, "lora_variant", {})
             and not getattr(layer, "lora_bias", {}).get(name, False) and a.dtype == b.dtype == weight.dtype
             and a.device == weight.device and weight.dim() == 2)
@@ -473,6 +477,7 @@ def stacked_routing(layers: Sequence["LoraLayer"], names: list[str], token_adapt
         on_device[token_adapters.device] = token_adapters
     saved = [(layer, layer.active_adapters, layer.disable_adapters) for layer in layers]
     passes, handles, fused = [], [], []
+    names = tuple(names)
     try:
         for layer in layers:
             passes.append(stacked_pass(layer, names, token_adapters, on_device))
@@ -503,14 +508,21 @@ def _stack_blockers(model: nn.Module, dropout_disabled: bool) -> set[str]:
     if torch.is_grad_enabled():
         return layer_adapter_names(index.lora_layers)
     blocked: set[str] = set()
-    for layer in index.lora_layers:
-        for name in layer.lora_A.keys():
-            if name in blocked:
-                continue
-            dropout = layer.lora_dropout[name]
-            dropping = dropout.training and getattr(dropout, "p", 0) > 0 and not dropout_disabled
-            if (id(layer) in index.vision_lora_layers or dropping
-                    or not _plain_lora_linear(layer, name, layer.get_base_layer().weight)):
+    for layer in index.lora_layers:  # (the ModuleDicts' own dicts: nn.Module lookups made this ~15 ms at full size)
+        modules = layer._modules
+        lora_a, lora_b, dropouts = (modules[key]._modules for key in ("lora_A", "lora_B", "lora_dropout"))
+        names = [name for name in lora_a if name not in blocked]
+        if not names:
+            continue
+        if id(layer) in index.vision_lora_layers:
+            blocked.update(names)
+            continue
+        weight = layer.get_base_layer().weight
+        for name in names:
+            dropout = dropouts[name]
+            dropping = not dropout_disabled and dropout.training and getattr(dropout, "p", 0) > 0
+            if dropping or not _plain_lora_weights(layer, name, lora_a[name]._parameters["weight"],
+                                                   lora_b[name]._parameters["weight"], weight):
                 blocked.add(name)
     return blocked
 
@@ -562,14 +574,15 @@ class StackedPass:
     token_adapters: torch.Tensor  # (rows, 1) or (1, tokens)
 
 
-def stacked_pass(layer: "LoraLayer", names: list[str], token_adapters: torch.Tensor,
+def stacked_pass(layer: "LoraLayer", names: tuple[str, ...], token_adapters: torch.Tensor,
                  on_device: dict[torch.device, torch.Tensor]) -> StackedPass:
     """The layer's ``StackedPass``; its rank tables are built once per set of adapters, ranks, scalings and device,
     the token adapters copied once per device (``on_device``, shared by the pass's layers)."""
-    held = tuple(name for name in names if name in layer.lora_A)
-    device = layer.lora_A[held[0]].weight.device if held else torch.device("cpu")
-    key = (tuple(names), held, tuple(layer.r[name] for name in held), tuple(float(layer.scaling[name]) for name in held),
-           device)
+    lora_a = layer._modules["lora_A"]._modules  # (not nn.Module lookups: this runs for every layer of every pass)
+    held = tuple(name for name in names if name in lora_a)
+    device = lora_a[held[0]]._parameters["weight"].device if held else torch.device("cpu")
+    ranks, scalings = layer.r, layer.scaling
+    key = (names, held, tuple(ranks[name] for name in held), tuple(float(scalings[name]) for name in held), device)
     cached = getattr(layer, RANK_OWNERS, None)
     if cached is None or cached[0] != key:
         owner = [names.index(name) for name in held for _ in range(layer.r[name])]
