@@ -7,6 +7,7 @@ direct ``encode()`` of the same items.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import signal
@@ -16,6 +17,7 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -365,3 +367,51 @@ def test_the_socket_folder_fits_a_unix_socket_address(monkeypatch):
     deep = "/var/folders/" + "x" * 90 + "/T"
     monkeypatch.setattr(frontend.tempfile, "gettempdir", lambda: deep)
     assert frontend.socket_folder_parent() == "/tmp"
+
+
+def send_and_abandon(url: str, body: dict, until: Callable[[], bool]) -> bool:
+    """POST ``body`` on a raw connection, wait until ``until()`` (say, the request is queued), then close the
+    connection without reading the answer, as a client that timed out does. Whether ``until()`` came true."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    data = json.dumps(body).encode()
+    head = (f"POST /v1/embeddings HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n").encode()
+    with socket.create_connection((host, int(port)), timeout=30) as connection:
+        connection.sendall(head + data)
+        return wait_for(until)
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 30.0) -> bool:
+    for _ in range(int(timeout_s / 0.01)):
+        if condition():
+            return True
+        threading.Event().wait(0.01)
+    return condition()
+
+
+@pytest.mark.parametrize("http_processes", [0, 2])
+def test_a_request_whose_client_goes_away_is_never_encoded(model, monkeypatch, http_processes):
+    """A client that disconnects while its request waits behind a busy batch gets the request cancelled, in the
+    model's process too when HTTP is served by processes of its own: it leaves the queue at once, its items are
+    never encoded, /metrics counts a 499 (nginx's "client closed request"), and the server serves on."""
+    from nova_embeddings.serve import serve_in_thread
+
+    gate = EncodeGate(model, monkeypatch)
+    app = create_app(model, ServerSettings(served_model_names=(MODEL_NAME,), inflight_batches=1, max_wait_ms=0))
+    batcher = lambda: app.state.nova.batcher  # noqa: E731 - made when the server starts
+    serving = serving_http_processes(app, http_processes) if http_processes else serve_in_thread(app)
+    with serving as url, ThreadPoolExecutor(1) as pool:
+        post = lambda body: httpx.post(f"{url}/v1/embeddings", json=body, timeout=60)  # noqa: E731
+        first = pool.submit(post, {"input": "holds the only batch slot"})
+        assert gate.entered.wait(30)
+        queued = send_and_abandon(url, {"input": ["never encoded", "nor this"]}, lambda: batcher().queue_items == 2)
+        left_queue = wait_for(lambda: batcher().queue_requests == 0)
+        counted = wait_for(lambda: 'path="/v1/embeddings",status="499"} 1' in httpx.get(f"{url}/metrics").text)
+        gate.release.set()
+        assert first.result().status_code == 200
+        after = post({"input": "served after"})
+    monkeypatch.undo()
+    assert queued and left_queue and counted
+    assert gate.calls == [1, 1]  # the first request, then the one after: the abandoned one never reached encode()
+    assert after.status_code == 200
+    assert_vectors_equal(vectors_of(after), list(model.encode(["served after"])))

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
 
 import torch
 from fastapi import Depends, FastAPI, Request
@@ -596,6 +596,42 @@ async def receive_by(receive: Callable, deadline: float) -> dict:
     return await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
 
 
+CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection": no one reads it, /metrics counts it
+
+
+class ClientGone(Exception):
+    """The client disconnected before its response was ready."""
+
+
+async def client_gone(request: Request) -> None:
+    """Returns once the client has disconnected: after the body, an ASGI server's receive yields nothing but
+    ``http.disconnect`` (when the client goes, or once the response has been sent)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_client_gone(request: Request, work: Awaitable[Any]) -> Any:
+    """``work``'s result, or ``ClientGone`` with ``work`` cancelled when the client disconnects first: a request
+    still waiting for its batch then costs no encoding (the batcher drops cancelled jobs), and one being prepared
+    no more than its preparation. Nothing stops a batch already in ``encode()``; its vectors are dropped."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(client_gone(request))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this request itself cancelled (the server stopping): its work too
+        task.cancel()
+        raise
+    finally:
+        if not watcher.done():
+            watcher.cancel()
+    if task.done() or watcher.cancelled() or watcher.exception() is not None:  # (a failed watch: just wait)
+        return await task
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    raise ClientGone()
+
+
 class BodyReadTimeout:
     """ASGI middleware: a request's whole body must arrive within ``timeout_s`` of the app's first read, or the
     read fails with a 408 (uvicorn bounds neither the time nor the rate of a body, so one client trickling
@@ -713,7 +749,10 @@ def create_app(model: Any, settings: ServerSettings | None = None) -> FastAPI:
         server.require_ready()
         with server.tracking():
             body = parse_body(await read_body(request, settings.max_request_bytes), EmbeddingRequest)
-            return Response(await server.embed(body), media_type="application/json")
+            try:
+                return Response(await unless_client_gone(request, server.embed(body)), media_type="application/json")
+            except ClientGone:
+                return Response(status_code=CLIENT_CLOSED)
 
     # A plain Starlette route: the hot path skips FastAPI's per-request dependency solving, which cost as much
     # event-loop time as the rest of the route (the server is bound by the interpreter lock under load).

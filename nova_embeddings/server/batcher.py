@@ -54,7 +54,7 @@ class Ticket:
     released: bool = False
 
 
-@dataclass
+@dataclass(eq=False)  # a job is itself: the queue finds and drops it by identity
 class Job:
     """One request's items, prepared (``model.prepare_items``: a sized object that joins with ``+``), their token
     count, and where its vectors go."""
@@ -144,9 +144,16 @@ class Batcher:
         ticket.queued = True
         self._admitted -= 1
         job.future = asyncio.get_running_loop().create_future()
+        job.future.add_done_callback(functools.partial(self._drop_if_cancelled, job))
         self._pending.append(job)
         self._wakeup.set()
         return job.future
+
+    def _drop_if_cancelled(self, job: Job, future: asyncio.Future) -> None:
+        """A request cancelled while queued (its client went away) leaves the queue at once: it no longer counts
+        against ``max_queue_requests`` nor takes room in a batch."""
+        if future.cancelled() and job in self._pending:
+            self._pending.remove(job)
 
     def retry_after_s(self) -> int:
         """Seconds until the queue has likely drained, from the recent throughput (1 to 60)."""

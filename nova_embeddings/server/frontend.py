@@ -41,6 +41,8 @@ from .app import (
     ADMIN_BODY_BYTES,
     NOT_READY_REASONS,
     BodyReadTimeout,
+    CLIENT_CLOSED,
+    ClientGone,
     Embedded,
     InFlight,
     NovaServer,
@@ -49,6 +51,7 @@ from .app import (
     health_response,
     not_ready_error,
     read_body,
+    unless_client_gone,
 )
 from .errors import ApiError, install_error_handlers
 from .schemas import EmbeddingRequest, LoraLoadRequest, LoraUnloadRequest, parse_body
@@ -64,6 +67,7 @@ LISTEN_BACKLOG = 2048  # uvicorn's default
 STOP_TIMEOUT_S = 40.0  # an HTTP process's drain (30 s) and uvicorn's own stop
 MAX_RESTARTS, RESTART_WINDOW_S = 5, 60.0  # HTTP processes replaced when they die, at most this often
 INTERNAL_ERROR = ApiError(500, "internal server error (see the server log)", code="internal_error")
+CANCEL = "cancel"  # an HTTP process's message: stop the call with this id (no answer)
 
 
 # ---------------------------------------------------------------------- frames
@@ -106,15 +110,24 @@ class EngineEndpoint:
 
     async def handle_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        calls: dict[int, asyncio.Task] = {}  # this connection's calls in progress, by id
         try:
             while True:
                 try:
                     call_id, method, args = await read_frame(reader)
                 except (asyncio.IncompleteReadError, ConnectionError):
                     return  # the HTTP process stopped
+                if method == CANCEL:  # its client went away (``unless_client_gone``)
+                    cancelled = calls.get(args[0])
+                    if cancelled is not None:
+                        cancelled.cancel()
+                    continue
                 task = asyncio.get_running_loop().create_task(self._answer(writer, call_id, method, args))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
+                if call_id is not None:
+                    calls[call_id] = task
+                    task.add_done_callback(lambda _, call_id=call_id: calls.pop(call_id, None))
         finally:
             writer.close()
 
@@ -322,8 +335,13 @@ class EngineClient:
         future = asyncio.get_running_loop().create_future()
         self._calls[call_id] = future
         self._writer.write(frame((call_id, method, args)))
-        await self._writer.drain()
-        ok, value = await future
+        try:
+            await self._writer.drain()
+            ok, value = await future
+        except asyncio.CancelledError:  # the caller gave up (its client went away): so does the model's process
+            self._calls.pop(call_id, None)
+            self.notify(CANCEL, call_id)
+            raise
         if not ok:
             raise value
         return value
@@ -432,7 +450,10 @@ def create_frontend_app(settings: ServerSettings, socket_path: str) -> FastAPI:
         front.require_serving()
         with front.requests.tracking():
             body = parse_body(await read_body(request, settings.max_request_bytes), EmbeddingRequest)
-            return Response(await front.embed(body), media_type="application/json")
+            try:
+                return Response(await unless_client_gone(request, front.embed(body)), media_type="application/json")
+            except ClientGone:  # (the call was cancelled in the model's process too)
+                return Response(status_code=CLIENT_CLOSED)
 
     app.add_route("/v1/embeddings", embeddings, methods=["POST"])  # a plain Starlette route, as in create_app
 
