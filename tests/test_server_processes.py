@@ -415,3 +415,34 @@ def test_a_request_whose_client_goes_away_is_never_encoded(model, monkeypatch, h
     assert gate.calls == [1, 1]  # the first request, then the one after: the abandoned one never reached encode()
     assert after.status_code == 200
     assert_vectors_equal(vectors_of(after), list(model.encode(["served after"])))
+
+
+def test_a_lost_model_process_is_a_503_with_retry_after(tmp_path):
+    """An HTTP process whose connection to the model's process is gone (never made, or closed while a call waits)
+    answers as every other not-ready 503 does, with Retry-After, and stops itself (``on_lost``)."""
+    import asyncio
+
+    from nova_embeddings.server.frontend import EngineClient
+
+    async def scenario() -> tuple[ApiError, ApiError, list[int]]:
+        lost: list[int] = []
+        with pytest.raises(ApiError) as unconnected:
+            await EngineClient(str(tmp_path / "none.sock"), on_lost=lambda: lost.append(1)).call("health")
+
+        async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read(1)  # the call's first byte: the model's process "dies" while the call waits
+            writer.close()
+
+        server = await asyncio.start_unix_server(hang_up, str(tmp_path / "engine.sock"))
+        client = EngineClient(str(tmp_path / "engine.sock"), on_lost=lambda: lost.append(1))
+        await client.connect()
+        with pytest.raises(ApiError) as dropped:
+            await client.call("embed", None)
+        await client.close()
+        server.close()
+        return unconnected.value, dropped.value, lost
+
+    unconnected, dropped, lost = asyncio.run(scenario())
+    for error in (unconnected, dropped):
+        assert (error.status, error.code, error.headers) == (503, "not_ready", {"Retry-After": "5"})
+    assert lost == [1]

@@ -39,7 +39,6 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from .app import (
     ADMIN_BODY_BYTES,
-    NOT_READY_REASONS,
     BodyReadTimeout,
     CLIENT_CLOSED,
     ClientGone,
@@ -330,7 +329,7 @@ class EngineClient:
     async def call(self, method: str, *args: Any) -> Any:
         """The model's process's answer; its ApiError raised here."""
         if self._writer is None or self._writer.is_closing():
-            raise ApiError(503, NOT_READY_REASONS["stopping"], code="not_ready")
+            raise not_ready_error("stopping")
         call_id = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         self._calls[call_id] = future
@@ -359,7 +358,7 @@ class EngineClient:
                 if future is not None and not future.done():
                     future.set_result((ok, value))
         except (asyncio.IncompleteReadError, ConnectionError):
-            lost = ApiError(503, NOT_READY_REASONS["stopping"], code="not_ready")
+            lost = not_ready_error("stopping")
             for future in self._calls.values():
                 if not future.done():
                     future.set_result((False, lost))
