@@ -32,12 +32,13 @@ def test_load_test_through_http_processes_counts_every_request_in_the_model_proc
     """--http-processes 1: the requests go through a spawned HTTP process; the model's process batches them and its
     /metrics counts them; its engine thread answers them."""
     report_path = tmp_path / "load.json"
-    status = load_test.main(["--requests", "8", "--concurrency", "4", "--clients", "1", "--items-per-request", "2",
+    # (24 requests: /proc counts CPU in 10 ms ticks, and the HTTP process spends ~1-2 ms per request here)
+    status = load_test.main(["--requests", "24", "--concurrency", "4", "--clients", "1", "--items-per-request", "2",
                              "--words", "5", "--warmup", "2", "--time-cap", "120", "--no-baseline",
                              "--http-processes", "1", "--json", str(report_path)])
     report = json.loads(report_path.read_text())
     assert status == 0 and report["http_processes"] == 1
-    assert report["load"]["statuses"] == {"200": 8}
+    assert report["load"]["statuses"] == {"200": 24}
     assert report["server_batches"]["batches"] >= 1
     cpu = report["server_threads_cpu_ms_per_request"]
     if hasattr(time, "pthread_getcpuclockid"):
@@ -164,3 +165,14 @@ def test_then_measures_other_load_shapes_against_the_same_server(tmp_path, monke
 def test_then_refuses_anything_but_load_flags(entry):
     with pytest.raises(SystemExit, match="is not NAME=VALUE with NAME one of"):
         load_test.main(["--requests", "1", "--no-baseline", "--then", entry])
+
+
+def test_cpu_per_request_counts_only_http_processes_that_ran_through_the_run():
+    """The HTTP processes' CPU is the sum over those alive before and after the run: one still stopping from an
+    earlier server (gone after) would count negative and hide the others, one started during the run would bring
+    its start-up."""
+    before = {"nova-encode": 1.0, f"{load_test.HTTP_PROCESSES}/10": 5.0, f"{load_test.HTTP_PROCESSES}/11": 3.0}
+    after = {"nova-encode": 1.5, f"{load_test.HTTP_PROCESSES}/10": 5.2, f"{load_test.HTTP_PROCESSES}/12": 9.0,
+             "nova-prep": 0.1}
+    assert load_test.cpu_per_request(before, after, 10) == {"nova-encode": 50.0, load_test.HTTP_PROCESSES: 20.0,
+                                                            "nova-prep": 10.0}

@@ -291,18 +291,21 @@ def thread_cpu_seconds() -> dict[str, float]:
     return seconds
 
 
+HTTP_PROCESSES = "nova-http processes"
+
+
 def http_process_cpu_seconds() -> dict[str, float]:
-    """CPU seconds of the server's HTTP processes (``--http-processes``; this process's children named
-    ``nova-http-N``), summed under one name; {} without them or without Linux's /proc."""
-    total, found = 0.0, False
+    """CPU seconds of each of the server's HTTP processes (``--http-processes``; this process's children named
+    ``nova-http-N``), keyed ``"nova-http processes/<pid>"`` (``cpu_per_request`` sums them); {} without them or
+    without Linux's /proc."""
+    seconds = {}
     for child in multiprocessing.active_children():
         stat = Path(f"/proc/{child.pid}/stat")
         if not child.name.startswith("nova-http") or not stat.exists():
             continue
         fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command name: state, ppid, ...
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-        found = True
-    return {"nova-http processes": total} if found else {}
+        seconds[f"{HTTP_PROCESSES}/{child.pid}"] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return seconds
 
 
 def server_cpu_seconds() -> dict[str, float]:
@@ -311,8 +314,15 @@ def server_cpu_seconds() -> dict[str, float]:
 
 
 def cpu_per_request(before: dict[str, float], after: dict[str, float], requests: int) -> dict[str, float]:
-    """Milliseconds of CPU per request each server thread (group) spent during the run, largest first."""
-    spent = {name: after[name] - before.get(name, 0.0) for name in after}
+    """Milliseconds of CPU per request each server thread (group) spent during the run, largest first. The HTTP
+    processes count together, each only if it ran through the whole run: a process that started during it would
+    bring its start-up, and one that ended (an earlier server's, still stopping) would count negative."""
+    spent: dict[str, float] = {}
+    for name, value in after.items():
+        group, _, pid = name.partition("/")
+        if pid and name not in before:
+            continue
+        spent[group] = spent.get(group, 0.0) + value - before.get(name, 0.0)
     return {name: round(1000 * value / max(requests, 1), 3)
             for name, value in sorted(spent.items(), key=lambda kv: -kv[1]) if value > 0}
 
