@@ -632,6 +632,15 @@ async def unless_client_gone(request: Request, work: Awaitable[Any]) -> Any:
     raise ClientGone()
 
 
+async def json_unless_client_gone(request: Request, body: Awaitable[bytes]) -> Response:
+    """The JSON response whose ``body`` is being made, or an empty 499 when the client disconnected first
+    (``unless_client_gone``): the /v1/embeddings answer of every process that serves HTTP."""
+    try:
+        return Response(await unless_client_gone(request, body), media_type="application/json")
+    except ClientGone:
+        return Response(status_code=CLIENT_CLOSED)
+
+
 class BodyReadTimeout:
     """ASGI middleware: a request's whole body must arrive within ``timeout_s`` of the app's first read, or the
     read fails with a 408 (uvicorn bounds neither the time nor the rate of a body, so one client trickling
@@ -749,10 +758,7 @@ def create_app(model: Any, settings: ServerSettings | None = None) -> FastAPI:
         server.require_ready()
         with server.tracking():
             body = parse_body(await read_body(request, settings.max_request_bytes), EmbeddingRequest)
-            try:
-                return Response(await unless_client_gone(request, server.embed(body)), media_type="application/json")
-            except ClientGone:
-                return Response(status_code=CLIENT_CLOSED)
+            return await json_unless_client_gone(request, server.embed(body))
 
     # A plain Starlette route: the hot path skips FastAPI's per-request dependency solving, which cost as much
     # event-loop time as the rest of the route (the server is bound by the interpreter lock under load).

@@ -40,8 +40,6 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from .app import (
     ADMIN_BODY_BYTES,
     BodyReadTimeout,
-    CLIENT_CLOSED,
-    ClientGone,
     Embedded,
     InFlight,
     NovaServer,
@@ -49,8 +47,8 @@ from .app import (
     access_checks,
     health_response,
     not_ready_error,
+    json_unless_client_gone,
     read_body,
-    unless_client_gone,
 )
 from .errors import ApiError, install_error_handlers
 from .schemas import EmbeddingRequest, LoraLoadRequest, LoraUnloadRequest, parse_body
@@ -449,10 +447,7 @@ def create_frontend_app(settings: ServerSettings, socket_path: str) -> FastAPI:
         front.require_serving()
         with front.requests.tracking():
             body = parse_body(await read_body(request, settings.max_request_bytes), EmbeddingRequest)
-            try:
-                return Response(await unless_client_gone(request, front.embed(body)), media_type="application/json")
-            except ClientGone:  # (the call was cancelled in the model's process too)
-                return Response(status_code=CLIENT_CLOSED)
+            return await json_unless_client_gone(request, front.embed(body))  # (cancelled: in the model's process too)
 
     app.add_route("/v1/embeddings", embeddings, methods=["POST"])  # a plain Starlette route, as in create_app
 
