@@ -35,6 +35,9 @@ FUSED_MIN_TOKENS = 4096  # a stacked pass this large fuses deltas into the GEMMs
 # inputs up to this wide are copied beside the ranks rather than a delta added (H200, 16k tokens, compiled: 2,048 ->
 # 256 took 0.107 ms fused against 0.170 with the delta added; 11,008 -> 2,048 took 2.10 against 1.10)
 FUSED_MAX_INPUT = 4096
+# projections a module calls on one input (transformers' Qwen2.5-VL text attention and MLP), widest output first: a
+# fused stacked pass builds their [x, ranks] inputs as views of one buffer (``SharedInput``)
+SHARED_INPUT_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 MERGE_MIN_TOKENS = 4096  # below this, merging (two weight copies of ~5.5 GB at full size) costs more than unmerged LoRA
 PEFT_PREFIX = "base_model.model."  # how PeftModel.save_pretrained prefixes adapter keys
 LOADED_MARK = "_nova_lora_base"  # set on each projection that one of our adapters wraps
@@ -73,6 +76,9 @@ class ModuleIndex:
     # LoRA layer was injected around them again since
     unwrapped: int
     vision_lora_layers: frozenset[int]  # ids of the LoRA layers inside the vision tower (they see patches, not tokens)
+    # id of each LoRA layer that is called with the same input as LoRA siblings in its module -> the siblings, in
+    # ``SHARED_INPUT_SIBLINGS``' order (an attention's q, k, v; an MLP's gate and up)
+    siblings: dict[int, tuple["LoraLayer", ...]]
 
 
 def module_index(model: nn.Module) -> ModuleIndex:
@@ -90,9 +96,24 @@ def module_index(model: nn.Module) -> ModuleIndex:
     vision = getattr(getattr(model, "model", None), "visual", None)
     in_vision = {id(module) for module in vision.modules()} if vision is not None else set()
     index = ModuleIndex(version, modules, list(model.parameters()), layers, unwrapped,
-                        frozenset(id(layer) for layer in layers if id(layer) in in_vision))
+                        frozenset(id(layer) for layer in layers if id(layer) in in_vision),
+                        _sibling_groups(modules, {id(layer) for layer in layers}, in_vision))
     object.__setattr__(model, "_nova_module_index", index)  # a plain attribute, not a submodule
     return index
+
+
+def _sibling_groups(modules: list[nn.Module], lora_ids: set[int], in_vision: set[int]) -> dict[int, tuple["LoraLayer", ...]]:
+    """``ModuleIndex.siblings``: per module, its LoRA children named as one of ``SHARED_INPUT_SIBLINGS``, two or more."""
+    groups: dict[int, tuple["LoraLayer", ...]] = {}
+    for module in modules:
+        if id(module) in in_vision:
+            continue
+        children = module._modules
+        for names in SHARED_INPUT_SIBLINGS:
+            group = tuple(children[name] for name in names if id(children.get(name)) in lora_ids)
+            if len(group) > 1:
+                groups.update((id(layer), group) for layer in group)
+    return groups
 
 
 def lora_layers(model: nn.Module) -> list["LoraLayer"]:
@@ -435,7 +456,7 @@ def rows_routed(model: nn.Module, adapter_names: Sequence[str] | None, cu_seqlen
     stackable = stackable_adapters(model)
     if set(names) <= set(stackable):
         with stacked_routing(layers, stackable, _token_adapters(adapter_names, stackable, cu_seqlens, tokens),
-                             fuse=tokens >= FUSED_MIN_TOKENS):
+                             fuse=tokens >= FUSED_MIN_TOKENS, siblings=module_index(model).siblings):
             yield
         return
     if cu_seqlens is not None:
@@ -458,7 +479,8 @@ def rows_routed(model: nn.Module, adapter_names: Sequence[str] | None, cu_seqlen
 
 
 @contextmanager
-def stacked_routing(layers: Sequence["LoraLayer"], names: list[str], token_adapters: torch.Tensor, fuse: bool = False):
+def stacked_routing(layers: Sequence["LoraLayer"], names: list[str], token_adapters: torch.Tensor, fuse: bool = False,
+                    siblings: dict[int, tuple["LoraLayer", ...]] | None = None):
     """For the passes run inside: each layer computes its base projection and adds, for every token, the delta of
     its adapter among ``names`` (``token_adapters``: an index into ``names`` per token, -1 for the bare backbone;
     see ``_token_adapters`` for its shapes). Yields the layers' ``StackedPass`` objects: whoever records the
@@ -466,7 +488,8 @@ def stacked_routing(layers: Sequence["LoraLayer"], names: list[str], token_adapt
 
     With ``fuse`` (large passes), layers that ``fuses`` picks compute projection and delta as one GEMM
     (``fused_lora_forward``); the others, and every layer without it, add the delta after the projection
-    (``add_stacked_deltas``).
+    (``add_stacked_deltas``). Fused layers that ``siblings`` (``ModuleIndex.siblings``) groups read one shared
+    input buffer (``SharedInput``).
 
     ``names`` is every stackable adapter, not only the batch's: the pass then has the same shapes and reads the same
     attributes whichever adapters a batch mixes, so compiled blocks and graphs are not rebuilt per mix. The cost is
@@ -488,6 +511,7 @@ def stacked_routing(layers: Sequence["LoraLayer"], names: list[str], token_adapt
             else:
                 _set_layer_state(layer, layer.active_adapters, True)  # the layer computes the base projection only
                 handles.append(layer.register_forward_hook(add_stacked_deltas))
+        _share_inputs(fused, siblings or {})
         yield passes
     finally:
         for handle in handles:
@@ -572,6 +596,8 @@ class StackedPass:
     owner: torch.Tensor  # (ranks,)
     scaling: torch.Tensor  # (ranks,)
     token_adapters: torch.Tensor  # (rows, 1) or (1, tokens)
+    shared: "SharedInput | None" = None  # the fused siblings' input buffer, if the layer has fused siblings
+    position: int = 0  # the layer's place among them
 
 
 def stacked_pass(layer: "LoraLayer", names: tuple[str, ...], token_adapters: torch.Tensor,
@@ -644,10 +670,85 @@ def fused_lora_forward(layer: "LoraLayer", x: torch.Tensor, *args: Any, **kwargs
     input and the weights beside the ranks. Only in passes without gradients (``_stack_blockers``)."""
     routing: StackedPass = getattr(layer, STACKED_PASS)
     base = layer.get_base_layer()
+    b = _stacked_b(layer, routing).to(base.weight.dtype)
+    shared = routing.shared
+    view = shared.input_for(routing.position, x) if shared is not None else None
+    if view is not None:
+        return F.linear(view, shared.weight_for(routing.position, base.weight, b), base.bias)
     ranks = _stacked_ranks(layer, routing, x)
-    b = _stacked_b(layer, routing)
-    return F.linear(torch.cat([x, ranks.to(x.dtype)], dim=-1), torch.cat([base.weight, b.to(base.weight.dtype)], dim=1),
-                    base.bias)
+    return F.linear(torch.cat([x, ranks.to(x.dtype)], dim=-1), torch.cat([base.weight, b], dim=1), base.bias)
+
+
+@dataclass(eq=False)
+class SharedInput:
+    """One input shared by sibling projections in a fused stacked pass (``SHARED_INPUT_SIBLINGS``: an attention's
+    q, k and v, an MLP's gate and up). The first sibling to run builds ``[r_1, x, r_2, ..., r_n]`` (``r_i``: sibling
+    i's masked ranks) with one rank GEMM for all; sibling 1 multiplies the view ``[r_1, x]`` by ``[B_1, W_1]``,
+    sibling j the view ``[x, r_2 ... r_j]`` by ``[W_j, 0, B_j]`` (zeros against the ranks between), each view read
+    in place through its row stride. Each sibling copying x beside its own ranks cost ~37 ms of kernels in a
+    workload-4 "mixed" call on the H200 (71,773 tokens, 4 passes). The buffer is let go once every sibling has
+    run; a sibling called with another tensor than the one the buffer holds computes its own ``[x, ranks]``.
+    """
+
+    layers: tuple["LoraLayer", ...]  # in layout order, widest output first
+    widths: tuple[int, ...]  # each sibling's stacked ranks
+    source: torch.Tensor | None = None
+    buffer: torch.Tensor | None = None
+    remaining: int = 0  # siblings still to run on ``buffer``
+
+    def input_for(self, position: int, x: torch.Tensor) -> torch.Tensor | None:
+        """The sibling's view of the buffer built from ``x`` (built now if none is held), or None if the buffer
+        holds another input."""
+        if self.source is None:
+            self.source, self.buffer, self.remaining = x, _build_shared_input(self, x), len(self.layers)
+        view = None
+        if self.source is x:
+            first, width = self.widths[0], x.shape[-1]
+            view = self.buffer[..., :first + width] if position == 0 else \
+                self.buffer[..., first:first + width + sum(self.widths[1:position + 1])]
+        self.remaining -= 1
+        if self.remaining == 0:
+            self.source = self.buffer = None
+        return view
+
+    def weight_for(self, position: int, weight: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """The weights matching ``input_for``'s view: ``[B_1, W_1]``, or ``[W_j, 0, B_j]``."""
+        if position == 0:
+            return torch.cat([b, weight], dim=1)
+        between = sum(self.widths[1:position])
+        if not between:
+            return torch.cat([weight, b], dim=1)
+        return torch.cat([weight, weight.new_zeros(weight.shape[0], between), b], dim=1)
+
+
+def _build_shared_input(shared: SharedInput, x: torch.Tensor) -> torch.Tensor:
+    """``[r_1, x, r_2, ..., r_n]`` for ``SharedInput``: every sibling's masked ranks from one GEMM over ``x``."""
+    passes = [getattr(layer, STACKED_PASS) for layer in shared.layers]
+    a = torch.cat([_stacked_a(layer, routing) for layer, routing in zip(shared.layers, passes)])
+    owner = torch.cat([routing.owner for routing in passes])
+    scaling = torch.cat([routing.scaling for routing in passes])
+    keep = (passes[0].token_adapters.unsqueeze(-1) == owner) * scaling
+    ranks = (F.linear(x.to(a.dtype), a) * keep.to(a.dtype)).to(x.dtype)
+    first = shared.widths[0]
+    return torch.cat([ranks[..., :first], x, ranks[..., first:]], dim=-1)
+
+
+def _share_inputs(fused: list["LoraLayer"], siblings: dict[int, tuple["LoraLayer", ...]]) -> None:
+    """Give each group of fused siblings (two or more of a ``siblings`` group) one ``SharedInput`` for the pass."""
+    fused_ids = {id(layer) for layer in fused}
+    seen: set[int] = set()
+    for layer in fused:
+        group = siblings.get(id(layer))
+        if group is None or id(group) in seen:
+            continue
+        seen.add(id(group))
+        members = tuple(member for member in group if id(member) in fused_ids)
+        if len(members) < 2:
+            continue
+        passes = [getattr(member, STACKED_PASS) for member in members]
+        shared = SharedInput(members, tuple(len(routing.owner) for routing in passes))
+        for position, routing in enumerate(passes):
+            routing.shared, routing.position = shared, position
 
 
 def _stacked_b(layer: "LoraLayer", routing: "StackedPass") -> torch.Tensor:
@@ -655,9 +756,14 @@ def _stacked_b(layer: "LoraLayer", routing: "StackedPass") -> torch.Tensor:
     return torch.cat([layer.lora_B[name].weight for name in routing.held], dim=1)
 
 
+def _stacked_a(layer: "LoraLayer", routing: "StackedPass") -> torch.Tensor:
+    """``[A_1; ...; A_n]``: the pass's adapters' A matrices stacked, (ranks, in)."""
+    return torch.cat([layer.lora_A[name].weight for name in routing.held])
+
+
 def _stacked_ranks(layer: "LoraLayer", routing: "StackedPass", x: torch.Tensor) -> torch.Tensor:
     """``x @ [A_1; ...; A_n].T`` with each token's ranks outside its adapter's block zeroed and its own scaled."""
-    a = torch.cat([layer.lora_A[name].weight for name in routing.held])  # (ranks, in)
+    a = _stacked_a(layer, routing)
     keep = (routing.token_adapters.unsqueeze(-1) == routing.owner) * routing.scaling  # the token's block, scaled
     return F.linear(x.to(a.dtype), a) * keep.to(a.dtype)
 

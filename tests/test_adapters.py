@@ -22,11 +22,11 @@ def load(tiny_nova_dir, **kwargs):
     return AutoModel.from_pretrained(tiny_nova_dir, trust_remote_code=True, **kwargs)
 
 
-def write_random_adapter(tiny_nova_dir, folder, seed: int, rank: int = 4) -> str:
+def write_random_adapter(tiny_nova_dir, folder, seed: int, rank: int = 4, targets: str = TARGETS) -> str:
     """A standard PEFT LoRA adapter with random, non-zero A and B, saved by stock PEFT."""
     torch.manual_seed(seed)
     base = load(tiny_nova_dir, load_task_adapters=False)
-    peft_model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, init_lora_weights=False))
+    peft_model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False))
     peft_model.save_pretrained(folder)
     return str(folder)
 
@@ -415,6 +415,49 @@ def test_fused_pass_inside_compiled_blocks(model, monkeypatch):
     torch.testing.assert_close(model.encode(ITEMS[1:4]), eager[1:4], atol=1e-5, rtol=1e-4)
     monkeypatch.setattr(adapters_module(model), "FUSED_MIN_TOKENS", 10**9)
     torch.testing.assert_close(model.encode(ITEMS), eager, atol=1e-5, rtol=1e-4)
+
+
+def test_fused_siblings_read_one_shared_input(model, tiny_nova_dir, tmp_path, monkeypatch):
+    """In a fused pass an attention's q, k and v read views of one [r_q, x, r_k, r_v] buffer, an MLP's gate and up of
+    one [r_g, x, r_u], each built once per module call and let go when its last sibling has run. Vectors equal the
+    unfused pass's and each item's alone, also with an adapter on some siblings only (unequal rank widths, so v reads
+    k's ranks through zero weights) and when one sibling gets another input tensor than the others."""
+    module = adapters_module(model)
+    partial = write_random_adapter(tiny_nova_dir, tmp_path / "partial", seed=11, rank=3,
+                                   targets=r".*language_model.*\.(q_proj|v_proj|up_proj)$")
+    model.load_adapter(partial, adapter_name="partial")
+    items = ITEMS + [{"text": "partial adapter", "adapter": "partial"}, {"text": "and again", "adapter": "partial"}]
+    model.adapter_batching, model.attention_packing = "mixed", "on"
+    unfused = model.encode(items)
+    monkeypatch.setattr(module, "FUSED_MIN_TOKENS", 1)
+    builds, released = [], []
+    build = module._build_shared_input
+    monkeypatch.setattr(module, "_build_shared_input", lambda shared, x: builds.append(shared.widths) or build(shared, x))
+    blocks = model.model.language_model.layers
+
+
+    def check(block, args, output):
+        passes = [getattr(layer, module.STACKED_PASS) for layer in (block.self_attn.q_proj, block.mlp.gate_proj)]
+        released.extend(routing.shared.buffer for routing in passes if routing is not None)
+
+    handles = [block.register_forward_hook(check) for block in blocks]
+    fused = model.encode(items)
+    assert builds and len(builds) % (2 * len(blocks)) == 0
+    widths = {len(widths): widths for widths in builds}
+    assert widths[3][1] < widths[3][2] and widths[2][0] < widths[2][1]  # "partial" holds q, v and up, not k and gate
+    assert len(released) == len(builds) and all(buffer is None for buffer in released)
+    torch.testing.assert_close(fused, unfused, atol=1e-5, rtol=1e-4)
+    alone = torch.stack([model.encode([item])[0] for item in items])
+    torch.testing.assert_close(fused, alone, atol=1e-5, rtol=1e-4)
+    for handle in handles:
+        handle.remove()
+    other_input = blocks[0].self_attn.k_proj.register_forward_pre_hook(lambda layer, args: (args[0].clone(),))
+    builds.clear()
+    torch.testing.assert_close(model.encode(items), fused, atol=1e-5, rtol=1e-4)
+    other_input.remove()
+    assert builds and len(builds) % (2 * len(blocks)) == 0  # k computed its own [x, ranks]; q and v shared as before
+    wrong = model.encode(items, adapter="code")
+    assert (wrong - fused).abs().max() > 1e-3
 
 
 def test_fused_pass_leaves_a_replaced_forward_alone(model, monkeypatch):
