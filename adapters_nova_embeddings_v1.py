@@ -102,8 +102,10 @@ def module_index(model: nn.Module) -> ModuleIndex:
     return index
 
 
-def _sibling_groups(modules: list[nn.Module], lora_ids: set[int], in_vision: set[int]) -> dict[int, tuple["LoraLayer", ...]]:
-    """``ModuleIndex.siblings``: per module, its LoRA children named as one of ``SHARED_INPUT_SIBLINGS``, two or more."""
+def _sibling_groups(modules: list[nn.Module], lora_ids: set[int],
+                    in_vision: set[int]) -> dict[int, tuple["LoraLayer", ...]]:
+    """``ModuleIndex.siblings``: per module, its LoRA children named in one of ``SHARED_INPUT_SIBLINGS`` (two or
+    more of them)."""
     groups: dict[int, tuple["LoraLayer", ...]] = {}
     for module in modules:
         if id(module) in in_vision:
@@ -667,7 +669,8 @@ def fused_lora_forward(layer: "LoraLayer", x: torch.Tensor, *args: Any, **kwargs
     Added after the projection, the delta is a (tokens, out) tensor written, read back and added: for a 2,048 ->
     11,008 projection over 16k tokens that traffic cost 45% of the projection's own time on an H200. Here the
     ranks ride along the GEMM's reduction instead (r = 32 per adapter: ~6% more K), for the price of copying the
-    input and the weights beside the ranks. Only in passes without gradients (``_stack_blockers``)."""
+    input and the weights beside the ranks (the input once per module where siblings share it: ``SharedInput``).
+    Only in passes without gradients (``_stack_blockers``)."""
     routing: StackedPass = getattr(layer, STACKED_PASS)
     base = layer.get_base_layer()
     b = _stacked_b(layer, routing).to(base.weight.dtype)

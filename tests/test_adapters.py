@@ -432,7 +432,12 @@ def test_fused_siblings_read_one_shared_input(model, tiny_nova_dir, tmp_path, mo
     monkeypatch.setattr(module, "FUSED_MIN_TOKENS", 1)
     builds, released = [], []
     build = module._build_shared_input
-    monkeypatch.setattr(module, "_build_shared_input", lambda shared, x: builds.append(shared.widths) or build(shared, x))
+
+    def counted_build(shared, x):
+        builds.append(shared.widths)
+        return build(shared, x)
+
+    monkeypatch.setattr(module, "_build_shared_input", counted_build)
     blocks = model.model.language_model.layers
 
 
