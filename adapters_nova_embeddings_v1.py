@@ -131,18 +131,36 @@ def layer_adapter_names(layers: Sequence["LoraLayer"]) -> set[str]:
     return set().union(*(layer._modules["lora_A"]._modules for layer in layers))
 
 
-def _plain_lora_linear(layer: "LoraLayer", name: str, weight: torch.Tensor) -> bool:
+def _plain_lora_linear(layer: "LoraLayer", name: str) -> bool:
     """Whether merging ``name`` into ``layer`` is exactly W + scaling * B @ A (vanilla LoRA on a Linear)."""
-    return _plain_lora_weights(layer, name, layer.lora_A[name].weight, layer.lora_B[name].weight, weight)
+    weight = _plain_lora_base(layer)
+    return weight is not None and _plain_adapter(layer, name, layer.lora_A[name].weight, layer.lora_B[name].weight,
+                                                 weight)
 
 
-def _plain_lora_weights(layer: "LoraLayer", name: str, a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor) -> bool:
-    """``_plain_lora_linear`` given the adapter's A and B weights and the base weight."""
+def _plain_lora_base(layer: "LoraLayer") -> torch.Tensor | None:
+    """The base weight of a LoRA layer whose adapters can be vanilla LoRA (PEFT's ``Linear``, not fan-in-fan-out, a
+    2-D weight), else None."""
     from peft.tuners.lora.layer import Linear
 
-    return (isinstance(layer, Linear) and not layer.fan_in_fan_out and name not in getattr(layer, "lora_variant", {})
-            and not getattr(layer, "lora_bias", {}).get(name, False) and a.dtype == b.dtype == weight.dtype
-            and a.device == weight.device and weight.dim() == 2)
+    if not isinstance(layer, Linear) or layer.fan_in_fan_out:
+        return None
+    weight = _base_module(layer)._parameters.get("weight")
+    return weight if weight is not None and weight.dim() == 2 else None
+
+
+def _plain_adapter(layer: "LoraLayer", name: str, a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether adapter ``name`` of a ``_plain_lora_base`` layer (base weight ``weight``, its A and B weights ``a``,
+    ``b``) is vanilla LoRA: no variant (DoRA...), no LoRA bias, the base's dtype and device."""
+    return (name not in getattr(layer, "lora_variant", {}) and not getattr(layer, "lora_bias", {}).get(name, False)
+            and a.dtype == b.dtype == weight.dtype and a.device == weight.device)
+
+
+def _base_module(layer: nn.Module) -> nn.Module:
+    """PEFT's ``get_base_layer`` through the modules' own dicts (its ``hasattr`` raises and catches per level)."""
+    while "base_layer" in layer._modules:
+        layer = layer._modules["base_layer"]
+    return layer
 
 
 def _unwrapped_message(unwrapped: int) -> str:
@@ -264,7 +282,7 @@ class AdapterManager:
                 weight, bias = base.weight, getattr(base, "bias", None)
                 _set_layer_state(layer, [name], False)
                 self._merge_backup[layer] = (weight.data, None if bias is None else bias.data)
-                if _plain_lora_linear(layer, name, weight):
+                if _plain_lora_linear(layer, name):
                     with torch.no_grad():
                         weight.data = torch.addmm(weight.data, layer.lora_B[name].weight, layer.lora_A[name].weight,
                                                   alpha=layer.scaling[name])
@@ -534,21 +552,23 @@ def _stack_blockers(model: nn.Module, dropout_disabled: bool) -> set[str]:
     if torch.is_grad_enabled():
         return layer_adapter_names(index.lora_layers)
     blocked: set[str] = set()
-    for layer in index.lora_layers:  # (the ModuleDicts' own dicts: nn.Module lookups made this ~15 ms at full size)
+    # (this runs per encode call in "mixed" mode and per stacked pass: the ModuleDicts' own dicts and each layer's
+    # checks once, not per adapter; nn.Module lookups made it ~15 ms at full size)
+    for layer in index.lora_layers:
         modules = layer._modules
         lora_a, lora_b, dropouts = (modules[key]._modules for key in ("lora_A", "lora_B", "lora_dropout"))
         names = [name for name in lora_a if name not in blocked]
         if not names:
             continue
-        if id(layer) in index.vision_lora_layers:
+        weight = _plain_lora_base(layer) if id(layer) not in index.vision_lora_layers else None
+        if weight is None:
             blocked.update(names)
             continue
-        weight = layer.get_base_layer().weight
         for name in names:
             dropout = dropouts[name]
             dropping = not dropout_disabled and dropout.training and getattr(dropout, "p", 0) > 0
-            if dropping or not _plain_lora_weights(layer, name, lora_a[name]._parameters["weight"],
-                                                   lora_b[name]._parameters["weight"], weight):
+            if dropping or not _plain_adapter(layer, name, lora_a[name]._parameters["weight"],
+                                              lora_b[name]._parameters["weight"], weight):
                 blocked.add(name)
     return blocked
 

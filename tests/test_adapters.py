@@ -292,6 +292,39 @@ def test_adapters_that_cannot_stack_fall_back_to_exact_per_adapter_batches(tiny_
     torch.testing.assert_close(model.encode(items), alone, atol=1e-5, rtol=1e-4)
 
 
+def test_only_plain_lora_on_the_language_model_stacks(tiny_nova_dir, tmp_path):
+    """Each condition a stacked pass needs, one adapter breaking each: DoRA, a LoRA bias, the vision tower's layers,
+    an A weight in another dtype than its projection; dropout in training mode unless the pass disables it; no
+    adapter while gradients are on."""
+    def saved(name, **config):
+        torch.manual_seed(len(name))
+        base = load(tiny_nova_dir, load_task_adapters=False)
+        config.setdefault("target_modules", TARGETS)
+        get_peft_model(base, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **config)).save_pretrained(tmp_path / name)
+        return str(tmp_path / name)
+
+    model = load(tiny_nova_dir)
+    module = adapters_module(model)
+    model.load_adapter(saved("plain"), adapter_name="plain")
+    model.load_adapter(saved("cast"), adapter_name="cast")
+    model.load_adapter(saved("dora", use_dora=True), adapter_name="dora")
+    model.load_adapter(saved("biased", target_modules=r".*language_model.*\.(q|k|v)_proj$", lora_bias=True),
+                       adapter_name="biased")
+    model.load_adapter(saved("vision", target_modules=r".*visual.*\.qkv$"), adapter_name="vision")  # Linear layers
+    layer = next(m for m in model.modules() if isinstance(m, LoraLayer) and "cast" in m.lora_A)
+    layer.lora_A["cast"].weight.data = layer.lora_A["cast"].weight.data.double()
+    plain = sorted(["retrieval", "text-matching", "code", "plain"])
+    with torch.no_grad():
+        assert module.stackable_adapters(model, dropout_disabled=True) == plain
+        assert module.stackable_adapters(model) == plain  # from_pretrained leaves the model in eval mode
+        model.train()  # the task adapters' dropout (0.1, jina's config) is active now; "plain" has none
+        assert module.stackable_adapters(model) == ["plain"]
+        assert module.stackable_adapters(model, dropout_disabled=True) == plain
+        assert module.can_stack(model, ["plain", "code"], dropout_disabled=True)
+        assert not module.can_stack(model, ["plain", "dora"], dropout_disabled=True)
+    assert module.stackable_adapters(model, dropout_disabled=True) == []  # gradients on: PEFT's forward trains
+
+
 def test_merging_an_adapter_peft_merges_in_place_restores_the_original_weights(tiny_nova_dir, tmp_path):
     """A LoRA with a bias is not a plain LoRA: merged groups go through PEFT's merge, which adds into the weight and
     the base bias in place; it runs on copies, and the original weights and biases come back exactly, where they
