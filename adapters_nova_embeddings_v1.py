@@ -669,7 +669,7 @@ def fuses(layer: "LoraLayer") -> bool:
     input costs less than the delta, i.e. the input is no wider than the output or than ``FUSED_MAX_INPUT``
     (Qwen2.5: every projection but down, whose 11,008-wide input costs more to copy than its 2,048-wide delta),
     and no one else has replaced the layer's ``forward`` (accelerate's offload hooks do)."""
-    base = layer.get_base_layer()
+    base = _base_module(layer)
     return base.in_features <= max(base.out_features, FUSED_MAX_INPUT) and "forward" not in layer.__dict__
 
 
@@ -769,7 +769,7 @@ def _share_inputs(fused: list["LoraLayer"], siblings: dict[int, tuple["LoraLayer
         if len(members) < 2:
             continue
         passes = [getattr(member, STACKED_PASS) for member in members]
-        shared = SharedInput(members, tuple(len(routing.owner) for routing in passes))
+        shared = SharedInput(members, tuple(routing.owner.shape[0] for routing in passes))
         for position, routing in enumerate(passes):
             routing.shared, routing.position = shared, position
 
