@@ -148,8 +148,13 @@ def test_loading_a_weights_file_path_works(model, custom_adapter):
     torch.testing.assert_close(model.encode(["x"], adapter="again"), model.encode(["x"], adapter="custom"))
 
 
-def test_encoding_is_safe_while_adapters_change(model, tiny_nova_dir, tmp_path):
-    """Encode in threads while another thread loads and unloads: every result equals the serial one."""
+@pytest.mark.parametrize("batching", ["group", "mixed, fused"])
+def test_encoding_is_safe_while_adapters_change(model, tiny_nova_dir, tmp_path, batching, monkeypatch):
+    """Encode in threads while another thread loads and unloads: every result equals the serial one (also in fused
+    stacked passes, whose shared inputs and rank tables follow the adapters loaded at each call)."""
+    if batching != "group":
+        model.adapter_batching, model.attention_packing = "mixed", "on"
+        monkeypatch.setattr(adapters_module(model), "FUSED_MIN_TOKENS", 1)
     extra = write_random_adapter(tiny_nova_dir, tmp_path / "extra", seed=12)
     items = ITEMS[:3] + [ITEMS[4]]
     expected = model.encode(items)
@@ -177,8 +182,9 @@ def test_encoding_is_safe_while_adapters_change(model, tiny_nova_dir, tmp_path):
         thread.join()
     assert not errors
     assert len(results) == 12
-    for result in results:
-        torch.testing.assert_close(result, expected, atol=1e-6, rtol=1e-5)
+    for result in results:  # (a stacked pass multiplies a loaded extra adapter's ranks by zeros: rounding only)
+        torch.testing.assert_close(result, expected, atol=1e-6 if batching == "group" else 1e-5,
+                                   rtol=1e-5 if batching == "group" else 1e-4)
 
 
 def test_merged_adapter_groups_equal_unmerged_and_restore_weights_exactly(model):
