@@ -7,6 +7,7 @@ direct ``encode()`` of the same items.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import pickle
@@ -34,6 +35,7 @@ from test_server import (  # noqa: F401 - fixtures
     model,
     vectors_of,
 )
+from helpers import png_bytes
 from test_server_conveniences import health_once_draining
 
 pytest.importorskip("uvicorn")
@@ -141,23 +143,38 @@ def test_concurrent_requests_share_batches_and_each_gets_its_own_vectors(model, 
     assert "nova_batches_total 2" in metrics
 
 
-def test_images_and_multivectors_through_an_http_process(model):
-    """An image item crosses to the model's process as sent (base64) and is decoded, checked and encoded there."""
+def test_images_and_multivectors_through_an_http_process(model, monkeypatch):
+    """An inline image is decoded in the HTTP process and crosses decoded: the model's process checks it (limits,
+    budgets) without decoding it. One that fails there (over a limit, unreadable) is left to the model's process,
+    which refuses the request with the error the single-process server gives."""
+    from nova_embeddings.server import app as app_module
+
+    decodes = []
+    decode = app_module.decode_image
+    monkeypatch.setattr(app_module, "decode_image", lambda image: decodes.append(image.size) or decode(image))
     body = {"input": [{"image": b64_png(5)}, {"text": "caption", "image": b64_png(6)}, "plain"],
             "encoding_format": "float"}
+    truncated = base64.b64encode(png_bytes(make_image(8))[:300]).decode("ascii")  # a header, then too little data
     app = create_app(model, ServerSettings(served_model_names=(MODEL_NAME,), max_image_pixels=1200))
     with serving_http_processes(app, 1) as url:
         response = httpx.post(f"{url}/v1/embeddings", json=body, timeout=60)
         multi = httpx.post(f"{url}/v1/embeddings", json={**body, "return_multivector": True}, timeout=60)
+        decoded_here = list(decodes)
         too_big = httpx.post(f"{url}/v1/embeddings", json={"input": ["x", {"image": b64_png(7, width=50, height=40)}]},
                              timeout=60)
+        unreadable = httpx.post(f"{url}/v1/embeddings", json={"input": [{"image": b64_png(5)}, {"image": truncated}]},
+                                timeout=60)
     items = [{"image": make_image(5)}, {"text": "caption", "image": make_image(6)}, "plain"]
     assert response.status_code == 200, response.text
     assert_vectors_equal(vectors_of(response), list(model.encode(items)))
     assert multi.status_code == 200, multi.text
     assert_vectors_equal(vectors_of(multi), list(model.encode(items, return_multivector=True)))
+    assert decoded_here == []  # every image of the two requests was decoded in the HTTP process
     assert too_big.status_code == 400 and too_big.json()["error"]["param"] == "input[1]"
     assert "over the limit of 1200 pixels" in too_big.json()["error"]["message"]
+    assert unreadable.status_code == 400 and unreadable.json()["error"]["param"] == "input[1]"
+    assert unreadable.json()["error"]["message"].startswith("input[1]: unreadable image")
+    assert decodes == [(40, 30)]  # the model's process decoded the truncated one itself, and failed as before
 
 
 def test_a_dead_http_process_is_replaced_and_a_crash_loop_stops_the_server(model, monkeypatch):

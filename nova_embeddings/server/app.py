@@ -30,7 +30,15 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from .batcher import Batcher, Job, QueueFull, ShuttingDown, Ticket
 from .errors import ApiError, as_item_error, install_error_handlers, item_error, item_param
-from .images import ImageFetcher, ImageSourceError, decode_image, decode_inline_image, is_url, open_image_header
+from .images import (
+    ImageFetcher,
+    ImageRules,
+    ImageSourceError,
+    decode_image,
+    decode_inline_image,
+    is_url,
+    open_image_header,
+)
 from .metrics import Metrics
 from .schemas import (
     CheckedVectors,
@@ -275,9 +283,16 @@ class NovaServer:
                 raise result
         return dict(zip(urls, results))
 
-    def open_images(self, raw_items: list[Any], fetched: dict[int, bytes], single: bool) -> dict[int, Any]:
+    def image_rules(self) -> ImageRules:
+        """The rules ``open_images`` applies, for HTTP processes that decode inline images ahead of it."""
+        return ImageRules(remote_code_constant(self.model.processor, "IMAGE_FORMATS"), self.model.config.max_image_pixels,
+                          self.settings.max_request_pixels)
+
+    def open_images(self, raw_items: list[Any], fetched: dict[int, bytes], single: bool,
+                    decoded: dict[int, Any] | None = None) -> dict[int, Any]:
         """The request's images, opened lazily (prep thread): sizes checked against the per-image limit and the
-        request's budgets from the headers alone, before anything is decoded."""
+        request's budgets from the headers alone, before anything is decoded. ``decoded``: the images an HTTP
+        process decoded already (``predecode_inline_images``, under ``image_rules``), checked the same way."""
         s = self.settings
         limit = self.model.config.max_image_pixels
         formats = remote_code_constant(self.model.processor, "IMAGE_FORMATS")  # the processor's decoders, no others
@@ -287,8 +302,11 @@ class NovaServer:
             if not (isinstance(raw, dict) and isinstance(raw.get("image"), str)):
                 continue
             try:
-                data = fetched[index] if index in fetched else decode_inline_image(raw["image"])
-                image = open_image_header(data, formats)
+                if decoded and index in decoded:
+                    image = decoded[index]
+                else:
+                    data = fetched[index] if index in fetched else decode_inline_image(raw["image"])
+                    image = open_image_header(data, formats)
             except ImageSourceError as error:
                 raise item_error(index, str(error), single) from None
             width, height = image.size
@@ -317,14 +335,17 @@ class NovaServer:
             raise as_item_error(error, single) or item_error(index, str(error), single) from None
         return t * h * w // processor.image_processor.merge_size**2
 
-    async def request_images(self, raw_items: list[Any], single: bool) -> dict[int, Any]:
-        """The request's images, fetched, checked and decoded, by item index; a request without images costs no
-        thread hop here."""
+    async def request_images(self, raw_items: list[Any], single: bool,
+                             decoded: dict[int, Any] | None = None) -> dict[int, Any]:
+        """The request's images, fetched, checked and decoded (unless in ``decoded``, see ``open_images``), by item
+        index; a request without images costs no thread hop here."""
         if not any(isinstance(raw, dict) and isinstance(raw.get("image"), str) for raw in raw_items):
             return {}
         fetched = await self.fetch_image_urls(raw_items, single)
-        headers = await self.in_prep_thread(self.open_images, raw_items, fetched, single)
-        return await self.decode_images(headers, single)
+        headers = await self.in_prep_thread(self.open_images, raw_items, fetched, single, decoded)
+        opened = await self.decode_images({i: image for i, image in headers.items() if not decoded or i not in decoded},
+                                          single)
+        return {i: opened.get(i, image) for i, image in headers.items()}
 
     async def decode_images(self, images: dict[int, Any], single: bool) -> dict[int, Any]:
         """Decode the request's images in the decode pool (bounded by ``decode_workers``), off the event loop."""
@@ -392,15 +413,15 @@ class NovaServer:
         loaded = set(self.adapters()) | {remote_code_constant(self.model, "BASE")}
         return next(((index, name) for index, name in enumerate(prepared.adapters) if name not in loaded), None)
 
-    async def embedded(self, request: EmbeddingRequest) -> "Embedded":
+    async def embedded(self, request: EmbeddingRequest, decoded: dict[int, Any] | None = None) -> "Embedded":
         """Prepare, queue, wait for the batcher, check: a request's vectors, not yet written out (what an HTTP
-        process gets back from this one, see ``frontend.py``)."""
+        process gets back from this one, with the inline images it ``decoded``: see ``frontend.py``)."""
         started = time.monotonic()
         options, adapter = self.resolve_options(request)
         raw_items, single = request_items(request, self.settings.max_items_per_request)
         ticket = self.admit()
         try:
-            images = await self.request_images(raw_items, single)
+            images = await self.request_images(raw_items, single, decoded)
             prepared = await self.in_prep_thread(self.prepare_items, raw_items, images, request, adapter, single)
             tokens = sum(len(t) for t in prepared.tokenized)
             future = self.batcher.submit(Job(prepared, tokens, options.return_multivector), ticket)

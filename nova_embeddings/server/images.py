@@ -11,6 +11,10 @@ Image bytes are then opened here too, lazily: the header alone gives the size (f
 before anything is decoded, and only the formats the processor accepts (its ``IMAGE_FORMATS``, passed in by
 the server) are tried, so PIL's other decoders (PostScript through Ghostscript, and the rest) are never
 reached from a request.
+
+Behind HTTP processes (``--http-processes``), an HTTP process decodes a request's inline images itself
+(``predecode_inline_images``, under the same format list, per-image limit and per-request pixel budget) and sends
+them decoded: the model's process, whose interpreter lock also drives the GPU, then only checks them.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import binascii
 import io
 import ipaddress
 import socket
+from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -70,6 +76,38 @@ def decode_image(image: Image.Image) -> Image.Image:
     except Exception as error:  # noqa: BLE001 - corrupt data surfaces as many types (OSError, SyntaxError...)
         raise ImageSourceError(f"unreadable image: {error}") from None
     return image
+
+
+@dataclass(frozen=True)
+class ImageRules:
+    """What an HTTP process needs to decode inline images ahead of the model's process: the processor's formats,
+    the per-image pixel limit and the per-request pixel budget in force there (which checks them all again)."""
+
+    formats: tuple[str, ...]
+    max_image_pixels: int
+    max_request_pixels: int
+
+
+def predecode_inline_images(raw_items: list[Any], rules: ImageRules) -> dict[int, Image.Image]:
+    """A request's inline images (data URIs, base64), decoded, by item index, in item order until one fails or
+    passes a limit: that one and the rest are left to the model's process, which refuses the request with the
+    same error as without HTTP processes. URLs are left to it too (``--allow-image-urls`` fetches them there)."""
+    decoded: dict[int, Image.Image] = {}
+    pixels = 0
+    for index, raw in enumerate(raw_items):
+        source = raw.get("image") if isinstance(raw, dict) else None
+        if not isinstance(source, str) or is_url(source):
+            continue
+        try:
+            image = open_image_header(decode_inline_image(source), rules.formats)
+            width, height = image.size
+            pixels += width * height
+            if width * height > rules.max_image_pixels or pixels > rules.max_request_pixels:
+                break
+            decoded[index] = decode_image(image)
+        except ImageSourceError:
+            break
+    return decoded
 
 
 def is_public_address(address: str) -> bool:
