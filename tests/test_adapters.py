@@ -26,7 +26,8 @@ def write_random_adapter(tiny_nova_dir, folder, seed: int, rank: int = 4, target
     """A standard PEFT LoRA adapter with random, non-zero A and B, saved by stock PEFT."""
     torch.manual_seed(seed)
     base = load(tiny_nova_dir, load_task_adapters=False)
-    peft_model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False))
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False)
+    peft_model = get_peft_model(base, config)
     peft_model.save_pretrained(folder)
     return str(folder)
 
@@ -306,7 +307,8 @@ def test_only_plain_lora_on_the_language_model_stacks(tiny_nova_dir, tmp_path):
         torch.manual_seed(len(name))
         base = load(tiny_nova_dir, load_task_adapters=False)
         config.setdefault("target_modules", TARGETS)
-        get_peft_model(base, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **config)).save_pretrained(tmp_path / name)
+        lora = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **config)
+        get_peft_model(base, lora).save_pretrained(tmp_path / name)
         return str(tmp_path / name)
 
     model = load(tiny_nova_dir)

@@ -725,11 +725,13 @@ def test_http_processes_decode_inline_images_until_one_fails_or_passes_a_limit()
     assert decoded[1].tobytes() == make_image(1).tobytes()  # decoded, pixels as sent
     over_budget = predecode_inline_images([{"image": png}] * 4, rules)
     assert sorted(over_budget) == [0, 1, 2]
-    too_big = predecode_inline_images([{"image": png}, {"image": b64_png(2, width=50, height=40)}, {"image": png}], rules)
+    larger = b64_png(2, width=50, height=40)
+    too_big = predecode_inline_images([{"image": png}, {"image": larger}, {"image": png}], rules)
     assert sorted(too_big) == [0]
     jpeg = io.BytesIO()
     make_image(3).save(jpeg, format="JPEG")
-    not_allowed = predecode_inline_images([{"image": base64.b64encode(jpeg.getvalue()).decode()}, {"image": png}], rules)
+    jpeg_b64 = base64.b64encode(jpeg.getvalue()).decode()
+    not_allowed = predecode_inline_images([{"image": jpeg_b64}, {"image": png}], rules)
     bad = predecode_inline_images([{"image": png}, {"image": "not base64!"}, {"image": png}], rules)
     assert not_allowed == {} and sorted(bad) == [0]
 

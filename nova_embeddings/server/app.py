@@ -285,8 +285,8 @@ class NovaServer:
 
     def image_rules(self) -> ImageRules:
         """The rules ``open_images`` applies, for HTTP processes that decode inline images ahead of it."""
-        return ImageRules(remote_code_constant(self.model.processor, "IMAGE_FORMATS"), self.model.config.max_image_pixels,
-                          self.settings.max_request_pixels)
+        formats = remote_code_constant(self.model.processor, "IMAGE_FORMATS")
+        return ImageRules(formats, self.model.config.max_image_pixels, self.settings.max_request_pixels)
 
     def open_images(self, raw_items: list[Any], fetched: dict[int, bytes], single: bool,
                     decoded: dict[int, Any] | None = None) -> dict[int, Any]:

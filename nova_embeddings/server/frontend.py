@@ -413,7 +413,6 @@ class HttpFrontEnd:
             return embedded.body()
         return await asyncio.get_running_loop().run_in_executor(None, embedded.body)
 
-
     async def decoded_images(self, request: EmbeddingRequest) -> dict[int, Any]:
         """The request's inline images decoded here, in a worker thread (``predecode_inline_images``): the model's
         process, whose interpreter lock also drives the GPU, then only checks them (5.8 ms of its CPU per request
