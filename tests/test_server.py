@@ -29,7 +29,7 @@ pytest.importorskip("fastapi", reason="the server's optional extra (requirements
 httpx = pytest.importorskip("httpx", reason="the server's optional extra (requirements-server.txt) is not installed")
 
 from nova_embeddings.server import ServerSettings, create_app  # noqa: E402
-from nova_embeddings.server.images import ImageRules, is_public_address, predecode_inline_images  # noqa: E402
+from nova_embeddings.server.images import ImageRules, inline_image_headers, is_public_address  # noqa: E402
 
 MODEL_NAME = "tiny"
 ATOL = 1e-5
@@ -712,27 +712,27 @@ def test_public_address_check(address, public):
     assert is_public_address(address) is public
 
 
-def test_http_processes_decode_inline_images_until_one_fails_or_passes_a_limit():
-    """What an HTTP process decodes ahead of the model's process: inline images (data URI or base64) under the
-    rules, in item order, stopping at the first one over the per-image limit, over the request's pixel budget or
-    unreadable (the model's process gives that error); URLs, texts and other formats are left alone."""
+def test_http_processes_open_inline_images_until_one_fails_or_passes_a_limit():
+    """What an HTTP process opens (then decodes) ahead of the model's process: inline images (data URI or base64)
+    under the rules, in item order, stopping at the first one over the per-image limit, over the request's pixel
+    budget or unreadable (the model's process gives that error); URLs, texts and other formats are left alone."""
     rules = ImageRules(("PNG",), max_image_pixels=40 * 30, max_request_pixels=3 * 40 * 30)
     png = b64_png(1)
     items = ["text", {"image": png}, {"text": "caption", "image": f"data:image/png;base64,{png}"},
              {"image": "https://example.com/a.png"}, {"image": png}]
-    decoded = predecode_inline_images(items, rules)
-    assert sorted(decoded) == [1, 2, 4] and all(image.size == (40, 30) for image in decoded.values())
-    assert decoded[1].tobytes() == make_image(1).tobytes()  # decoded, pixels as sent
-    over_budget = predecode_inline_images([{"image": png}] * 4, rules)
+    opened = inline_image_headers(items, rules)
+    assert sorted(opened) == [1, 2, 4] and all(image.size == (40, 30) for image in opened.values())
+    assert opened[1].tobytes() == make_image(1).tobytes()  # decodes to the pixels sent
+    over_budget = inline_image_headers([{"image": png}] * 4, rules)
     assert sorted(over_budget) == [0, 1, 2]
     larger = b64_png(2, width=50, height=40)
-    too_big = predecode_inline_images([{"image": png}, {"image": larger}, {"image": png}], rules)
+    too_big = inline_image_headers([{"image": png}, {"image": larger}, {"image": png}], rules)
     assert sorted(too_big) == [0]
     jpeg = io.BytesIO()
     make_image(3).save(jpeg, format="JPEG")
     jpeg_b64 = base64.b64encode(jpeg.getvalue()).decode()
-    not_allowed = predecode_inline_images([{"image": jpeg_b64}, {"image": png}], rules)
-    bad = predecode_inline_images([{"image": png}, {"image": "not base64!"}, {"image": png}], rules)
+    not_allowed = inline_image_headers([{"image": jpeg_b64}, {"image": png}], rules)
+    bad = inline_image_headers([{"image": png}, {"image": "not base64!"}, {"image": png}], rules)
     assert not_allowed == {} and sorted(bad) == [0]
 
 

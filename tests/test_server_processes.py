@@ -162,7 +162,7 @@ def test_images_and_multivectors_through_an_http_process(model, monkeypatch):
         decoded_here = list(decodes)
         too_big = httpx.post(f"{url}/v1/embeddings", json={"input": ["x", {"image": b64_png(7, width=50, height=40)}]},
                              timeout=60)
-        unreadable = httpx.post(f"{url}/v1/embeddings", json={"input": [{"image": b64_png(5)}, {"image": truncated}]},
+        unreadable = httpx.post(f"{url}/v1/embeddings", json={"input": [{"image": truncated}, {"image": b64_png(5)}]},
                                 timeout=60)
     items = [{"image": make_image(5)}, {"text": "caption", "image": make_image(6)}, "plain"]
     assert response.status_code == 200, response.text
@@ -172,9 +172,9 @@ def test_images_and_multivectors_through_an_http_process(model, monkeypatch):
     assert decoded_here == []  # every image of the two requests was decoded in the HTTP process
     assert too_big.status_code == 400 and too_big.json()["error"]["param"] == "input[1]"
     assert "over the limit of 1200 pixels" in too_big.json()["error"]["message"]
-    assert unreadable.status_code == 400 and unreadable.json()["error"]["param"] == "input[1]"
-    assert unreadable.json()["error"]["message"].startswith("input[1]: unreadable image")
-    assert decodes == [(40, 30)]  # the model's process decoded the truncated one itself, and failed as before
+    assert unreadable.status_code == 400 and unreadable.json()["error"]["param"] == "input[0]"
+    assert unreadable.json()["error"]["message"].startswith("input[0]: unreadable image")
+    assert decodes == [(40, 30)]  # the model's process decoded the truncated one (only) itself, and failed as before
 
 
 def test_a_dead_http_process_is_replaced_and_a_crash_loop_stops_the_server(model, monkeypatch):

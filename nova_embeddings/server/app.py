@@ -292,7 +292,7 @@ class NovaServer:
                     decoded: dict[int, Any] | None = None) -> dict[int, Any]:
         """The request's images, opened lazily (prep thread): sizes checked against the per-image limit and the
         request's budgets from the headers alone, before anything is decoded. ``decoded``: the images an HTTP
-        process decoded already (``predecode_inline_images``, under ``image_rules``), checked the same way."""
+        process decoded already (``inline_image_headers`` under ``image_rules``, then decoded), checked the same way."""
         s = self.settings
         limit = self.model.config.max_image_pixels
         formats = remote_code_constant(self.model.processor, "IMAGE_FORMATS")  # the processor's decoders, no others

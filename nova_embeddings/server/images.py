@@ -12,8 +12,8 @@ before anything is decoded, and only the formats the processor accepts (its ``IM
 the server) are tried, so PIL's other decoders (PostScript through Ghostscript, and the rest) are never
 reached from a request.
 
-Behind HTTP processes (``--http-processes``), an HTTP process decodes a request's inline images itself
-(``predecode_inline_images``, under the same format list, per-image limit and per-request pixel budget) and sends
+Behind HTTP processes (``--http-processes``), an HTTP process opens (``inline_image_headers``, under the same
+format list, per-image limit and per-request pixel budget) and decodes a request's inline images itself and sends
 them decoded: the model's process, whose interpreter lock also drives the GPU, then only checks them.
 """
 
@@ -88,11 +88,12 @@ class ImageRules:
     max_request_pixels: int
 
 
-def predecode_inline_images(raw_items: list[Any], rules: ImageRules) -> dict[int, Image.Image]:
-    """A request's inline images (data URIs, base64), decoded, by item index, in item order until one fails or
-    passes a limit: that one and the rest are left to the model's process, which refuses the request with the
-    same error as without HTTP processes. URLs are left to it too (``--allow-image-urls`` fetches them there)."""
-    decoded: dict[int, Image.Image] = {}
+def inline_image_headers(raw_items: list[Any], rules: ImageRules) -> dict[int, Image.Image]:
+    """A request's inline images (data URIs, base64) opened lazily, by item index, in item order until one is
+    unreadable or passes a limit: that one and the rest are left to the model's process, which refuses the request
+    with the same error as without HTTP processes. URLs are left to it too (``--allow-image-urls`` fetches them
+    there). Nothing is decoded yet (``decode_image``)."""
+    opened: dict[int, Image.Image] = {}
     pixels = 0
     for index, raw in enumerate(raw_items):
         source = raw.get("image") if isinstance(raw, dict) else None
@@ -100,14 +101,14 @@ def predecode_inline_images(raw_items: list[Any], rules: ImageRules) -> dict[int
             continue
         try:
             image = open_image_header(decode_inline_image(source), rules.formats)
-            width, height = image.size
-            pixels += width * height
-            if width * height > rules.max_image_pixels or pixels > rules.max_request_pixels:
-                break
-            decoded[index] = decode_image(image)
         except ImageSourceError:
             break
-    return decoded
+        width, height = image.size
+        pixels += width * height
+        if width * height > rules.max_image_pixels or pixels > rules.max_request_pixels:
+            break
+        opened[index] = image
+    return opened
 
 
 def is_public_address(address: str) -> bool:
