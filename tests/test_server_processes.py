@@ -434,6 +434,45 @@ def test_a_request_whose_client_goes_away_is_never_encoded(model, monkeypatch, h
     assert_vectors_equal(vectors_of(after), list(model.encode(["served after"])))
 
 
+class Pixels:
+    """A stand-in for a decoded image sent to the model's process (picklable, weakly referenceable)."""
+
+
+def test_a_sent_call_does_not_hold_its_arguments_while_it_waits(tmp_path):
+    """Once a call's frame is written, the HTTP process lets go of its arguments: a request's decoded images (raw
+    pixels, 18 MB for a 6-megapixel page) are not held there for as long as the request waits for its batch."""
+    import asyncio
+    import gc
+    import weakref
+
+    from nova_embeddings.server.frontend import EngineClient
+
+    async def scenario() -> bool:
+        received = asyncio.Event()
+
+        async def never_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read(1)
+            received.set()
+            await asyncio.sleep(30)
+
+        server = await asyncio.start_unix_server(never_answers, str(tmp_path / "engine.sock"))
+        client = EngineClient(str(tmp_path / "engine.sock"), on_lost=lambda: None)
+        await client.connect()
+        pixels = Pixels()
+        alive = weakref.ref(pixels)
+        waiting = asyncio.get_running_loop().create_task(client.call("embed", None, {0: pixels}))
+        del pixels
+        await received.wait()
+        await asyncio.sleep(0)
+        gc.collect()
+        released = alive() is None
+        waiting.cancel()
+        server.close()
+        return released
+
+    assert asyncio.run(scenario())
+
+
 def test_a_lost_model_process_is_a_503_with_retry_after(tmp_path):
     """An HTTP process whose connection to the model's process is gone (never made, or closed while a call waits)
     answers as every other not-ready 503 does, with Retry-After, and stops itself (``on_lost``)."""

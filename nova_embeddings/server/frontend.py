@@ -338,6 +338,7 @@ class EngineClient:
         future = asyncio.get_running_loop().create_future()
         self._calls[call_id] = future
         self._writer.write(frame((call_id, method, args)))
+        del args  # sent: decoded images (raw pixels) are not held here while the answer is awaited
         try:
             await self._writer.drain()
             ok, value = await future
