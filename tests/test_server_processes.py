@@ -147,11 +147,11 @@ def test_images_and_multivectors_through_an_http_process(model, monkeypatch):
     """An inline image is decoded in the HTTP process and crosses decoded: the model's process checks it (limits,
     budgets) without decoding it. One that fails there (over a limit, unreadable) is left to the model's process,
     which refuses the request with the error the single-process server gives."""
-    from nova_embeddings.server import app as app_module
+    from nova_embeddings.server import images as images_module
 
-    decodes = []
-    decode = app_module.decode_image
-    monkeypatch.setattr(app_module, "decode_image", lambda image: decodes.append(image.size) or decode(image))
+    decodes = []  # what this process (the model's) decodes; the HTTP processes are spawned apart
+    decode = images_module.decode_image
+    monkeypatch.setattr(images_module, "decode_image", lambda image: decodes.append(image.size) or decode(image))
     body = {"input": [{"image": b64_png(5)}, {"text": "caption", "image": b64_png(6)}, "plain"],
             "encoding_format": "float"}
     truncated = base64.b64encode(png_bytes(make_image(8))[:300]).decode("ascii")  # a header, then too little data

@@ -34,8 +34,9 @@ from .images import (
     ImageFetcher,
     ImageRules,
     ImageSourceError,
-    decode_image,
+    decode_concurrently,
     decode_inline_image,
+    has_image_strings,
     is_url,
     open_image_header,
 )
@@ -285,7 +286,7 @@ class NovaServer:
 
     def image_rules(self) -> ImageRules:
         """The rules ``open_images`` applies, for HTTP processes that decode inline images ahead of it."""
-        formats = remote_code_constant(self.model.processor, "IMAGE_FORMATS")
+        formats = remote_code_constant(self.model.processor, "IMAGE_FORMATS")  # the processor's decoders, no others
         return ImageRules(formats, self.model.config.max_image_pixels, self.settings.max_request_pixels)
 
     def open_images(self, raw_items: list[Any], fetched: dict[int, bytes], single: bool,
@@ -293,31 +294,30 @@ class NovaServer:
         """The request's images, opened lazily (prep thread): sizes checked against the per-image limit and the
         request's budgets from the headers alone, before anything is decoded. ``decoded``: the images an HTTP
         process decoded already (``inline_image_headers`` under ``image_rules``, then decoded), checked the same way."""
-        s = self.settings
-        limit = self.model.config.max_image_pixels
-        formats = remote_code_constant(self.model.processor, "IMAGE_FORMATS")  # the processor's decoders, no others
+        s, rules, decoded = self.settings, self.image_rules(), decoded or {}
         images: dict[int, Any] = {}
         pixels = tokens = 0
         for index, raw in enumerate(raw_items):
             if not (isinstance(raw, dict) and isinstance(raw.get("image"), str)):
                 continue
             try:
-                if decoded and index in decoded:
+                if index in decoded:
                     image = decoded[index]
                 else:
                     data = fetched[index] if index in fetched else decode_inline_image(raw["image"])
-                    image = open_image_header(data, formats)
+                    image = open_image_header(data, rules.formats)
             except ImageSourceError as error:
                 raise item_error(index, str(error), single) from None
             width, height = image.size
-            if width * height > limit:
-                raise item_error(index, f"image of {width}x{height} px is over the limit of {limit} pixels", single)
+            if width * height > rules.max_image_pixels:
+                raise item_error(index, f"image of {width}x{height} px is over the limit of {rules.max_image_pixels} "
+                                        "pixels", single)
             pixels += width * height
             tokens += self._image_tokens(index, image, single)
-            if pixels > s.max_request_pixels:
+            if pixels > rules.max_request_pixels:
                 raise request_budget_error(index, single, f"the request's images come to {pixels} decoded pixels up "
-                                           f"to this one, over the per-request limit of {s.max_request_pixels} decoded "
-                                           "pixels (--max-request-pixels)")
+                                           f"to this one, over the per-request limit of {rules.max_request_pixels} "
+                                           "decoded pixels (--max-request-pixels)")
             if tokens > s.max_request_image_tokens:
                 raise request_budget_error(index, single, f"the request's images come to {tokens} image tokens up to "
                                            f"this one, over the per-request limit of {s.max_request_image_tokens} "
@@ -339,25 +339,23 @@ class NovaServer:
                              decoded: dict[int, Any] | None = None) -> dict[int, Any]:
         """The request's images, fetched, checked and decoded (unless in ``decoded``, see ``open_images``), by item
         index; a request without images costs no thread hop here."""
-        if not any(isinstance(raw, dict) and isinstance(raw.get("image"), str) for raw in raw_items):
+        if not has_image_strings(raw_items):
             return {}
+        decoded = decoded or {}
         fetched = await self.fetch_image_urls(raw_items, single)
         headers = await self.in_prep_thread(self.open_images, raw_items, fetched, single, decoded)
-        opened = await self.decode_images({i: image for i, image in headers.items() if not decoded or i not in decoded},
-                                          single)
+        opened = await self.decode_images({i: image for i, image in headers.items() if i not in decoded}, single)
         return {i: opened.get(i, image) for i, image in headers.items()}
 
     async def decode_images(self, images: dict[int, Any], single: bool) -> dict[int, Any]:
         """Decode the request's images in the decode pool (bounded by ``decode_workers``), off the event loop."""
-        loop = asyncio.get_running_loop()
-        results = await asyncio.gather(*(loop.run_in_executor(self.decode_executor, decode_image, image)
-                                         for image in images.values()), return_exceptions=True)
-        for index, result in zip(images, results):
+        results = await decode_concurrently(self.decode_executor, images)
+        for index, result in results.items():
             if isinstance(result, ImageSourceError):
                 raise item_error(index, str(result), single)
             if isinstance(result, BaseException):
                 raise result
-        return dict(zip(images, results))
+        return results
 
     def prepare_items(
         self, raw_items: list[Any], images: dict[int, Any], request: EmbeddingRequest,

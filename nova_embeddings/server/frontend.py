@@ -53,7 +53,7 @@ from .app import (
     read_body,
 )
 from .errors import ApiError, install_error_handlers
-from .images import ImageRules, decode_image, inline_image_headers
+from .images import ImageRules, decode_concurrently, has_image_strings, inline_image_headers
 from .schemas import EmbeddingRequest, LoraLoadRequest, LoraUnloadRequest, parse_body
 from .settings import ServerSettings
 
@@ -420,15 +420,14 @@ class HttpFrontEnd:
         per request went to decoding one 448 x 448 PNG in run V2, README). An image that fails to decode is left
         out: the model's process decodes it again and gives the error."""
         items = request.input if isinstance(request.input, list) else [request.input]
-        if not any(isinstance(item, dict) and isinstance(item.get("image"), str) for item in items):
+        if not has_image_strings(items):
             return {}
         if self.image_rules is None:
             self.image_rules = await self.engine.call("image_rules")
-        loop = asyncio.get_running_loop()
-        opened = await loop.run_in_executor(self.decode_executor, inline_image_headers, items, self.image_rules)
-        decoded = await asyncio.gather(*(loop.run_in_executor(self.decode_executor, decode_image, image)
-                                         for image in opened.values()), return_exceptions=True)
-        return {index: image for index, image in zip(opened, decoded) if not isinstance(image, BaseException)}
+        opened = await asyncio.get_running_loop().run_in_executor(self.decode_executor, inline_image_headers, items,
+                                                                  self.image_rules)
+        decoded = await decode_concurrently(self.decode_executor, opened)
+        return {index: image for index, image in decoded.items() if not isinstance(image, BaseException)}
 
 
 class RemoteHttpCounts:

@@ -25,6 +25,7 @@ import binascii
 import io
 import ipaddress
 import socket
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -76,6 +77,21 @@ def decode_image(image: Image.Image) -> Image.Image:
     except Exception as error:  # noqa: BLE001 - corrupt data surfaces as many types (OSError, SyntaxError...)
         raise ImageSourceError(f"unreadable image: {error}") from None
     return image
+
+
+async def decode_concurrently(executor: Executor, images: dict[int, Image.Image]) -> dict[int, Any]:
+    """Each lazily opened image decoded in ``executor`` at once, off the event loop: the image, or the exception
+    its decoding raised, by the same keys."""
+    loop = asyncio.get_running_loop()
+    results = await asyncio.gather(*(loop.run_in_executor(executor, decode_image, image) for image in images.values()),
+                                   return_exceptions=True)
+    return dict(zip(images, results))
+
+
+def has_image_strings(raw_items: list[Any]) -> bool:
+    """Whether any item of a request has an ``image`` string (inline or URL): requests without one skip the image
+    path."""
+    return any(isinstance(raw, dict) and isinstance(raw.get("image"), str) for raw in raw_items)
 
 
 @dataclass(frozen=True)
